@@ -1,0 +1,89 @@
+"""Replica assignment rule of SPEC §4 and the copy bookkeeping around it. Pure functions over tensors.
+
+Vocabulary (shared with planner, placement, export and kernels, after DeepSeek EPLB):
+``logcnt [N]`` copies per logical expert (C_e), ``phys_base [N]`` first physical id of each logical expert
+(physical ids are logical-major), ``phy2log [P]`` logical expert of each physical copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def phys_base(logcnt: torch.Tensor) -> torch.Tensor:
+    """``[N]`` first physical id of each logical expert: ``phys(e, 0) = sum_{j<e} C_j``."""
+    return torch.cumsum(logcnt, 0) - logcnt
+
+
+def phy2log(logcnt: torch.Tensor) -> torch.Tensor:
+    """``[P]`` logical expert of each physical copy, P = sum(logcnt)."""
+    return torch.repeat_interleave(torch.arange(logcnt.numel(), device=logcnt.device), logcnt)
+
+
+def assignment_ranks(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rank ``n`` of each assignment among those routed to the same expert, token-major (SPEC §1, §4).
+
+    ids: ``[T, K]`` logical expert ids; entries outside ``[0, N)`` are dropped assignments (Switch
+    capacity overflow) and get rank -1. Returns int64 ``[T, K]``. Deterministic: a stable sort of the
+    flattened ids keeps the token-major order within each expert.
+    """
+    flat = ids.reshape(-1).to(torch.int64)
+    valid = (flat >= 0) & (flat < num_experts)
+    keys = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(flat)
+    ranks[order] = torch.arange(flat.numel(), device=flat.device) - starts[keys[order]]
+    return torch.where(valid, ranks, torch.full_like(ranks, -1)).reshape(ids.shape)
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[N]`` loads of one call (dropped assignments excluded)."""
+    flat = ids.reshape(-1).to(torch.int64)
+    flat = flat[(flat >= 0) & (flat < num_experts)]
+    return torch.bincount(flat, minlength=num_experts)
+
+
+def assign_copies(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy index ``c = (o_e + n) mod C_e`` of each assignment (SPEC §4, exact).
+
+    ids: ``[T, K]`` logical ids; logcnt: ``[N]`` copies per expert; offsets: ``[N]`` int64 or None (zeros).
+    Returns int64 ``[T, K]``; dropped assignments get -1.
+    """
+    num_experts = logcnt.numel()
+    ranks = assignment_ranks(ids, num_experts)
+    safe = ids.to(torch.int64).clamp(0, num_experts - 1)
+    offs = torch.zeros(num_experts, dtype=torch.int64, device=ids.device) if offsets is None else offsets.to(torch.int64)
+    copies = (offs[safe] + ranks) % logcnt.to(torch.int64)[safe]
+    return torch.where(ranks >= 0, copies, torch.full_like(copies, -1))
+
+
+def physical_ids(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Physical copy id of each assignment, ``phys(e, c)``; dropped assignments get -1. int64 ``[T, K]``."""
+    copy = assign_copies(ids, logcnt, offsets)
+    base = phys_base(logcnt.to(torch.int64))
+    phys = base[ids.to(torch.int64).clamp(0, logcnt.numel() - 1)] + copy
+    return torch.where(copy >= 0, phys, torch.full_like(phys, -1))
+
+
+def copy_loads(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 ``[P]`` loads of the physical copies for one call."""
+    phys = physical_ids(ids, logcnt, offsets).reshape(-1)
+    return torch.bincount(phys[phys >= 0], minlength=int(logcnt.sum()))
+
+
+def split_load(load: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``[P]`` per-copy loads that the rule gives when ``load[e]`` assignments reach expert ``e`` in one call.
+
+    Copy c of e receives the ranks n with (o_e + n) mod C_e == c: ``L // C`` plus one for the first
+    ``L mod C`` copies counted from the offset. Used by the planner to predict LIS from aggregate loads.
+    """
+    load = load.to(torch.int64)
+    logcnt = logcnt.to(torch.int64)
+    owner = phy2log(logcnt)
+    copy = torch.arange(owner.numel(), device=load.device) - phys_base(logcnt)[owner]
+    offs = torch.zeros_like(load) if offsets is None else offsets.to(torch.int64)
+    c = logcnt[owner]
+    shifted = (copy - offs[owner]) % c  # position of this copy in the rotation starting at the offset
+    return load[owner] // c + (shifted < load[owner] % c).to(torch.int64)

@@ -1,0 +1,172 @@
+"""Versioned, validated documents: calibration stats metadata and ``plan.json`` (SPEC §3, §6).
+
+Pydantic models with ``extra="forbid"`` so a foreign or hand-mangled file is refused with a message
+naming the field, and a ``format``/``version`` pair so future versions are refused, not misread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rq.errors import RQError
+
+PLAN_VERSION = 1
+STATS_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Strict):
+    architecture: str  # Hugging Face model_type
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: str  # dtype of the original expert weights
+    fingerprint: str  # sha256 over config and router weights
+
+
+class CalibrationInfo(_Strict):
+    data: str  # description of the calibration data (paths, sizes)
+    sequences: int
+    seq_len: int
+    tokens: int
+    seed: int
+
+
+class QuantizationInfo(_Strict):
+    bits: Literal[4] = 4
+    group_size: Literal[64, 128] = 128
+    symmetric: Literal[True] = True
+    scale_dtype: Literal["float16"] = "float16"
+
+
+class BudgetInfo(_Strict):
+    reference_bytes: int  # every expert at original precision
+    planned_bytes: int
+    budget_factor: float
+
+    @model_validator(mode="after")
+    def _within(self) -> "BudgetInfo":
+        if self.planned_bytes > self.budget_factor * self.reference_bytes:
+            raise ValueError(f"planned_bytes {self.planned_bytes} exceed budget_factor x reference_bytes")
+        return self
+
+
+class ExpertPlan(_Strict):
+    expert: int
+    load_share: float
+    importance: float
+    precision: Literal["original", "int4"]  # of the primary copy
+    replicas: int = Field(ge=0)  # all replicas are INT4
+
+
+class LayerPlan(_Strict):
+    layer: int
+    module: str
+    experts: list[ExpertPlan]
+    lis_before: float | None  # None where the layer had no calibration load
+    lis_after: float | None
+    planned_bytes: int
+    warnings: list[str] = []
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LayerPlan":
+        if [e.expert for e in self.experts] != list(range(len(self.experts))):
+            raise ValueError(f"layer {self.layer}: experts must be listed 0..N-1 in order")
+        return self
+
+    @property
+    def logcnt(self) -> list[int]:
+        return [1 + e.replicas for e in self.experts]
+
+    @property
+    def precision(self) -> list[int]:
+        """Per physical copy, logical-major: 0 original, 1 INT4 (docs/op.md)."""
+        out = []
+        for e in self.experts:
+            out.append(0 if e.precision == "original" else 1)
+            out.extend([1] * e.replicas)
+        return out
+
+
+class Plan(_Strict):
+    format: Literal["rq-plan"] = "rq-plan"
+    version: int
+    tool_version: str
+    created: str
+    model: ModelInfo
+    calibration: CalibrationInfo
+    quantization: QuantizationInfo
+    importance_metric: str
+    budget: BudgetInfo
+    options: dict[str, float | int | str]
+    layers: list[LayerPlan]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        if len(self.layers) != self.model.num_moe_layers:
+            raise ValueError(f"{len(self.layers)} layers listed, model has {self.model.num_moe_layers}")
+        if sum(layer.planned_bytes for layer in self.layers) != self.budget.planned_bytes:
+            raise ValueError("budget.planned_bytes is not the sum of the layers' planned_bytes")
+        return self
+
+
+class StatsMeta(_Strict):
+    format: Literal["rq-stats"] = "rq-stats"
+    version: int
+    tool_version: str
+    created: str
+    model: ModelInfo
+    calibration: CalibrationInfo
+    group_size: Literal[64, 128]
+    layers: list[dict[str, str | int | bool | list[int]]]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder, then rename: no half-written file on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    atomic_write_text(path, plan.model_dump_json(indent=2) + "\n")
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan; every failure is a one-line :class:`RQError` naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise RQError(f"plan file {path} does not exist; create one with `rq plan STATS_DIR --out {path}`")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RQError(f"{path} is not valid JSON ({err}); regenerate it with `rq plan`") from None
+    if not isinstance(raw, dict) or raw.get("format") != "rq-plan":
+        raise RQError(f"{path} is not an rq plan (format is not 'rq-plan'); regenerate it with `rq plan`")
+    if raw.get("version") != PLAN_VERSION:
+        raise RQError(f"{path} has plan version {raw.get('version')!r}, this rq reads version {PLAN_VERSION}; "
+                      f"regenerate it with this rq's `rq plan`")
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RQError(f"{path} is malformed at '{where}': {first['msg']}; regenerate it with `rq plan`") from None
