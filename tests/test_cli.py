@@ -1,0 +1,87 @@
+"""The three user commands end to end, and bad input: one line, exit 2, no traceback, no partial output."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rq.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_checkpoints, text_file, tmp_path_factory):
+    ckpt = tiny_checkpoints("qwen2_moe")
+    work = tmp_path_factory.mktemp("cli")
+    code, out = _run("calibrate", ckpt, "--data", text_file, "--out", work / "stats", "--seq-len", 32,
+                     "--sequences", 8, "--group-size", 64)
+    assert code == 0, out
+    code, out = _run("plan", work / "stats", "--out", work / "plan.json")
+    assert code == 0, out
+    return ckpt, work
+
+
+def test_calibrate_plan_eval(planned, text_file):
+    ckpt, work = planned
+    plan = json.loads((work / "plan.json").read_text())
+    assert plan["format"] == "rq-plan" and plan["version"] == 1 and plan["model"]["fingerprint"].startswith("sha256:")
+    code, out = _run("eval", ckpt, "--plan", work / "plan.json", "--data", text_file, "--seq-len", 32, "--sequences",
+                     8, "--batch-sizes", "1,4", "--stream-batch", 4, "--stream-steps", 2, "--out", work / "eval.json")
+    assert code == 0, out
+    assert "perplexity" in out
+    numbers = json.loads((work / "eval.json").read_text())
+    assert set(numbers["batch"]) == {"1", "4"} and numbers["accuracy"]["tokens"] > 0
+
+
+def _assert_clean_error(code, out, needle):
+    assert code == 2, out
+    assert needle in out
+    assert "Traceback" not in out
+
+
+def test_bad_inputs(planned, tiny_checkpoints, text_file, tmp_path):
+    ckpt, work = planned
+    # plan made for another model
+    other = tiny_checkpoints("mixtral")
+    _assert_clean_error(*_run("eval", other, "--plan", work / "plan.json", "--data", text_file), "another model")
+    # malformed and foreign plans
+    (tmp_path / "bad.json").write_text("{not json")
+    _assert_clean_error(*_run("eval", ckpt, "--plan", tmp_path / "bad.json", "--data", text_file), "not valid JSON")
+    (tmp_path / "v9.json").write_text(json.dumps({"format": "rq-plan", "version": 9}))
+    _assert_clean_error(*_run("eval", ckpt, "--plan", tmp_path / "v9.json", "--data", text_file), "version 9")
+    broken = json.loads((work / "plan.json").read_text())
+    broken["layers"][0]["experts"][0]["replicas"] = -1
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    _assert_clean_error(*_run("eval", ckpt, "--plan", tmp_path / "broken.json", "--data", text_file), "malformed")
+    # missing files / folders
+    _assert_clean_error(*_run("plan", tmp_path / "nothing", "--out", tmp_path / "p.json"), "rq calibrate")
+    _assert_clean_error(*_run("calibrate", tmp_path, "--data", text_file, "--out", tmp_path / "s"), "config.json")
+    _assert_clean_error(*_run("calibrate", ckpt, "--data", tmp_path / "nope.txt", "--out", tmp_path / "s"),
+                        "does not exist")
+    # empty calibration data
+    (tmp_path / "empty.txt").write_text("")
+    _assert_clean_error(*_run("calibrate", ckpt, "--data", tmp_path / "empty.txt", "--out", tmp_path / "s"), "no text")
+    # group size that does not divide / is not allowed
+    _assert_clean_error(*_run("calibrate", ckpt, "--data", text_file, "--out", tmp_path / "s", "--group-size", 32),
+                        "group size")
+    # budget below what quantizing can meet
+    _assert_clean_error(*_run("plan", work / "stats", "--budget", 0.05, "--out", tmp_path / "p.json"), "raise --budget")
+    # nothing half-written by any of the failures above
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "broken.json", "empty.txt", "v9.json"]
+
+
+def test_group_size_not_dividing_the_weights_leaves_layer_unquantized(tiny_checkpoints, text_file, tmp_path):
+    ckpt = tiny_checkpoints("mixtral")  # hidden 64 is not a multiple of 128
+    assert _run("calibrate", ckpt, "--data", text_file, "--out", tmp_path / "s", "--seq-len", 32, "--sequences", 4)[0] == 0
+    code, out = _run("plan", tmp_path / "s", "--out", tmp_path / "p.json")
+    assert code == 0, out
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert all(layer["warnings"] and "group size 128" in layer["warnings"][0] for layer in plan["layers"])
+    assert all(e["replicas"] == 0 and e["precision"] == "original" for l in plan["layers"] for e in l["experts"])
