@@ -22,8 +22,8 @@ app = typer.Typer(
          "Typical flow: rq calibrate MODEL_DIR --data TEXT --out stats/ ; rq plan stats/ --out plan.json ; "
          "rq eval MODEL_DIR --plan plan.json --data TEXT.  Try `rq demo` first.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 130)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def friendly_errors(fn: Callable) -> Callable:
