@@ -14,6 +14,7 @@ Greedy and deterministic (ties break by lower expert id):
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -22,8 +23,6 @@ import torch
 from rq import __version__
 from rq.errors import RQError
 from rq.int4 import int4_nbytes
-from rq.lis import lis_value
-from rq.replica import split_load
 from rq.schema import PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo
 from rq.stats import CalibrationStats, LayerStats
 
@@ -45,11 +44,6 @@ class LayerDecision:
     lis_after: float
 
 
-def _layer_bytes(quantized, logcnt, original_bytes, int4_bytes) -> int:
-    primaries = torch.where(quantized, int4_bytes, original_bytes).sum()
-    return int(primaries + ((logcnt - 1) * int4_bytes).sum())
-
-
 def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: torch.Tensor,
                int4_bytes: torch.Tensor, *, quantizable: bool, budget_factor: float, max_quantized: int,
                max_replicas: int) -> LayerDecision:
@@ -59,50 +53,91 @@ def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: tor
     original_bytes / int4_bytes: ``[N]`` int64 real sizes of one copy at each precision;
     quantizable: whether INT4 applies at all (group size divides the weights);
     max_quantized: cap on INT4 primaries; max_replicas: cap on replicas per expert.
+
+    Runs in O((N + R) log N) for R replicas: the expert with the highest per-copy load comes off a heap,
+    and the predicted LIS is tracked incrementally. With offsets 0 the busiest copy of expert ``e`` holds
+    ``ceil(L_e / C_e)`` assignments (SPEC §4), so ``LIS = max_e ceil(L_e / C_e) * P / S``.
     """
     n = load.numel()
     assert importance.shape == original_bytes.shape == int4_bytes.shape == (n,), "per-expert vectors of length N"
-    load = load.to(torch.int64)
-    budget = budget_factor * int(original_bytes.sum())
-    quantized = torch.zeros(n, dtype=torch.bool)
-    logcnt = torch.ones(n, dtype=torch.int64)
+    loads = [int(v) for v in load.round().to(torch.int64).tolist()]
+    orig, q_bytes = [int(v) for v in original_bytes.tolist()], [int(v) for v in int4_bytes.tolist()]
+    total = sum(loads)
+    budget = budget_factor * sum(orig)
     # least important first; a stable sort on importance keeps lower ids first among ties
-    quant_order = torch.argsort(importance.to(torch.float64), stable=True).tolist()
-    if not quantizable:
-        quant_order, max_quantized, max_replicas = [], 0, 0
-    quant_order = quant_order[:max_quantized]
-
-    def size() -> int:
-        return _layer_bytes(quantized, logcnt, original_bytes, int4_bytes)
+    quant_order = torch.argsort(importance.to(torch.float64), stable=True).tolist() if quantizable else []
+    quant_order = quant_order[:max_quantized] if quantizable else []
+    max_replicas = max_replicas if quantizable else 0
+    quantized = [False] * n
+    copies = [1] * n
+    size = sum(orig)
+    n_quantized = 0
 
     def quantize_next() -> bool:
-        if int(quantized.sum()) >= len(quant_order):
+        nonlocal size, n_quantized
+        if n_quantized >= len(quant_order):
             return False
-        quantized[quant_order[int(quantized.sum())]] = True
+        e = quant_order[n_quantized]
+        quantized[e] = True
+        size += q_bytes[e] - orig[e]
+        n_quantized += 1
         return True
 
-    while size() > budget:
+    while size > budget:
         if not quantize_next():
-            raise RQError(f"budget {budget_factor:g}x cannot be met even with {int(quantized.sum())} of {n} experts "
+            raise RQError(f"budget {budget_factor:g}x cannot be met even with {n_quantized} of {n} experts "
                           f"in INT4; raise --budget or --max-quantized-fraction")
-    lis_before = lis_value(load)
-    history = [(lis_before, quantized.clone(), logcnt.clone())]
-    while True:
-        per_copy = torch.where(logcnt <= max_replicas, load.to(torch.float64) / logcnt, torch.full((n,), -1.0))
-        target = int(torch.argmax(per_copy))  # first maximum = lowest id among ties
-        if per_copy[target] <= 0:
+
+    def lis_now(busiest: int) -> float:
+        return busiest * sum(copies) / total if total else math.nan
+
+    lis_before = lis_now(max(loads)) if n else math.nan
+    heap = [(-loads[e], e) for e in range(n) if loads[e] > 0 and max_replicas > 0]  # key: -L/C, then id
+    heapq.heapify(heap)
+    capped_busiest = max((loads[e] for e in range(n) if max_replicas == 0), default=0)
+    best = (lis_before, 0, n_quantized)  # (lis, replicas added, quantizations needed)
+    added = 0
+    while heap:
+        _, e = heap[0]
+        copies[e] += 1
+        fits = size + q_bytes[e] <= budget
+        while not fits and quantize_next():
+            fits = size + q_bytes[e] <= budget
+        if not fits:
+            copies[e] -= 1
             break
-        logcnt[target] += 1
-        while size() > budget and quantize_next():
-            pass
-        if size() > budget:
-            logcnt[target] -= 1
-            break
-        history.append((lis_value(split_load(load, logcnt)), quantized.clone(), logcnt.clone()))
-    finite = [h for h in history if not math.isnan(h[0])]
-    best = min(finite, key=lambda h: h[0] - 1e-12) if finite else history[0]  # first minimum = fewest changes
-    best_lis, quantized, logcnt = best
-    return LayerDecision(quantized, logcnt, size(), lis_before, best_lis)
+        size += q_bytes[e]
+        added += 1
+        heapq.heappop(heap)
+        if copies[e] > max_replicas:
+            capped_busiest = max(capped_busiest, -(-loads[e] // copies[e]))
+        else:
+            heapq.heappush(heap, (-loads[e] / copies[e], e))
+        busiest = max(capped_busiest, -(-loads[heap[0][1]] // copies[heap[0][1]]) if heap else 0)
+        lis = lis_now(busiest)
+        if lis < best[0] - 1e-12:
+            best = (lis, added, n_quantized)
+    # replay the best prefix: the same greedy order, stopped after best[1] replicas
+    return _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before)
+
+
+def _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before) -> LayerDecision:
+    best_lis, replicas, n_quantized = best
+    n = len(loads)
+    quantized = torch.zeros(n, dtype=torch.bool)
+    quantized[quant_order[:n_quantized]] = True
+    copies = [1] * n
+    heap = [(-loads[e], e) for e in range(n) if loads[e] > 0 and max_replicas > 0]
+    heapq.heapify(heap)
+    for _ in range(replicas):
+        _, e = heapq.heappop(heap)
+        copies[e] += 1
+        if copies[e] <= max_replicas:
+            heapq.heappush(heap, (-loads[e] / copies[e], e))
+    logcnt = torch.tensor(copies, dtype=torch.int64)
+    size = sum(q if quantized[e] else o for e, (o, q) in enumerate(zip(orig, q_bytes)))
+    size += sum((c - 1) * q for c, q in zip(copies, q_bytes))
+    return LayerDecision(quantized, logcnt, size, lis_before, best_lis)
 
 
 def expert_int4_bytes(stats: LayerStats, group_size: int) -> int:
