@@ -49,22 +49,22 @@ class _LayerAccumulator:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         routing = self.adapter.routing_from_call(self.layer, args, kwargs)
         hidden = routing.hidden.reshape(-1, routing.hidden.shape[-1]).to(torch.float32)
-        ids = routing.ids.reshape(hidden.shape[0], -1)
-        weights = routing.weights.reshape(ids.shape).to(torch.float64)
+        ids = routing.ids.reshape(hidden.shape[0], -1).cpu()
+        weights = routing.weights.reshape(ids.shape).to(torch.float64).cpu()
         valid = (ids >= 0) & (ids < self.layer.num_experts)
         flat_ids = ids[valid].to(torch.int64)
         self.load += torch.bincount(flat_ids, minlength=self.layer.num_experts).to(torch.float64)
         self.gate_mass.index_add_(0, flat_ids, weights[valid])
         for expert in flat_ids.unique().tolist():
             token, slot = (ids == expert).nonzero(as_tuple=True)
-            x, g = hidden[token], weights[token, slot]  # (n, H), (n,)
+            x, g = hidden[token.to(hidden.device)], weights[token, slot]  # (n, H), (n,)
             w_in, w_out = self.adapter.get_expert_weights(self.layer, expert)
             y = expert_forward(x, w_in.to(torch.float32), w_out.to(torch.float32), self.layer.activation)
-            self.contribution[expert] += (g * y.to(torch.float64).norm(dim=-1)).sum()
+            self.contribution[expert] += (g * y.to(torch.float64).norm(dim=-1).cpu()).sum()
             if self.quantizable:
                 q_in, q_out = self._int4_weights(expert)
                 err = (y - expert_forward(x, q_in, q_out, self.layer.activation)).to(torch.float64)
-                self.quant_sensitivity[expert] += (g.square() * err.square().sum(-1)).sum()
+                self.quant_sensitivity[expert] += (g.square() * err.square().sum(-1).cpu()).sum()
 
     def result(self) -> LayerStats:
         layer = self.layer
@@ -108,7 +108,9 @@ def calibrate(model: nn.Module, adapter: Adapter, data: TokenData, *, batch_size
     info = model_info(model, adapter, layers)
     with record_calls(model, adapter, layers, accumulators), \
             progress_bar("calibrating", total=data.sequences.shape[0], enabled=show_progress) as advance:
+        device = next(model.parameters()).device
         for batch in batches(data.sequences, batch_size):
+            batch = batch.to(device)
             adapter.forward_logits(model, batch, torch.ones_like(batch))
             advance(batch.shape[0])
     calibration = CalibrationInfo(data=data.description, sequences=data.sequences.shape[0],

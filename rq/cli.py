@@ -59,6 +59,18 @@ def _dtype(name: str):
     return table[name]
 
 
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RQError(f"--device '{name}' is not a device; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RQError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
 def parse_int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -82,6 +94,7 @@ def calibrate(
     seed: int = typer.Option(0, help="Seed that picks which sequences are used."),
     dtype: str = typer.Option("float32", help="Load dtype: float32, float16 or bfloat16."),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
+    device: str = typer.Option("cpu", help="Where to run the model: cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Record per-layer expert loads and importance (gate mass, contribution, INT4 sensitivity)."""
     from rq.adapters import load_model
@@ -95,6 +108,7 @@ def calibrate(
     except ValueError as err:
         raise RQError(str(err)) from None
     model, adapter = load_model(model_dir, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    model.to(_device(device))
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     token_data = load_token_data(tokenizer, data, seq_len=seq_len, max_sequences=sequences, seed=seed)
     stats = run(model, adapter, token_data, batch_size=batch_size, group_size=group_size, seed=seed)
@@ -143,6 +157,7 @@ def eval_(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the numbers as JSON here."),
     dtype: str = typer.Option("float32", help="Load dtype: float32, float16 or bfloat16."),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
+    device: str = typer.Option("cpu", help="Where to run both models: cpu, cuda, cuda:1, ..."),
 ) -> None:
     """LIS before/after (batch sizes and streaming, cumulative and instantaneous) and accuracy parity."""
     from rq.adapters import load_model
@@ -158,6 +173,8 @@ def eval_(
     original, adapter = load_model(model_dir, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     rq_model, _ = load_model(model_dir, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     apply_plan(rq_model, adapter, plan_doc)
+    original.to(_device(device))
+    rq_model.to(_device(device))
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     token_data = load_token_data(tokenizer, data, seq_len=seq_len, max_sequences=sequences, seed=seed)
     report = evaluate(original, rq_model, adapter, token_data.sequences, batch_sizes=sizes,

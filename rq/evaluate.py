@@ -108,8 +108,10 @@ def trace_batches(model: nn.Module, adapter: Adapter, layers: list[MoELayer], se
     logits = []
     with record_calls(model, adapter, layers, recorders), \
             progress_bar(label, total=sequences.shape[0], enabled=show_progress) as advance:
+        device = next(model.parameters()).device
         for batch in batches(sequences, batch_size):
-            logits.append(adapter.forward_logits(model, batch, torch.ones_like(batch)).float())
+            batch = batch.to(device)
+            logits.append(adapter.forward_logits(model, batch, torch.ones_like(batch)).float().cpu())
             advance(batch.shape[0])
     n = sequences.shape[0]
     traces = [torch.cat(r.calls).reshape(n, -1, r.calls[0].shape[-1]) for r in recorders]
@@ -136,6 +138,7 @@ def streaming_lis(original: nn.Module, rq_model: nn.Module, adapter: Adapter, la
     """Greedy generation of ``prompts [B, p]`` for ``steps`` tokens on both models; per-layer LIS over the
     decode steps (the prefill call is excluded). Encoder layers of encoder-decoder models see no decode
     step and get no streaming LIS."""
+    prompts = prompts.to(next(original.parameters()).device)
     gen = dict(max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
                attention_mask=torch.ones_like(prompts), pad_token_id=original.config.pad_token_id or 0)
     recorders = [_IdRecorder(adapter, layer) for layer in layers]
