@@ -17,9 +17,9 @@ from torch import nn
 from rq import int4
 from rq.adapters import Adapter, MoELayer, replace_module
 from rq.errors import RQError
-from rq.experts import expert_forward
 from rq.fingerprint import model_fingerprint
-from rq.replica import expert_counts, physical_ids
+from rq.kernels.reference import rq_moe_reference
+from rq.replica import physical_ids
 from rq.schema import LayerPlan, Plan
 
 Mode = Literal["batch", "streaming"]
@@ -49,11 +49,8 @@ class RQExperts(nn.Module):
         for name, value in (("w_in", w_in), ("w_out", w_out), ("w_in_q", w_in_q), ("w_in_scales", w_in_scales),
                             ("w_out_q", w_out_q), ("w_out_scales", w_out_scales)):
             self.register_buffer(name, value)
-        # slot of each physical copy inside its precision class
-        is_q = self.precision == 1
-        self.register_buffer("slot", torch.where(is_q, torch.cumsum(is_q, 0) - 1, torch.cumsum(~is_q, 0) - 1),
-                             persistent=False)
         self.mode: Mode = "batch"
+        self.backend = "auto"  # "auto": Triton kernels on CUDA, the PyTorch reference elsewhere
         self.record = False
         self.reset_telemetry()
 
@@ -72,29 +69,21 @@ class RQExperts(nn.Module):
         self.total_copy_loads = torch.zeros(self.num_copies, dtype=torch.int64)
         self.history: list[torch.Tensor] = []
 
-    def copy_weights(self, phys: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_in, w_out)`` of one physical copy in ``dtype`` (INT4 copies dequantized exactly, SPEC §5)."""
-        s = int(self.slot[phys])
-        if int(self.precision[phys]) == 0:
-            return self.w_in[s].to(dtype), self.w_out[s].to(dtype)
-        q_in = int4.Int4Weight(self.w_in_q[s], self.w_in_scales[s], self.group_size)
-        q_out = int4.Int4Weight(self.w_out_q[s], self.w_out_scales[s], self.group_size)
-        return int4.dequantize(q_in, dtype), int4.dequantize(q_out, dtype)
+    def _implementation(self, hidden: torch.Tensor):
+        if self.backend == "triton" or (self.backend == "auto" and hidden.is_cuda):
+            from rq.kernels.moe import rq_moe  # needs the `triton` package
+
+            return rq_moe
+        return rq_moe_reference
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        num_tokens, hidden_size = hidden.shape
         offsets = self.offsets if self.mode == "streaming" else None
-        phys = physical_ids(ids, self.logcnt, offsets)  # (T, K), -1 = dropped
-        per_slot = torch.zeros(num_tokens, ids.shape[1], hidden_size, dtype=hidden.dtype, device=hidden.device)
-        for p in phys[phys >= 0].unique().tolist():
-            token, slot = (phys == p).nonzero(as_tuple=True)
-            w_in, w_out = self.copy_weights(p, hidden.dtype)
-            out = expert_forward(hidden[token], w_in, w_out, self.activation)  # (n, H)
-            per_slot[token, slot] = out * weights[token, slot, None].to(hidden.dtype)
-        counts = expert_counts(ids, self.num_experts)
-        self._record(counts, phys)
-        return per_slot.sum(dim=1)  # deterministic: fixed k order, no atomics
+        y, counts = self._implementation(hidden)(
+            hidden, ids, weights.to(hidden.dtype), offsets, self.logcnt, self.precision, self.w_in, self.w_out,
+            self.w_in_q, self.w_in_scales, self.w_out_q, self.w_out_scales, self.activation, self.group_size)
+        self._record(counts, physical_ids(ids, self.logcnt, offsets))
+        return y
 
     def _record(self, counts: torch.Tensor, phys: torch.Tensor) -> None:
         copy_loads = torch.bincount(phys[phys >= 0].reshape(-1), minlength=self.num_copies).cpu()

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from rq.adapters.base import Adapter, MoELayer, Routing, replace_module
+from rq.adapters.deepseek_moe import DeepseekMoeAdapter
 from rq.adapters.fused import DeepseekAdapter, MixtralAdapter, OlmoeAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
+from rq.adapters.llama_moe import LlamaMoeAdapter
 from rq.adapters.switch import SwitchAdapter
 from rq.errors import RQError
 
@@ -24,7 +26,8 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekAdapter, SwitchAdapter):
+for _adapter in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekAdapter, SwitchAdapter,
+                 LlamaMoeAdapter, DeepseekMoeAdapter):
     register(_adapter)
 
 
@@ -57,8 +60,9 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     adapter = adapter_for(config.model_type)
     auto = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     local_files_only=True)
+        with adapter.load_context():
+                model = auto.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         local_files_only=True)
     except OSError as err:
         raise RQError(f"cannot load weights from {model_dir}: {str(err).splitlines()[0]}") from None
     model.eval()

@@ -12,6 +12,7 @@ Face's ``gate_up_proj``) and ``w_out [H, I]`` (``nn.Linear`` convention: ``[out,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -98,7 +99,11 @@ class Adapter:
     def set_expert_weights(self, layer: MoELayer, expert: int, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
         raise NotImplementedError
 
-    # --- running the model -----------------------------------------------------------------------
+    # --- loading and running the model -----------------------------------------------------------
+    def load_context(self) -> "contextlib.AbstractContextManager":
+        """Context the checkpoint is built in (remote-code models may need a workaround while loading)."""
+        return contextlib.nullcontext()
+
     def forward_logits(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[B, S, V]`` for ``input_ids [B, S]`` (causal LMs; seq2seq overrides)."""
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

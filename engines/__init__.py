@@ -1,0 +1,1 @@
+"""Inference-engine builders for exported R&Q models (installed as ``rq.engines``)."""

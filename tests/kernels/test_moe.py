@@ -1,0 +1,141 @@
+"""Whole ``rq::RQMoE`` on the Triton kernels vs the float32 PyTorch reference (SPEC §9 tolerances)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rq.kernels import ACTIVATIONS, RQLayerWeights, rq_experts_forward, rq_moe, rq_moe_reference
+
+TOLERANCE = {  # SPEC §9: (atol, rtol)
+    torch.float32: (1e-4, 1e-3),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (2e-2, 1e-2),  # bf16 is not in SPEC §9; held to the float16 bar here
+}
+
+LAYOUTS = [
+    # (copies per expert, precision per copy)
+    ([1, 1, 1, 1], [0, 0, 0, 0]),  # original precision only
+    ([1, 2, 1, 3], [1, 1, 1, 1, 1, 1, 1]),  # INT4 only
+    ([2, 1, 1, 3, 1], [0, 1, 1, 0, 1, 1, 0, 1]),  # mixed, replicas INT4
+]
+
+
+def _run(fn, hidden, ids, weights, offsets, layer):
+    return fn(hidden, ids, weights, offsets, layer["logcnt"], layer["precision"], layer["w_in"], layer["w_out"],
+              layer["w_in_q"], layer["w_in_scales"], layer["w_out_q"], layer["w_out_scales"],
+              layer["activation"], layer["group_size"])
+
+
+def _check(y, counts, y_ref, counts_ref, dtype):
+    atol, rtol = TOLERANCE[dtype]
+    assert y.dtype == dtype
+    assert torch.equal(counts.cpu(), counts_ref.cpu())
+    torch.testing.assert_close(y.float().cpu(), y_ref.float().cpu(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_activations(device, make_layer, random_routing, activation, dtype):
+    copies, precision = LAYOUTS[2]
+    layer = make_layer(copies, precision, 64, 64, activation, 64, dtype, device, seed=1)
+    ids, w = random_routing(9, 2, len(copies), dtype, torch.int64, device, seed=2)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3)).to(dtype).to(device)
+    y, counts = _run(rq_moe, x, ids, w, None, layer)
+    y_ref, counts_ref = _run(rq_moe_reference, x.float(), ids, w.float(), None,
+                             {**layer, "w_in": layer["w_in"].float(), "w_out": layer["w_out"].float()})
+    _check(y, counts, y_ref, counts_ref, dtype)
+
+
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+@pytest.mark.parametrize(
+    "tokens,top_k,hidden,inter,group_size,ids_dtype",
+    [
+        (1, 1, 64, 64, 64, torch.int32),  # one token
+        (13, 3, 64, 128, 64, torch.int64),  # T*K not a multiple of any tile
+        (70, 2, 128, 128, 128, torch.int32),  # A > 16 * P: 64-row tiles
+    ],
+)
+def test_shapes_and_layouts(device, make_layer, random_routing, layout, tokens, top_k, hidden, inter, group_size, ids_dtype):
+    copies, precision = LAYOUTS[layout]
+    dtype = torch.float16
+    layer = make_layer(copies, precision, hidden, inter, "silu_glu", group_size, dtype, device, seed=layout)
+    ids, w = random_routing(tokens, top_k, len(copies), dtype, ids_dtype, device, seed=tokens)
+    offsets = torch.arange(len(copies), dtype=torch.int64, device=device) * 3
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype).to(device)
+    y, counts = _run(rq_moe, x, ids, w, offsets, layer)
+    y_ref, counts_ref = _run(rq_moe_reference, x.float(), ids, w.float(), offsets,
+                             {**layer, "w_in": layer["w_in"].float(), "w_out": layer["w_out"].float()})
+    _check(y, counts, y_ref, counts_ref, dtype)
+
+
+def test_original_precision_odd_sizes(device, make_layer, random_routing):
+    """H and I that are multiples of no tile (original-precision copies have no group-size constraint)."""
+    layer = make_layer([1, 2, 1], [0, 0, 0, 0], 80, 96, "gelu_glu", 64, torch.float32, device)
+    ids, w = random_routing(11, 2, 3, torch.float32, torch.int32, device, seed=5)
+    x = torch.randn(11, 80, device=device)
+    _check(*_run(rq_moe, x, ids, w, None, layer), *_run(rq_moe_reference, x, ids, w, None, layer), torch.float32)
+
+
+def test_bfloat16_and_empty_batch(device, make_layer, random_routing):
+    copies, precision = LAYOUTS[2]
+    layer = make_layer(copies, precision, 64, 64, "gelu_tanh_glu", 64, torch.bfloat16, device)
+    ids, w = random_routing(5, 2, len(copies), torch.bfloat16, torch.int64, device)
+    x = torch.randn(5, 64).to(torch.bfloat16).to(device)
+    y, counts = _run(rq_moe, x, ids, w, None, layer)
+    y_ref, counts_ref = _run(rq_moe_reference, x.float(), ids, w.float(), None,
+                             {**layer, "w_in": layer["w_in"].float(), "w_out": layer["w_out"].float()})
+    _check(y, counts, y_ref, counts_ref, torch.bfloat16)
+    y0, c0 = _run(rq_moe, x[:0], ids[:0], w[:0], None, layer)
+    assert y0.shape == (0, 64) and c0.tolist() == [0] * len(copies)
+
+
+def test_all_dropped_gives_zero(device, make_layer):
+    layer = make_layer([1, 2], [0, 1, 1], 64, 64, "relu", 64, torch.float32, device)
+    ids = torch.tensor([[-1, 2], [5, -3]], device=device)
+    y, counts = _run(rq_moe, torch.randn(2, 64, device=device), ids, torch.ones(2, 2, device=device), None, layer)
+    assert counts.tolist() == [0, 0] and bool((y == 0).all())
+
+
+def test_shape_errors_name_expected_and_got(device, make_layer, random_routing):
+    layer = make_layer([1, 1], [0, 1], 64, 64, "silu_glu", 64, torch.float16, device)
+    ids, w = random_routing(3, 2, 2, torch.float16, torch.int64, device)
+    x = torch.randn(3, 64).half().to(device)
+    bad = {**layer, "w_in": layer["w_in"][:, :64]}
+    with pytest.raises(ValueError, match=r"w_in must be \[1, 128, 64\].*got \[1, 64, 64\]"):
+        _run(rq_moe, x, ids, w, None, bad)
+    with pytest.raises(ValueError, match=r"topk_weights must be \[T, K\]"):
+        _run(rq_moe, x, ids, w[:, :1], None, layer)
+    with pytest.raises(ValueError, match="unknown activation"):
+        _run(rq_moe, x, ids, w, None, {**layer, "activation": "swish"})
+
+
+def test_experts_forward_backends(device, make_layer, random_routing):
+    raw = make_layer([1, 2], [0, 1, 1], 64, 64, "silu_glu", 64, torch.float32, device)
+    layer = RQLayerWeights(logcnt=(1, 2), precision=(0, 1, 1), **{k: raw[k] for k in (
+        "w_in", "w_out", "w_in_q", "w_in_scales", "w_out_q", "w_out_scales", "activation", "group_size")})
+    ids, w = random_routing(4, 2, 2, torch.float32, torch.int64, device)
+    x = torch.randn(4, 64, device=device)
+    y_ref, c_ref = rq_experts_forward(x, ids, w, layer, backend="reference")
+    y, c = rq_experts_forward(x, ids, w, layer, backend="triton")
+    _check(y, c, y_ref, c_ref, torch.float32)
+    y_auto, _ = rq_experts_forward(x, ids, w, layer)  # CPU -> reference, CUDA -> Triton
+    _check(y_auto, c, y_ref, c_ref, torch.float32)
+    with pytest.raises(ValueError, match="unknown experts backend"):
+        rq_experts_forward(x, ids, w, layer, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_realistic_shape(make_layer, random_routing, dtype):
+    """A DeepSeek-like slice on a real GPU: 32 experts, top-8, replicas, H=1024, I=512."""
+    copies = [1] * 24 + [2] * 6 + [3] * 2
+    precision = [0 if i % 3 == 0 else 1 for i in range(sum(copies))]
+    layer = make_layer(copies, precision, 1024, 512, "silu_glu", 128, dtype, "cuda")
+    for tokens in (1, 7, 200, 2048):
+        ids, w = random_routing(tokens, 8, len(copies), dtype, torch.int32, "cuda", seed=tokens, drop=0.02)
+        x = torch.randn(tokens, 1024, device="cuda").to(dtype)
+        y, counts = _run(rq_moe, x, ids, w, None, layer)
+        y_ref, counts_ref = _run(rq_moe_reference, x.float(), ids, w.float(), None,
+                                 {**layer, "w_in": layer["w_in"].float(), "w_out": layer["w_out"].float()})
+        _check(y, counts, y_ref, counts_ref, dtype)
