@@ -9,11 +9,12 @@ import typer
 
 
 def register(app: typer.Typer, friendly_errors: Callable) -> None:
-    try:
-        from rq.demo.cli import demo
-        app.command("demo")(friendly_errors(demo))
-    except ImportError:
-        pass
+    from rq.demo.cli import demo
+    from rq.placement_cli import import_command, place_command
+
+    app.command("demo")(friendly_errors(demo))
+    app.command("place")(friendly_errors(place_command))
+    app.command("import-loads")(friendly_errors(import_command))
 
 
 def export_app(friendly_errors: Callable) -> typer.Typer:
