@@ -207,7 +207,47 @@ def check_engine(engine_path: str | Path, feed: Mapping[str, Any], references: M
     return compare_outputs(run_engine(engine_path, plugin_lib, feed), references, atol, rtol, exact)
 
 
+@dataclass
+class EngineReport:
+    """``rq check --trt`` result: one :class:`OutputComparison` per output and prefill feed."""
+
+    passed: bool
+    rows: list[str]
+
+    def summary(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        return "\n".join([*self.rows, f"{verdict} | TensorRT vs PyTorch reference (SPEC §9 float16 tolerances)"])
+
+
+def check_engine_export(build_dir: str | Path, plugin_lib: str | Path | None = None,
+                        engine_path: str | Path | None = None) -> EngineReport:
+    """Run ``build_dir/engine.plan`` on the prefill feeds rq-export saved and compare with the saved PyTorch
+    reference outputs (``manifest.json``'s ``parity.prefill``); ``expert_counts`` must match exactly."""
+    _tensorrt()  # fail first, with the install hint, where TensorRT is absent
+    from polygraphy.comparator import RunResults  # noqa: PLC0415
+    from polygraphy.json import load_json  # noqa: PLC0415
+
+    build_dir = Path(build_dir)
+    engine_path = Path(engine_path or build_dir / "engine.plan")
+    if not engine_path.is_file():
+        raise FileNotFoundError(f"{engine_path} does not exist; build it with `rq build {build_dir / 'model.onnx'}`")
+    import json  # noqa: PLC0415
+
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    rows, passed = [], True
+    for graph, entry in manifest["parity"]["prefill"].items():
+        feeds = load_json(str(build_dir / entry["inputs"]))
+        reference = RunResults.load(str(build_dir / entry["reference"]))[0][1]
+        for feed, ref in zip(feeds, reference):
+            refs = {name: ref[name] for name in ref.keys()}
+            exact = [name for name in refs if "expert_counts" in name]
+            for cmp in check_engine(engine_path, feed, refs, plugin_lib, exact=exact):
+                rows.append(f"{graph}: {cmp}")
+                passed &= cmp.passed
+    return EngineReport(passed, rows)
+
+
 __all__ = [
-    "DEFAULT_PROFILES", "INSTALL_HINT", "OutputComparison", "TensorRTUnavailable", "build_engine", "check_engine",
+    "DEFAULT_PROFILES", "EngineReport", "check_engine_export", "INSTALL_HINT", "OutputComparison", "TensorRTUnavailable", "build_engine", "check_engine",
     "compare_outputs", "input_dim_names", "profile_shapes", "run_engine",
 ]
