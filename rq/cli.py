@@ -186,15 +186,7 @@ def eval_(
 
 
 def main() -> None:
-    _register_optional_commands()
     app()
-
-
-def _register_optional_commands() -> None:
-    """Commands whose implementation lives in other stages of the pipeline."""
-    from rq import cli_stages
-
-    cli_stages.register(app, friendly_errors)
 
 
 def export_main() -> None:
@@ -203,6 +195,15 @@ def export_main() -> None:
 
     cli_stages.export_app(friendly_errors)()
 
+
+def _register_stage_commands() -> None:
+    """Commands whose implementation lives in the other stages of the pipeline (rq.cli_stages)."""
+    from rq import cli_stages
+
+    cli_stages.register(app, friendly_errors)
+
+
+_register_stage_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

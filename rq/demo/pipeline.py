@@ -38,7 +38,8 @@ class DemoSettings:
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 256)
     stream_batch: int = 32
     stream_steps: int = 32
-    calibration_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    calibration_sizes: tuple[int, ...] = (8, 32, 128)
+    prose_sequences: int = 128
     group_size: int = 128
     budget: float = 1.0
     seed: int = 0
@@ -47,7 +48,7 @@ class DemoSettings:
     def quick() -> "DemoSettings":
         """Reduced mode for tests and smoke runs (seconds, same code path)."""
         return DemoSettings(seq_len=64, calibration_sequences=16, eval_sequences=16, batch_sizes=(1, 4, 16),
-                            stream_batch=4, stream_steps=3, calibration_sizes=(4, 16))
+                            stream_batch=4, stream_steps=3, calibration_sizes=(4, 16), prose_sequences=16)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,8 +87,8 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
     original, adapter = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     calib = _sequences(tokenizer, "calibration", settings.calibration_sequences, settings)
-    heldout = {name: _sequences(tokenizer, name, settings.eval_sequences, settings)
-               for name in ("heldout_code", "heldout_prose")}
+    heldout = {"heldout_code": _sequences(tokenizer, "heldout_code", settings.eval_sequences, settings),
+               "heldout_prose": _sequences(tokenizer, "heldout_prose", settings.prose_sequences, settings)}
 
     console.print(f"[bold]1/4 calibrate[/] {model_dir.name}: {calib.description}")
     stats = calibrate(original, adapter, calib, group_size=settings.group_size, seed=settings.seed,
@@ -115,7 +116,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
                    "gate_mass": s.gate_mass.tolist(), "contribution": s.contribution.tolist(),
                    "spearman_sensitivity_vs_frequency": spearman(s.quant_sensitivity, s.load),
                    "spearman_contribution_vs_frequency": spearman(s.contribution, s.load)} for s in stats.layers]
-    sweep = calibration_size_sweep(original, adapter, tokenizer, heldout, settings, show_progress)
+    sweep = calibration_size_sweep(original, adapter, tokenizer, heldout, settings, show_progress, stats)
 
     summary = {
         "model": str(model_dir), "settings": settings.__dict__, "seconds": None,
@@ -135,11 +136,12 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
 
 
 def calibration_size_sweep(original, adapter, tokenizer, heldout: dict[str, TokenData], settings: DemoSettings,
-                           show_progress: bool) -> list[dict]:
+                           show_progress: bool, full_stats=None) -> list[dict]:
     """Finding (iii): plan from the first n calibration sequences, for several n; report the plan's LIS on
     held-out data of both domains (the replica rule applied to the original model's held-out routing at
     the largest batch size: routing is the router's, so this is the load split the plan produces), and
-    how much of the largest plan's replica allocation it shares."""
+    how much of the largest plan's replica allocation it shares. ``full_stats`` (the main run's, on the
+    same first ``calibration_sequences`` sequences) is reused rather than recomputed."""
     layers = adapter.moe_layers(original)
     traces = {name: trace_batches(original, adapter, layers, data.sequences, 8, f"routing {name}", show_progress)[0]
               for name, data in heldout.items()}
@@ -148,7 +150,10 @@ def calibration_size_sweep(original, adapter, tokenizer, heldout: dict[str, Toke
     rows, plans = [], {}
     for n in settings.calibration_sizes:
         subset = TokenData(pool.sequences[:n], f"first {n} calibration sequences")
-        stats = calibrate(original, adapter, subset, group_size=settings.group_size, show_progress=False)
+        if full_stats is not None and n == settings.calibration_sequences:
+            stats = full_stats
+        else:
+            stats = calibrate(original, adapter, subset, group_size=settings.group_size, show_progress=False)
         plan = make_plan(stats, PlanOptions(budget_factor=settings.budget))
         plans[n] = plan
         row = {"sequences": n, "tokens": subset.tokens}
