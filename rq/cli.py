@@ -127,6 +127,8 @@ def plan(
     importance: str = typer.Option("quant_sensitivity", help="frequency, gate_mass, contribution or quant_sensitivity."),
     max_quantized_fraction: float = typer.Option(0.5, help="At most this fraction of a layer's experts go INT4."),
     max_replicas: int = typer.Option(7, help="At most this many INT4 replicas per expert."),
+    lis_tolerance: float = typer.Option(0.0, help="Keep the fewest replicas whose predicted LIS is within "
+                                                  "(1 + this) of the best: trades a little balance for accuracy."),
 ) -> None:
     """Choose INT4 experts and replicas per layer within the memory budget; write a validated plan.json."""
     from rq.planner import PlanOptions, make_plan
@@ -136,7 +138,8 @@ def plan(
 
     stats = CalibrationStats.load(stats_dir)
     result = make_plan(stats, PlanOptions(budget_factor=budget, importance=importance,
-                                          max_quantized_fraction=max_quantized_fraction, max_replicas=max_replicas))
+                                          max_quantized_fraction=max_quantized_fraction, max_replicas=max_replicas,
+                                          lis_tolerance=lis_tolerance))
     save_plan(result, out)
     console.print(plan_table(result))
     console.print(f"plan written to {out}")

@@ -22,7 +22,7 @@ from rq.calibrate import record_calls
 from rq.data import batches
 from rq.lis import InstantSummary, lis_value, model_lis
 from rq.progress import progress_bar
-from rq.replica import copy_loads, expert_counts, phy2log
+from rq.replica import expert_counts, split_load
 from rq.rq_model import RQExperts, rq_layers_of, set_mode
 
 
@@ -118,14 +118,32 @@ def trace_batches(model: nn.Module, adapter: Adapter, layers: list[MoELayer], se
     return traces, logits
 
 
+def sequence_loads(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[n, S, K]`` ids -> ``[n, N]`` int64 loads of each sequence (dropped assignments excluded)."""
+    n = ids.shape[0]
+    flat = ids.reshape(n, -1).to(torch.int64)
+    valid = (flat >= 0) & (flat < num_experts)
+    keys = torch.arange(n).unsqueeze(1) * num_experts + flat.clamp(0, num_experts - 1)
+    return torch.bincount(keys[valid], minlength=n * num_experts).reshape(n, num_experts)
+
+
+def group_calls(loads: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[n, N]`` per-sequence loads -> ``[ceil(n/B), N]`` loads of each call of ``B`` consecutive sequences."""
+    n, units = loads.shape
+    calls = -(-n // batch_size)
+    padded = torch.zeros(calls * batch_size, units, dtype=loads.dtype)
+    padded[:n] = loads
+    return padded.reshape(calls, batch_size, units).sum(1)
+
+
 def batch_lis(before_ids: torch.Tensor, after_ids: torch.Tensor, num_experts: int, logcnt: torch.Tensor,
               batch_size: int) -> LISPoint:
-    """Pure: LIS of one layer when sequences run ``batch_size`` at a time. ids: ``[n, S, K]``."""
-    pre, post = [], []
-    for start in range(0, before_ids.shape[0], batch_size):
-        pre.append(expert_counts(before_ids[start:start + batch_size].reshape(-1, before_ids.shape[-1]), num_experts))
-        post.append(copy_loads(after_ids[start:start + batch_size].reshape(-1, after_ids.shape[-1]), logcnt))
-    pre, post = torch.stack(pre), torch.stack(post)
+    """Pure: LIS of one layer when sequences run ``batch_size`` at a time. ids: ``[n, S, K]``.
+
+    In batch mode offsets are 0, so a call's copy loads follow from its per-expert loads
+    (:func:`rq.replica.split_load`), exactly as the replica rule assigns them."""
+    pre = group_calls(sequence_loads(before_ids, num_experts), batch_size)
+    post = split_load(group_calls(sequence_loads(after_ids, num_experts), batch_size), logcnt)
     return LISPoint(lis_value(pre.sum(0)), lis_value(post.sum(0)), InstantSummary.of(pre), InstantSummary.of(post))
 
 
@@ -212,10 +230,3 @@ def evaluate(original: nn.Module, rq_model: nn.Module, adapter: Adapter, sequenc
     bytes_after = sum(rq.weight_nbytes() for rq in rq_experts)
     return EvalReport([layer.path for layer in layers], batch, streaming, min(stream_batch, sequences.shape[0]),
                       stream_steps, acc, bytes_before, bytes_after)
-
-
-def logical_from_copies(copy_loads_: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
-    """``[..., P]`` copy loads -> ``[..., N]`` logical loads (sum over each expert's copies)."""
-    owner = phy2log(logcnt)
-    out = torch.zeros(*copy_loads_.shape[:-1], logcnt.numel(), dtype=copy_loads_.dtype)
-    return out.index_add_(-1, owner, copy_loads_)

@@ -33,6 +33,7 @@ class PlanOptions:
     importance: str = "quant_sensitivity"
     max_quantized_fraction: float = 0.5
     max_replicas: int = 7  # per expert, so at most 8 copies
+    lis_tolerance: float = 0.0  # keep the fewest replicas whose LIS is within (1 + tol) of the best
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,15 @@ class LayerDecision:
 
 def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: torch.Tensor,
                int4_bytes: torch.Tensor, *, quantizable: bool, budget_factor: float, max_quantized: int,
-               max_replicas: int) -> LayerDecision:
+               max_replicas: int, lis_tolerance: float = 0.0) -> LayerDecision:
     """Plan one layer.
 
     load: ``[N]`` assignment counts; importance: ``[N]`` (higher = keep at original precision);
     original_bytes / int4_bytes: ``[N]`` int64 real sizes of one copy at each precision;
     quantizable: whether INT4 applies at all (group size divides the weights);
-    max_quantized: cap on INT4 primaries; max_replicas: cap on replicas per expert.
+    max_quantized: cap on INT4 primaries; max_replicas: cap on replicas per expert;
+    lis_tolerance: keep the shortest greedy prefix whose LIS is within ``(1 + tol)`` of the best one
+    (every replica is INT4, so fewer replicas means less INT4 traffic and less accuracy cost).
 
     Runs in O((N + R) log N) for R replicas: the expert with the highest per-copy load comes off a heap,
     and the predicted LIS is tracked incrementally. With offsets 0 the busiest copy of expert ``e`` holds
@@ -95,7 +98,7 @@ def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: tor
     heap = [(-loads[e], e) for e in range(n) if loads[e] > 0 and max_replicas > 0]  # key: -L/C, then id
     heapq.heapify(heap)
     capped_busiest = max((loads[e] for e in range(n) if max_replicas == 0), default=0)
-    best = (lis_before, 0, n_quantized)  # (lis, replicas added, quantizations needed)
+    history = [(lis_before, 0, n_quantized)]  # (lis, replicas added, quantizations needed)
     added = 0
     while heap:
         _, e = heap[0]
@@ -114,10 +117,11 @@ def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: tor
         else:
             heapq.heappush(heap, (-loads[e] / copies[e], e))
         busiest = max(capped_busiest, -(-loads[heap[0][1]] // copies[heap[0][1]]) if heap else 0)
-        lis = lis_now(busiest)
-        if lis < best[0] - 1e-12:
-            best = (lis, added, n_quantized)
-    # replay the best prefix: the same greedy order, stopped after best[1] replicas
+        history.append((lis_now(busiest), added, n_quantized))
+    finite = [h for h in history if not math.isnan(h[0])]
+    floor = min((h[0] for h in finite), default=math.nan)
+    best = next((h for h in finite if h[0] <= floor * (1 + lis_tolerance) + 1e-12), history[0])
+    # replay the chosen prefix: the same greedy order, stopped after best[1] replicas
     return _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before)
 
 
@@ -161,7 +165,7 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
         decision = plan_layer(s.load, importance, original, q_bytes, quantizable=s.quantizable,
                               budget_factor=options.budget_factor,
                               max_quantized=int(options.max_quantized_fraction * s.num_experts),
-                              max_replicas=options.max_replicas)
+                              max_replicas=options.max_replicas, lis_tolerance=options.lis_tolerance)
         total = float(s.load.sum())
         warnings = [] if s.quantizable else [
             f"weights {s.w_in_shape}/{s.w_out_shape} are not divisible by group size {group}: layer left unquantized "
@@ -181,5 +185,6 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
         importance_metric=options.importance,
         budget=BudgetInfo(reference_bytes=reference, planned_bytes=sum(p.planned_bytes for p in layers),
                           budget_factor=options.budget_factor),
-        options={"max_quantized_fraction": options.max_quantized_fraction, "max_replicas": options.max_replicas},
+        options={"max_quantized_fraction": options.max_quantized_fraction, "max_replicas": options.max_replicas,
+                 "lis_tolerance": options.lis_tolerance},
         layers=layers)

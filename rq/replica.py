@@ -74,16 +74,19 @@ def copy_loads(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | 
 
 
 def split_load(load: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """``[P]`` per-copy loads that the rule gives when ``load[e]`` assignments reach expert ``e`` in one call.
+    """``[..., P]`` per-copy loads that the rule gives when ``load[..., e]`` assignments reach expert ``e`` in
+    one call (any leading dimensions: one row per call).
 
     Copy c of e receives the ranks n with (o_e + n) mod C_e == c: ``L // C`` plus one for the first
-    ``L mod C`` copies counted from the offset. Used by the planner to predict LIS from aggregate loads.
+    ``L mod C`` copies counted from the offset. Exact for a call whose per-expert loads are ``load``, so
+    batch LIS and the planner's predictions need no per-assignment work.
     """
     load = load.to(torch.int64)
     logcnt = logcnt.to(torch.int64)
     owner = phy2log(logcnt)
     copy = torch.arange(owner.numel(), device=load.device) - phys_base(logcnt)[owner]
-    offs = torch.zeros_like(load) if offsets is None else offsets.to(torch.int64)
+    offs = torch.zeros(logcnt.numel(), dtype=torch.int64, device=load.device) if offsets is None else offsets.to(torch.int64)
     c = logcnt[owner]
     shifted = (copy - offs[owner]) % c  # position of this copy in the rotation starting at the offset
-    return load[owner] // c + (shifted < load[owner] % c).to(torch.int64)
+    per_owner = load[..., owner]
+    return per_owner // c + (shifted < per_owner % c).to(torch.int64)

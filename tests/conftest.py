@@ -8,6 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to oversubscription
 
 
 def pytest_collection_modifyitems(config, items):

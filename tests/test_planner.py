@@ -66,3 +66,14 @@ def test_budget_below_quantize_all_is_refused():
 def test_unquantizable_layer_is_left_alone():
     d = _plan([100, 1, 1, 1], quantizable=False)
     assert d.logcnt.tolist() == [1, 1, 1, 1] and not d.quantized.any()
+
+
+def test_lis_tolerance_trades_replicas_for_a_bounded_lis_increase():
+    load = [480, 100, 60, 60, 50, 50, 40, 40, 30, 30, 20, 10, 10, 10, 5, 5]
+    tight, loose = _plan(load), None
+    loose = plan_layer(torch.tensor(load, dtype=torch.float64), torch.arange(16, 0, -1, dtype=torch.float64),
+                       torch.full((16,), 1000), torch.full((16,), 140), quantizable=True, budget_factor=1.0,
+                       max_quantized=8, max_replicas=7, lis_tolerance=0.2)
+    assert int(loose.logcnt.sum()) < int(tight.logcnt.sum())
+    assert tight.lis_after <= loose.lis_after <= tight.lis_after * 1.2 + 1e-12
+    assert int(loose.quantized.sum()) <= int(tight.quantized.sum())

@@ -15,7 +15,13 @@ def demo(
 ) -> None:
     """Calibrate, plan and evaluate the built-in demo MoE (trained on Python's stdlib): LIS tables + plots."""
     from rq.cli import _quiet_transformers
+    import os
+
+    import torch
+
     from rq.demo.pipeline import DemoSettings, run_demo
 
     _quiet_transformers()
+    # the demo model is tiny: one thread avoids oversubscription on shared cores (RQ_THREADS overrides)
+    torch.set_num_threads(int(os.environ.get("RQ_THREADS", "1")))
     run_demo(out, DemoSettings.quick() if quick else DemoSettings(), model_dir)

@@ -147,9 +147,11 @@ def calibration_size_sweep(original, adapter, tokenizer, heldout: dict[str, Toke
               for name, data in heldout.items()}
     largest = max(settings.calibration_sizes)
     pool = _sequences(tokenizer, "calibration", largest, settings)
+    # the first n of a shuffled pool, so a small set samples every file rather than the first few
+    shuffled = pool.sequences[torch.randperm(len(pool.sequences), generator=torch.Generator().manual_seed(settings.seed))]
     rows, plans = [], {}
     for n in settings.calibration_sizes:
-        subset = TokenData(pool.sequences[:n], f"first {n} calibration sequences")
+        subset = TokenData(shuffled[:n], f"{n} calibration sequences")
         if full_stats is not None and n == settings.calibration_sequences:
             stats = full_stats
         else:
