@@ -54,6 +54,13 @@ class RQExperts(nn.Module):
         self.record = False
         self.reset_telemetry()
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` must not change the SPEC §5 bytes: INT4 scales stay float16, packed stays uint8."""
+        super()._apply(fn, recurse)
+        for name in ("w_in_scales", "w_out_scales"):
+            setattr(self, name, getattr(self, name).to(torch.float16))
+        return self
+
     @property
     def num_copies(self) -> int:
         return self.precision.numel()

@@ -39,7 +39,8 @@ def tiny_config(arch: str):
         cls = DeepseekV2Config if arch == "deepseek_v2" else DeepseekV3Config
         extra = dict(n_group=2, topk_group=1, topk_method="group_limited_greedy") if arch == "deepseek_v2" else \
             dict(n_group=2, topk_group=1)
-        return cls(**{k: v for k, v in _COMMON.items() if k != "head_dim"}, intermediate_size=INTERMEDIATE,
+        deepseek = {k: v for k, v in _COMMON.items() if k != "head_dim"} | {"num_key_value_heads": 4}  # MLA: kv heads = heads
+        return cls(**deepseek, intermediate_size=INTERMEDIATE,
                    moe_intermediate_size=INTERMEDIATE, n_routed_experts=EXPERTS, n_shared_experts=1,
                    first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
                    qk_nope_head_dim=8, v_head_dim=16, **extra)

@@ -1,0 +1,245 @@
+"""``export_model``: R&Q model -> ``build/`` (ONNX graphs, manifest, tokenizer, plan, parity data).
+
+The output folder is assembled in a temporary sibling folder and renamed into place at the end, so a
+failure never leaves a half-written export behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from rq import __version__
+from rq.adapters import load_model
+from rq.data import load_tokenizer
+from rq.errors import RQError
+from rq.export import function, graphs, onnx_file, reference
+from rq.export.attention import use_rq_attention
+from rq.export.parity import ParityReport, check_export, tolerances
+from rq.export.patches import export_patches
+from rq.export.runtime import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
+from rq.progress import progress_bar
+from rq.rq_model import apply_plan
+from rq.schema import load_plan
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DEFAULT_OPSET = function.MIN_OPSET
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote: the folder, its manifest, files with sizes, time, parity report."""
+
+    out_dir: Path
+    manifest: dict
+    files: list[str]  # relative to out_dir
+    seconds: float
+    parity: ParityReport | None = None  # None when check=False
+    sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
+
+    @property
+    def passed(self) -> bool:
+        """True when the parity check ran and passed (False when it was skipped)."""
+        return self.parity is not None and self.parity.passed
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RQError(f"{out_dir} exists and is not a folder; pass another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise RQError(f"{out_dir} already exists and is not empty; pass --force to replace it or choose another --out")
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces ``out_dir`` when the block succeeds and is removed otherwise."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _generation_ids(model, tokenizer) -> dict:
+    config = model.config
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    start = getattr(config, "decoder_start_token_id", None)
+    return {"eos_token_id": eos, "pad_token_id": pad if pad is not None else eos,
+            "decoder_start_token_id": start if start is not None else pad}
+
+
+def _manifest(model, adapter, specs: list[graphs.GraphSpec], kv: list[graphs.KVSpec], moe, rq_layers, dtype: str,
+              opset: int, tokenizer, plan=None, plan_path: Path | None = None) -> dict:
+    """Everything a runtime needs, written before the graphs are traced (I/O names come from the specs).
+    ``plan=None`` describes a baseline export of the original model (no R&Q, no ``rq::RQMoE`` nodes)."""
+    config = model.config
+    num_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
+    layer_graph = {l: spec.name for spec in specs for l in spec.moe_layers}
+    plan_info = None if plan is None else {
+        "file": "plan.json", "sha256": _sha256(plan_path), "model_fingerprint": plan.model.fingerprint,
+        "group_size": plan.quantization.group_size, "budget_factor": plan.budget.budget_factor}
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tool_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "architecture": config.model_type, "encoder_decoder": adapter.encoder_decoder,
+        "dtype": dtype, "opset": opset, "vocab_size": int(config.vocab_size),
+        "num_layers": int(num_layers),
+        "num_decoder_layers": int(getattr(config, "num_decoder_layers", None) or num_layers),
+        "num_moe_layers": len(moe), "rq": plan is not None, "plan": plan_info,
+        "op": {"domain": function.DOMAIN, "name": function.OP_NAME, "version": function.VERSION,
+               "function": True, "plugin_namespace": function.DOMAIN, "plugin_version": str(function.VERSION)},
+        "graphs": {spec.name: {"file": spec.file, "data": spec.file + ".data", "moe_layers": spec.moe_layers,
+                               "inputs": [], "outputs": []} for spec in specs},
+        "moe_layers": [{
+            "index": l, "module": layer.path, "graph": layer_graph[l], "node": f"rq_moe_{l}",
+            "num_experts": rq.num_experts, "top_k": rq.top_k, "activation": rq.activation,
+            "copies": rq.logcnt.tolist(), "precision": rq.precision.tolist(), "group_size": rq.group_size,
+            "offsets_input": f"rq_offsets.{l}", "counts_output": f"expert_counts.{l}",
+        } for l, (layer, rq) in enumerate(zip(moe, rq_layers))],
+        "kv_cache": {
+            "num_layers": len(kv), "seq_axis": 2, "layout": "[batch, heads, seq, dim]",
+            "layers": [{"key_heads": s.key_heads, "key_dim": s.key_dim, "value_heads": s.value_heads,
+                        "value_dim": s.value_dim} for s in kv],
+            "past_names": graphs.past_names(len(kv), "past_key_values"),
+            "present_names": graphs.past_names(len(kv), "present"),
+            "cross_attention": "recomputed from encoder_hidden_states each step" if adapter.encoder_decoder else None,
+        },
+        "tokenizer": {"dir": "tokenizer", "class": type(tokenizer).__name__},
+        "generation": _generation_ids(model, tokenizer),
+        "tolerances": tolerances(dtype),
+    }
+
+
+def _validate_options(dtype: str, opset: int) -> None:
+    if dtype not in DTYPES:
+        raise RQError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+    if opset < function.MIN_OPSET:
+        raise RQError(f"--opset {opset} is too old: the RQMoE function needs opset >= {function.MIN_OPSET} "
+                      f"(INT4 DequantizeLinear)")
+
+
+def _to_dtype(model, rq_layers, dtype: str) -> None:
+    if dtype != "float32":  # Module.to would also cast the float16 INT4 scales: put them back (exact)
+        model.to(DTYPES[dtype])
+        for rq in rq_layers:
+            rq.w_in_scales, rq.w_out_scales = rq.w_in_scales.half(), rq.w_out_scales.half()
+
+
+def _write_graphs(model, specs, wrappers, manifest: dict, tmp: Path, opset: int, meta: dict, advance) -> None:
+    for spec in specs:
+        with graphs.export_experts(model, wrappers), export_patches(model):
+            ir_model = onnx_file.trace(spec, opset)
+        onnx_file.save(onnx_file.finalize(ir_model, spec, opset, meta), tmp / spec.file)
+        manifest["graphs"][spec.name].update(onnx_file.describe_io(tmp / spec.file))
+        for layer, names in onnx_file.rq_node_weights(tmp / spec.file).items():
+            manifest["moe_layers"][layer]["weights"] = names
+        advance(1 / len(specs))
+
+
+def _write_rest(tokenizer, manifest: dict, tmp: Path, plan_path: Path | None) -> None:
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    manifest["tokenizer"]["files"] = sorted(p.name for p in (tmp / "tokenizer").iterdir())
+    if plan_path is not None:
+        shutil.copyfile(plan_path, tmp / "plan.json")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _result(out_dir: Path, manifest: dict, start: float, parity: ParityReport | None) -> ExportResult:
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    sizes = {f: (out_dir / f).stat().st_size for f in files}
+    return ExportResult(out_dir, manifest, files, time.perf_counter() - start, parity, sizes)
+
+
+def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Path, *, force: bool = False,
+                 dtype: str = "float32", check: bool = True, trust_remote_code: bool = False,
+                 show_progress: bool = True, opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
+
+    Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models),
+    ``manifest.json``, ``plan.json``, ``tokenizer/`` and ``parity/`` (reference outputs), then, when
+    ``check``, runs :func:`rq.export.check_export` (writes ``parity.json``). Raises :class:`RQError` on bad
+    input (plan for another model, unsupported dtype/opset, non-empty ``out_dir`` without ``force``);
+    nothing is left in ``out_dir``'s parent when it does.
+    """
+    start = time.perf_counter()
+    model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
+    _validate_options(dtype, opset)
+    _check_out_dir(out_dir, force)
+    plan = load_plan(plan_path)
+    model, adapter = load_model(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    attention = use_rq_attention(model)  # reference and graph agree on fully padded rows too
+    moe = adapter.moe_layers(model)
+    rq_layers = apply_plan(model, adapter, plan)  # quantizes from the float32 weights the plan was made on
+    _to_dtype(model, rq_layers, dtype)
+
+    with _staging(out_dir) as tmp, progress_bar("exporting", total=3, enabled=show_progress) as advance:
+        kv = graphs.kv_specs(model, adapter.encoder_decoder)
+        with graphs.export_experts(model) as wrappers:
+            specs = graphs.graph_specs(model, wrappers, [layer.path for layer in moe], adapter.encoder_decoder,
+                                       DTYPES[dtype])
+        manifest = _manifest(model, adapter, specs, kv, moe, rq_layers, dtype, opset, tokenizer, plan, plan_path)
+        manifest["attention"] = attention
+        manifest["parity"] = reference.write_parity_data(model, rq_layers, manifest, tmp / "parity")
+        advance(1)
+        meta = {"rq.tool_version": __version__, "rq.plan_sha256": manifest["plan"]["sha256"],
+                "rq.model_fingerprint": plan.model.fingerprint, "rq.architecture": manifest["architecture"]}
+        _write_graphs(model, specs, wrappers, manifest, tmp, opset, meta, advance)
+        _write_rest(tokenizer, manifest, tmp, plan_path)
+        advance(1)
+    return _result(out_dir, manifest, start, check_export(out_dir) if check else None)
+
+
+def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str = "float32",
+                    trust_remote_code: bool = False, show_progress: bool = True,
+                    opset: int = DEFAULT_OPSET) -> ExportResult:
+    """The original model without R&Q, in the same layout (``model.onnx`` + ``manifest.json``; no parity data),
+    for size and speed comparisons; its experts are Hugging Face's ``batched_mm`` implementation in plain ops.
+    Decoder-only families with fused experts only. :class:`OrtGenerator` runs it (no loads are reported)."""
+    start = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _validate_options(dtype, opset)
+    _check_out_dir(out_dir, force)
+    model, adapter = load_model(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if adapter.encoder_decoder:
+        raise RQError(f"baseline export supports decoder-only models, not {model.config.model_type}")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    attention = use_rq_attention(model)
+    try:
+        model.set_experts_implementation("batched_mm")  # the default (grouped_mm / eager loops) does not export
+    except (ValueError, AttributeError) as err:
+        raise RQError(f"{model.config.model_type} has no exportable experts implementation ({err})") from None
+    _to_dtype(model, [], dtype)
+    with _staging(out_dir) as tmp, progress_bar("exporting", total=2, enabled=show_progress) as advance:
+        kv = graphs.kv_specs(model, False)
+        specs = graphs.graph_specs(model, [], [], False, DTYPES[dtype])
+        manifest = _manifest(model, adapter, specs, kv, [], [], dtype, opset, tokenizer)
+        manifest["attention"] = attention
+        meta = {"rq.tool_version": __version__, "rq.architecture": manifest["architecture"], "rq.baseline": "1"}
+        _write_graphs(model, specs, [], manifest, tmp, opset, meta, advance)
+        _write_rest(tokenizer, manifest, tmp, None)
+        advance(1)
+    return _result(out_dir, manifest, start, None)

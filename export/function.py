@@ -1,0 +1,242 @@
+"""The reference body of ``rq::RQMoE`` (docs/op.md) as ONNX model-local functions in standard ops.
+
+Two functions of domain ``rq``, version 1, built with ``onnx.helper`` (no torch import):
+
+- ``RQReplicaMap(topk_ids [T, K], offsets [N]) -> (phys [T, K], expert_counts [N])``: the replica rule of
+  SPEC §4. The rank ``n`` of an assignment among those routed to the same expert, token-major, is an
+  exclusive cumulative sum over a one-hot ``[T*K, N+1]`` matrix (column ``N`` collects the dropped ids), so
+  it is exact integer arithmetic with no sort. ``copy = (offsets[e] + n) mod copies[e]`` and
+  ``phys = phys_base[e] + copy``; dropped assignments (ids outside ``[0, N)``) get ``-1``.
+- ``RQMoE(hidden, topk_ids, topk_weights, offsets, w_in, w_out, w_in_q, w_in_scales, w_out_q, w_out_scales)
+  -> (y, expert_counts)``: calls ``RQReplicaMap``, then a ``Loop`` over the physical copies that received
+  assignments in this call. Each iteration gathers its tokens, runs the expert MLP with the copy's
+  weights (an ``If`` on ``precision[p]``: the original-precision slot, or the INT4 slot as ``INT4`` data
+  dequantized by opset-21 blocked ``DequantizeLinear``, zero point 0, ``block_size = group_size``, then
+  rounded to float16, the exact SPEC §5 values) and scales it by the routing weight. The ``[n, H]`` rows
+  are scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order, like the
+  PyTorch reference. The SPEC §5 bytes are unpacked
+  to int8 values outside the loop, on the whole stacked initializer, which ONNX Runtime constant-folds
+  when the session is created (twice the packed size in memory; the per-call work is then only the
+  active copies' dequantization).
+
+The body is specialised to one expert activation (every MoE layer of the supported families shares it);
+:func:`rq_functions` takes it as an argument and the exporter checks that every node's ``activation``
+attribute agrees. Everything else (N, K, copies, precision, group size, sizes, float type) is read from
+the node's attributes and input shapes, so one function serves every MoE layer of a model.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "rq"
+OP_NAME = "RQMoE"
+MAP_NAME = "RQReplicaMap"
+VERSION = 1
+MIN_OPSET = 21  # blocked DequantizeLinear with INT4 data
+
+INPUTS = ("hidden", "topk_ids", "topk_weights", "offsets", "w_in", "w_out", "w_in_q", "w_in_scales",
+          "w_out_q", "w_out_scales")
+OUTPUTS = ("y", "expert_counts")
+ATTRIBUTES = ("num_experts", "top_k", "activation", "copies", "precision", "group_size", "plugin_namespace",
+              "plugin_version")
+ACTIVATIONS = ("silu_glu", "gelu_glu", "gelu_tanh_glu", "gelu", "gelu_tanh", "relu")
+
+_INT = onnx.AttributeProto.INT
+_INTS = onnx.AttributeProto.INTS
+
+
+class _Nodes:
+    """A tiny node list builder: ``b.op("Add", a, b) -> output name`` with unique names per scope."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self._n = prefix, [], 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{self.prefix}{hint}_{self._n}"
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, n_out: int = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        outs = [out] if out else [self.name(op_type.lower()) for _ in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), outs, domain=domain, **attrs)
+        self.nodes.append(node)
+        return outs[0] if n_out == 1 else outs
+
+    def ref(self, op_type: str, *inputs: str, refs: dict[str, tuple[str, int]], out: str | None = None,
+            domain: str = "", n_out: int = 1, **attrs) -> str | list[str]:
+        """A node whose attributes ``refs`` (name -> (function attribute, type)) refer to the caller's."""
+        outs = [out] if out else [self.name(op_type.lower()) for _ in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), outs, domain=domain, **attrs)
+        for name, (ref_name, kind) in refs.items():
+            node.attribute.append(helper.make_attribute_ref(name, kind, ref_attr_name=ref_name))
+        self.nodes.append(node)
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=TensorProto.INT64, dims=None) -> str:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        tensor = helper.make_tensor(self.name("c"), dtype, [len(values)] if dims is None else dims, values)
+        return self.op("Constant", value=tensor)
+
+
+def _replica_map_function(opset: int) -> onnx.FunctionProto:
+    b = _Nodes("m_")
+    copies = b.ref("Constant", refs={"value_ints": ("copies", _INTS)})  # [N] C_e
+    n = b.ref("Constant", refs={"value_int": ("num_experts", _INT)})  # scalar N
+    zero, one, minus_one = b.const(0, dims=[]), b.const(1, dims=[]), b.const(-1, dims=[])
+    flat = b.op("Reshape", b.op("Cast", "topk_ids", to=TensorProto.INT64), b.const([-1]))  # (A,) token-major
+    valid = b.op("And", b.op("GreaterOrEqual", flat, zero), b.op("Less", flat, n))
+    keys = b.op("Where", valid, flat, n)  # dropped -> column N
+    columns = b.op("Range", zero, b.op("Add", n, one), one)  # (N+1,)
+    onehot = b.op("Cast", b.op("Equal", b.op("Unsqueeze", keys, b.const([1])), b.op("Unsqueeze", columns,
+                                                                                      b.const([0]))),
+                  to=TensorProto.INT64)  # (A, N+1)
+    before = b.op("CumSum", onehot, zero, exclusive=1)  # assignments of the same expert earlier in the order
+    rank = b.op("Squeeze", b.op("GatherElements", before, b.op("Unsqueeze", keys, b.const([1])), axis=1),
+                b.const([1]))  # (A,) n of SPEC §4
+    all_counts = b.op("ReduceSum", onehot, b.const([0]), keepdims=0)  # (N+1,)
+    b.op("Slice", all_counts, b.const([0]), b.op("Unsqueeze", n, b.const([0])), out="expert_counts")
+    safe = b.op("Where", valid, flat, zero)
+    copy = b.op("Mod", b.op("Add", b.op("Gather", "offsets", safe), rank), b.op("Gather", copies, safe))
+    base = b.op("CumSum", copies, zero, exclusive=1)  # phys(e, 0) = sum_{j<e} C_j
+    phys = b.op("Where", valid, b.op("Add", b.op("Gather", base, safe), copy), minus_one)
+    b.op("Reshape", phys, b.op("Shape", "topk_ids"), out="phys")
+    return helper.make_function(
+        DOMAIN, MAP_NAME, ["topk_ids", "offsets"], ["phys", "expert_counts"], b.nodes,
+        [helper.make_opsetid("", opset)], attributes=["num_experts", "copies"],
+        doc_string="SPEC §4 replica rule: phys [T, K] (-1 = dropped) and expert_counts [N] of one call.")
+
+
+def _activation(b: _Nodes, h: str, activation: str) -> str:
+    """``[n, I_in] -> [n, I]`` in the float type of ``h`` (gate rows first for *_glu, docs/op.md)."""
+    def act(x: str, kind: str) -> str:
+        if kind == "relu":
+            return b.op("Relu", x)
+        if kind == "silu":
+            return b.op("Mul", x, b.op("Sigmoid", x))
+        if kind == "gelu_tanh":
+            return b.op("Gelu", x, approximate="tanh")
+        return b.op("Gelu", x)  # erf GELU
+
+    if activation.endswith("_glu"):
+        gate, up = b.op("Split", h, axis=-1, num_outputs=2, n_out=2)
+        return b.op("Mul", act(gate, activation.removesuffix("_glu")), up)
+    return act(h, activation)
+
+
+def _unpack_int4(b: _Nodes, packed: str) -> str:
+    """SPEC §5 bytes -> int8 values: uint8 ``[P, O, I/2]`` (element 2j low nibble) -> ``[P, O, I]`` in [-8, 7].
+
+    Runs on the whole stacked initializer, outside the loop over copies, so ONNX Runtime folds it into an
+    int8 constant when the session is created (the weights are initializers, docs/op.md)."""
+    low = b.op("BitwiseAnd", packed, b.const(15, TensorProto.UINT8, dims=[]))
+    high = b.op("BitShift", packed, b.const(4, TensorProto.UINT8, dims=[]), direction="RIGHT")
+    nibbles = b.op("Concat", b.op("Unsqueeze", low, b.const([-1])), b.op("Unsqueeze", high, b.const([-1])), axis=-1)
+    shape = b.op("Concat", b.op("Shape", packed, end=2), b.const([-1]), axis=0)
+    unsigned = b.op("Cast", b.op("Reshape", nibbles, shape), to=TensorProto.INT8)  # (P, O, I) in 0..15
+    return b.op("Sub", b.op("BitwiseXor", unsigned, b.const(8, TensorProto.INT8, dims=[])),
+                b.const(8, TensorProto.INT8, dims=[]))  # two's-complement nibble -> -8..7
+
+
+def _dequantize(b: _Nodes, values: str, scales: str, slot: str, like: str) -> str:
+    """One INT4 copy: int8 ``[O, I]`` values as ONNX ``INT4`` data through blocked ``DequantizeLinear`` (zero
+    point 0, ``block_size = group_size``) with its scales ``[O, I/G]`` (float16 values held in float32), then
+    rounded to float16: the product of a 4-bit integer and a float16 is exact in float32, so this is the
+    single rounding of SPEC §5 (bit-identical to ``rq.int4.dequantize``), and ONNX Runtime runs it about
+    twice as fast as a float16-scale ``DequantizeLinear``. Finally cast like ``like``."""
+    q = b.op("Cast", b.op("Gather", values, slot, axis=0), to=TensorProto.INT4)  # (O, I)
+    scale = b.op("Gather", scales, slot, axis=0)  # (O, I/G) float32
+    exact = b.ref("DequantizeLinear", q, scale, axis=1, refs={"block_size": ("group_size", _INT)})
+    return b.op("CastLike", b.op("Cast", exact, to=TensorProto.FLOAT16), like)
+
+
+def _expert_branch(name: str, activation: str, quantized: bool, xs: str, slot: str,
+                   int4: tuple[tuple[str, str], tuple[str, str]]) -> onnx.GraphProto:
+    """If-branch computing one copy's expert MLP on ``xs [n, H]``: reads outer-scope weights and ``slot``."""
+    b = _Nodes(f"{name}_")
+    if quantized:
+        (in_values, in_scales), (out_values, out_scales) = int4
+        w_in = _dequantize(b, in_values, in_scales, slot, xs)
+        w_out = _dequantize(b, out_values, out_scales, slot, xs)
+    else:
+        w_in = b.op("CastLike", b.op("Gather", "w_in", slot, axis=0), xs)
+        w_out = b.op("CastLike", b.op("Gather", "w_out", slot, axis=0), xs)
+    h = b.op("MatMul", xs, b.op("Transpose", w_in, perm=[1, 0]))  # (n, I_in)
+    b.op("MatMul", _activation(b, h, activation), b.op("Transpose", w_out, perm=[1, 0]), out=f"{name}_out")
+    return helper.make_graph(b.nodes, name, [], [helper.make_value_info(f"{name}_out", onnx.TypeProto())])
+
+
+def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{activation}', expected one of {ACTIVATIONS}")
+    b = _Nodes("f_")
+    phys, counts = b.ref(MAP_NAME, "topk_ids", "offsets", domain=DOMAIN, n_out=2,
+                         refs={"num_experts": ("num_experts", _INT), "copies": ("copies", _INTS)})
+    b.op("Identity", counts, out="expert_counts")
+    precision = b.ref("Constant", refs={"value_ints": ("precision", _INTS)})  # (P,) 0 original, 1 INT4
+    zero, one = b.const(0, dims=[]), b.const(1, dims=[])
+    # slot of each physical copy inside its precision class (docs/op.md)
+    is_orig = b.op("Sub", one, precision)
+    slot = b.op("Where", b.op("Equal", precision, one),
+                b.op("Sub", b.op("CumSum", precision, zero), one), b.op("Sub", b.op("CumSum", is_orig, zero), one))
+    flat_phys = b.op("Reshape", phys, b.const([-1]))  # (A,)
+    active = b.op("Unique", b.op("Compress", flat_phys, b.op("GreaterOrEqual", flat_phys, zero)), sorted=1)
+    trips = b.op("Squeeze", b.op("Shape", active), b.const([0]))  # copies used in this call
+    top_k = b.op("Shape", "topk_ids", start=1, end=2)  # (1,)
+    flat_weights = b.op("CastLike", b.op("Reshape", "topk_weights", b.const([-1])), "hidden")  # (A,)
+    # (values, float32 scales) of the stacked INT4 copies; constant-folded by ONNX Runtime
+    int4 = ((_unpack_int4(b, "w_in_q"), b.op("Cast", "w_in_scales", to=TensorProto.FLOAT)),
+            (_unpack_int4(b, "w_out_q"), b.op("Cast", "w_out_scales", to=TensorProto.FLOAT)))
+    # rows and assignment indices of every copy are collected in sequences, then scattered once
+    no_rows = b.op("SequenceConstruct", b.op("Slice", "hidden", b.const([0]), b.const([0])))  # [(0, H)]
+    no_index = b.op("SequenceConstruct", b.op("Slice", flat_phys, b.const([0]), b.const([0])))  # [(0,)]
+
+    lb = _Nodes("l_")  # loop body: one physical copy per iteration
+    p = lb.op("Gather", active, "l_iter")  # scalar physical id
+    picked = lb.op("Squeeze", lb.op("NonZero", lb.op("Equal", flat_phys, p)), lb.const([0]))  # (n,) assignments
+    xs = lb.op("Gather", "hidden", lb.op("Div", picked, top_k), axis=0, out="l_xs")  # (n, H) their tokens
+    p_slot = lb.op("Gather", slot, p, out="l_slot")
+    is_int4 = lb.op("Equal", lb.op("Gather", precision, p), one)
+    out = lb.op("If", is_int4, then_branch=_expert_branch("int4", activation, True, xs, p_slot, int4),
+                else_branch=_expert_branch("orig", activation, False, xs, p_slot, int4))  # (n, H)
+    scaled = lb.op("Mul", out, lb.op("Unsqueeze", lb.op("Gather", flat_weights, picked), lb.const([1])))
+    lb.op("SequenceInsert", "l_rows", scaled, out="l_rows_out")
+    lb.op("SequenceInsert", "l_index", picked, out="l_index_out")
+    lb.op("Identity", "l_cond", out="l_cond_out")
+    body = helper.make_graph(
+        lb.nodes, "rq_copy_loop",
+        [helper.make_tensor_value_info("l_iter", TensorProto.INT64, []),
+         helper.make_tensor_value_info("l_cond", TensorProto.BOOL, []),
+         helper.make_value_info("l_rows", onnx.TypeProto()), helper.make_value_info("l_index", onnx.TypeProto())],
+        [helper.make_tensor_value_info("l_cond_out", TensorProto.BOOL, []),
+         helper.make_value_info("l_rows_out", onnx.TypeProto()),
+         helper.make_value_info("l_index_out", onnx.TypeProto())])
+    rows, index = b.op("Loop", trips, "", no_rows, no_index, body=body, n_out=2)
+    per_slot_shape = b.op("Concat", b.op("Shape", flat_phys), b.op("Shape", "hidden", start=1), axis=0)
+    zeros = b.op("CastLike", b.op("ConstantOfShape", per_slot_shape), "hidden")  # (A, H); dropped rows stay 0
+    per_slot = b.op("ScatterND", zeros, b.op("Unsqueeze", b.op("ConcatFromSequence", index, axis=0), b.const([1])),
+                    b.op("ConcatFromSequence", rows, axis=0))  # (A, H): each assignment written once
+    y_shape = b.op("Concat", b.op("Shape", "hidden", end=1), top_k, b.op("Shape", "hidden", start=1), axis=0)
+    b.op("ReduceSum", b.op("Reshape", per_slot, y_shape), b.const([1]), keepdims=0, out="y")  # sum over k in order
+    return helper.make_function(
+        DOMAIN, OP_NAME, list(INPUTS), list(OUTPUTS), b.nodes,
+        [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)], attributes=list(ATTRIBUTES),
+        doc_string=f"rq::RQMoE reference semantics (docs/op.md, SPEC §4/§5), activation {activation}.")
+
+
+def rq_functions(activation: str, opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
+    """The model-local functions to add to a model whose ``rq::RQMoE`` nodes use ``activation``."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the RQMoE function body needs opset >= {MIN_OPSET} (INT4 DequantizeLinear), got {opset}")
+    return [_replica_map_function(opset), _moe_function(activation, opset)]
+
+
+def node_attributes(*, num_experts: int, top_k: int, activation: str, copies: list[int], precision: list[int],
+                    group_size: int) -> dict:
+    """The attributes of one ``rq::RQMoE`` node, in docs/op.md order."""
+    assert len(copies) == num_experts, f"copies must list C_e for N={num_experts} experts, got {len(copies)}"
+    assert len(precision) == sum(copies), f"precision needs one entry per physical copy ({sum(copies)})"
+    return dict(num_experts=int(num_experts), top_k=int(top_k), activation=activation,
+                copies=[int(c) for c in copies], precision=[int(p) for p in precision], group_size=int(group_size),
+                plugin_namespace=DOMAIN, plugin_version=str(VERSION))

@@ -1,0 +1,133 @@
+"""From a traced :class:`rq.export.graphs.GraphSpec` to a finished ONNX file on disk.
+
+``torch.onnx.export`` (dynamo) produces the graph with ``rq::RQMoE`` nodes; this module then, on the ONNX IR
+model (no 2 GB protobuf limit): adds the ``rq`` model-local functions (:mod:`rq.export.function`), names the
+dynamic axes, records metadata, and saves ``<name>.onnx`` + ``<name>.onnx.data`` (external data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from rq.errors import RQError
+from rq.export.function import DOMAIN, INPUTS, OP_NAME, VERSION, rq_functions
+from rq.export.graphs import GraphSpec
+
+_ONNX_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+                ir.DataType.INT32: "int32", ir.DataType.BFLOAT16: "bfloat16", ir.DataType.BOOL: "bool"}
+_BULKY_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool = True):
+    """Silence the exporter's progress prints and library warnings (they are not actionable for users)."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def trace(spec: GraphSpec, opset: int, quiet: bool = True) -> ir.Model:
+    """Run the dynamo exporter on ``spec`` and return the ONNX IR model."""
+    with _quiet(quiet), torch.no_grad():
+        try:
+            program = torch.onnx.export(spec.module, spec.args, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=spec.dynamic_shapes, input_names=spec.input_names,
+                                        output_names=spec.output_names, optimize=True, verbose=False)
+        except Exception as err:  # the exporter wraps everything; keep the first line, it names the op
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RQError(f"torch.onnx could not export the {spec.name} graph ({first}); "
+                          f"this architecture/transformers version is not exportable yet") from err
+    return program.model
+
+
+def finalize(model: ir.Model, spec: GraphSpec, opset: int, metadata: dict[str, str]) -> ir.Model:
+    """Add the ``rq`` functions, name dynamic axes, check node attributes, attach metadata (in place)."""
+    names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+    if names != (spec.input_names, spec.output_names):
+        raise RQError(f"the exported {spec.name} graph has inputs/outputs {names}, expected "
+                      f"{(spec.input_names, spec.output_names)}; the installed torch may be unsupported")
+    nodes = [n for n in model.graph.all_nodes() if n.domain == DOMAIN and n.op_type == OP_NAME]
+    if len(nodes) != len(spec.moe_layers):
+        raise RQError(f"the exported {spec.name} graph has {len(nodes)} {DOMAIN}::{OP_NAME} nodes, expected one per "
+                      f"MoE layer ({len(spec.moe_layers)})")
+    activations = {n.attributes["activation"].as_string() for n in nodes}
+    if len(activations) > 1:
+        raise RQError(f"MoE layers use different activations {sorted(activations)}; the exported function body "
+                      f"supports one activation per model")
+    for node, layer in zip(nodes, spec.moe_layers):
+        node.name = f"rq_moe_{layer}"
+    if nodes:
+        model.opset_imports[DOMAIN] = VERSION
+        for proto in rq_functions(activations.pop(), opset):
+            fn = ir.serde.deserialize_function(proto)
+            model.functions[fn.identifier()] = fn
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        dims = spec.dims.get(value.name)
+        if dims is not None and value.shape is not None and len(dims) == len(value.shape):
+            value.shape = ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in dims])
+    for node in model.graph.all_nodes():  # the exporter's per-node stack traces are most of the file
+        for key in _BULKY_NODE_METADATA:
+            node.metadata_props.pop(key, None)
+    model.producer_name, model.producer_version = "rq-export", metadata.get("rq.tool_version", "")
+    model.metadata_props.update(metadata)
+    return model
+
+
+def save(model: ir.Model, path: Path) -> None:
+    """``path`` plus ``path.name + '.data'`` holding every initializer (external data, any model size)."""
+    ir.save(model, path, external_data=path.name + ".data")
+
+
+def describe_io(path: Path) -> dict[str, list[dict]]:
+    """``{"inputs": [...], "outputs": [...]}`` with name, dtype and dims (named dims as strings)."""
+    proto = onnx.load(path, load_external_data=False)
+
+    def one(value):
+        tensor = value.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+        dtype = _ONNX_DTYPES.get(ir.DataType(tensor.elem_type), onnx.TensorProto.DataType.Name(tensor.elem_type))
+        return {"name": value.name, "dtype": dtype, "shape": dims}
+
+    return {"inputs": [one(v) for v in proto.graph.input], "outputs": [one(v) for v in proto.graph.output]}
+
+
+def rq_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every ``rq::RQMoE`` node of the main graph, in graph order."""
+    return [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME]
+
+
+def rq_node_weights(onnx_path: Path) -> dict[int, dict[str, str]]:
+    """MoE layer -> ``{op input name: initializer name}`` for the weight inputs (4..9) of each RQMoE node."""
+    proto = onnx.load(onnx_path, load_external_data=False)
+    return {int(node.name.rsplit("_", 1)[1]): dict(zip(INPUTS[4:], node.input[4:])) for node in rq_nodes(proto)}
+
+
+def external_location(onnx_path: Path, initializer: str) -> tuple[Path, int, int]:
+    """``(data file, offset, length)`` of an externally stored initializer of ``onnx_path``."""
+    proto = onnx.load(onnx_path, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        if tensor.name == initializer:
+            info = {e.key: e.value for e in tensor.external_data}
+            if "location" not in info:
+                raise ValueError(f"initializer {initializer} is stored inside {onnx_path.name}, not as external data")
+            return onnx_path.parent / info["location"], int(info.get("offset", 0)), int(info["length"])
+    raise KeyError(f"{onnx_path.name} has no initializer named {initializer}")

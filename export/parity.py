@@ -1,0 +1,249 @@
+"""``rq check build/``: ONNX Runtime vs the PyTorch R&Q reference, compared with Polygraphy (SPEC §9).
+
+- **prefill**: Polygraphy's ``OnnxrtRunner`` runs each graph on the saved seeded feeds
+  (``parity/<graph>_inputs.json``) and ``Comparator.compare_accuracy`` compares every output against the
+  saved reference ``RunResults`` (``parity/<graph>_reference.json``).
+- **streaming**: :class:`rq.export.runtime.OrtGenerator` (streaming offsets) is teacher-forced along the
+  reference's greedy tokens; its per-step logits and ``expert_counts`` are compared the same way.
+
+Tolerances: float32 ``atol 1e-4, rtol 1e-3``; float16 ``atol 2e-2, rtol 1e-2`` (an element passes when
+within either, Polygraphy's ``SimpleCompareFunc`` ``elemwise`` rule); ``expert_counts`` exactly. The result is a
+:class:`ParityReport` written to ``build/parity.json`` and printable as one screen of
+``PASSED | ...`` / ``FAILED | ...`` lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rq.errors import RQError
+from rq.export.runtime import OrtGenerator, load_manifest
+
+TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 1e-2)}
+ORT_RUNNER = "onnxrt"
+GENERATOR_RUNNER = "onnxrt-generator"
+
+
+def tolerances(dtype: str) -> dict:
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol, "rtol": rtol, "expert_counts": "exact"}
+
+
+@dataclass
+class OutputParity:
+    """One output of one phase, aggregated over its iterations (feeds or decode steps)."""
+
+    phase: str  # "prefill" or "streaming"
+    graph: str  # graph name, or "generator"
+    output: str
+    passed: bool
+    iterations: int
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    exact: bool = False
+
+    def line(self) -> str:
+        status = "PASSED" if self.passed else "FAILED"
+        if self.exact:
+            err = "exact" if self.passed else f"mismatch (max abs diff {self.max_abs:g})"
+        else:
+            err = f"max abs {self.max_abs:.3e} (atol {self.atol:g})  max rel {self.max_rel:.3e} (rtol {self.rtol:g})"
+        return f"{status} | {self.phase:<9} {self.graph:<9} {self.output:<26} x{self.iterations:<3} {err}"
+
+
+@dataclass
+class ParityReport:
+    """Result of :func:`check_export`: ``passed`` and one :class:`OutputParity` per compared output."""
+
+    build_dir: str
+    dtype: str
+    passed: bool
+    outputs: list[OutputParity] = field(default_factory=list)
+    greedy_tokens_agree: int = 0
+    greedy_tokens_total: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def failures(self) -> list[OutputParity]:
+        return [o for o in self.outputs if not o.passed]
+
+    def summary(self, max_lines: int = 20) -> str:
+        """One screen: a header, a line per output (the present.* keys/values folded into one line per
+        graph), and the verdict."""
+        atol, rtol = TOLERANCES[self.dtype]
+        lines = [f"rq check {self.build_dir}: ONNX Runtime vs PyTorch R&Q, {self.dtype} "
+                 f"(atol {atol:g}, rtol {rtol:g}; expert_counts exact)"]
+        for row in _fold_present(self.outputs)[:max_lines]:
+            lines.append(row.line())
+        hidden = len(_fold_present(self.outputs)) - max_lines
+        if hidden > 0:
+            lines.append(f"... {hidden} more outputs in parity.json")
+        if self.greedy_tokens_total:
+            lines.append(f"greedy tokens of the reference reproduced by ONNX Runtime: "
+                         f"{self.greedy_tokens_agree}/{self.greedy_tokens_total}")
+        lines.extend(self.notes)
+        n_fail = len(self.failures())
+        lines.append(("PASSED" if self.passed else "FAILED") + f" | {len(self.outputs) - n_fail}/{len(self.outputs)} "
+                     f"outputs within tolerance")
+        return "\n".join(lines)
+
+    def table(self):
+        """The same as a rich ``Table``."""
+        from rich.table import Table
+
+        atol, rtol = TOLERANCES[self.dtype]
+        table = Table(title=f"ONNX Runtime vs PyTorch R&Q ({self.dtype}: atol {atol:g}, rtol {rtol:g})")
+        for col in ("", "phase", "graph", "output", "iters", "max abs", "max rel"):
+            table.add_column(col)
+        for row in _fold_present(self.outputs):
+            status = "[green]PASSED" if row.passed else "[red]FAILED"
+            abs_err = "exact" if row.exact and row.passed else f"{row.max_abs:.2e}"
+            rel_err = "" if row.exact else f"{row.max_rel:.2e}"
+            table.add_row(status, row.phase, row.graph, row.output, str(row.iterations), abs_err, rel_err)
+        return table
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for row in out["outputs"]:  # JSON has no inf/nan
+            for key in ("max_abs", "max_rel"):
+                if not math.isfinite(row[key]):
+                    row[key] = str(row[key])
+        return out
+
+
+def _fold_present(rows: list[OutputParity]) -> list[OutputParity]:
+    """Fold the ``present.*`` rows of a graph into one ``present.* (n tensors)`` row for the summary."""
+    out, groups = [], {}
+    for row in rows:
+        if row.output.startswith("present."):
+            if (row.phase, row.graph) not in groups:
+                groups[(row.phase, row.graph)] = []
+                out.append((row.phase, row.graph))
+            groups[(row.phase, row.graph)].append(row)
+        else:
+            out.append(row)
+    folded = []
+    for item in out:
+        if isinstance(item, OutputParity):
+            folded.append(item)
+            continue
+        group = groups[item]
+        folded.append(OutputParity(item[0], item[1], f"present.* ({len(group)} tensors)", all(r.passed for r in group),
+                                   group[0].iterations, max(r.max_abs for r in group), max(r.max_rel for r in group),
+                                   group[0].atol, group[0].rtol))
+    return folded
+
+
+@contextlib.contextmanager
+def polygraphy_quiet():
+    """Polygraphy without its console log (the report prints one summary instead)."""
+    from polygraphy.logger import G_LOGGER
+
+    saved = G_LOGGER.module_severity, G_LOGGER.colors
+    G_LOGGER.module_severity, G_LOGGER.colors = G_LOGGER.CRITICAL, False
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        G_LOGGER.module_severity, G_LOGGER.colors = saved
+
+
+def _compare(reference, candidate, output_names: list[str], dtype: str, phase: str, graph: str) -> list[OutputParity]:
+    """Polygraphy comparison of two ``RunResults`` (one runner each), aggregated per output."""
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
+
+    atol, rtol = TOLERANCES[dtype]
+    exact = [n for n in output_names if n.startswith("expert_counts")]
+    atols = {"": atol, **{n: 0.0 for n in exact}}
+    rtols = {"": rtol, **{n: 0.0 for n in exact}}
+    results = RunResults()
+    results.extend(reference)
+    results.extend(candidate)
+    with polygraphy_quiet():
+        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atols, rtol=rtols,
+                                                                                        check_shapes=True))
+    iterations = list(accuracy[0].values())[0]  # one comparison (reference vs candidate): per-iteration dicts
+    rows = []
+    for name in output_names:
+        expected = sum(name in it for it in reference[0][1])  # e.g. encoder loads exist at step 0 only
+        per_iter = [it[name] for it in iterations if name in it]
+        passed = expected > 0 and len(per_iter) == expected and all(bool(r) for r in per_iter)
+        max_abs = max((r.max_absdiff for r in per_iter if r.max_absdiff is not None), default=math.inf)
+        max_rel = max((r.max_reldiff for r in per_iter if r.max_reldiff is not None), default=math.inf)
+        rows.append(OutputParity(phase, graph, name, passed, expected, float(max_abs), float(max_rel),
+                                 atols.get(name, atol), rtols.get(name, rtol), exact=name in exact))
+    return rows
+
+
+def _prefill(build_dir: Path, manifest: dict) -> list[OutputParity]:
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, RunResults
+    from polygraphy.json import load_json
+
+    rows = []
+    for graph, entry in manifest["parity"]["prefill"].items():
+        path = build_dir / manifest["graphs"][graph]["file"]
+        runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=ORT_RUNNER)
+        with polygraphy_quiet():
+            feeds = load_json(str(build_dir / entry["inputs"]))
+            reference = RunResults.load(str(build_dir / entry["reference"]))
+            ours = Comparator.run([runner], data_loader=feeds)
+        names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
+        rows.extend(_compare(reference, ours, names, manifest["dtype"], "prefill", graph))
+    return rows
+
+
+def _streaming(build_dir: Path, manifest: dict) -> tuple[list[OutputParity], int, int]:
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import load_json
+
+    entry = manifest["parity"]["streaming"]
+    with polygraphy_quiet():
+        inputs = load_json(str(build_dir / entry["inputs"]))[0]
+        reference = RunResults.load(str(build_dir / entry["reference"]))
+    generator = OrtGenerator(build_dir, streaming=True)
+    forced = np.asarray(inputs["forced_tokens"])
+    generation = generator.generate(inputs["input_ids"], inputs["attention_mask"], forced_tokens=forced)
+    steps = [IterationResult(outputs={"logits": s.logits, **s.counts_by_name()}, runtime=0.0,
+                             runner_name=GENERATOR_RUNNER) for s in generation.steps]
+    ours = RunResults()
+    ours.append((GENERATOR_RUNNER, steps))
+    ref_steps = reference[0][1]
+    names = list(dict.fromkeys(n for it in ref_steps for n in it.keys()))
+    rows = _compare(reference, ours, names, manifest["dtype"], "streaming", "generator")
+    # greedy choice of ONNX Runtime at each step vs the reference's tokens (informational)
+    greedy = np.stack([s.logits[:, -1, :].argmax(-1) for s in generation.steps[:-1]], axis=1)
+    return rows, int((greedy == forced).sum()), int(forced.size)
+
+
+def check_export(build_dir: str | Path, write: bool = True) -> ParityReport:
+    """Compare ONNX Runtime on ``build_dir`` with the saved PyTorch reference; writes ``parity.json``."""
+    build_dir = Path(build_dir)
+    manifest = load_manifest(build_dir)
+    if "parity" not in manifest:
+        raise RQError(f"{build_dir} has no parity data; re-run rq-export (it saves the reference outputs)")
+    for graph in manifest["graphs"].values():
+        if not (build_dir / graph["file"]).is_file():
+            raise RQError(f"{build_dir / graph['file']} is missing; re-run rq-export")
+    try:
+        rows = _prefill(build_dir, manifest)
+        stream_rows, agree, total = _streaming(build_dir, manifest)
+    except Exception as err:  # a corrupted file, or an ONNX Runtime that cannot run the graph
+        if isinstance(err, RQError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RQError(f"ONNX Runtime could not run {build_dir} ({first}); re-run rq-export") from err
+    rows.extend(stream_rows)
+    report = ParityReport(str(build_dir), manifest["dtype"], all(r.passed for r in rows), rows, agree, total)
+    if write:
+        (build_dir / "parity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

@@ -1,0 +1,125 @@
+"""The ``rq`` model-local functions on their own: replica mapping and RQMoE semantics vs the PyTorch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from rq import int4, replica
+from rq.export.function import ACTIVATIONS, DOMAIN, INPUTS, MAP_NAME, OP_NAME, node_attributes, rq_functions
+from rq.rq_model import RQExperts
+
+
+def _session(nodes, inputs, outputs, initializers=(), activation="silu_glu") -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "t", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+                              functions=rq_functions(activation))
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_replica_map_matches_rq_replica(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, k = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    tokens = [0, 1, 7, 33][seed % 4]
+    logcnt = torch.randint(1, 5, (n,), generator=gen)
+    offsets = torch.randint(0, 50, (n,), generator=gen)
+    ids = torch.randint(-1, n + 1, (tokens, k), generator=gen)  # -1 and n are dropped assignments
+    node = helper.make_node(MAP_NAME, ["ids", "offsets"], ["phys", "counts"], domain=DOMAIN, num_experts=n,
+                            copies=logcnt.tolist())
+    sess = _session([node], [helper.make_tensor_value_info("ids", TensorProto.INT64, ["T", k]),
+                             helper.make_tensor_value_info("offsets", TensorProto.INT64, [n])],
+                    [helper.make_tensor_value_info("phys", TensorProto.INT64, ["T", k]),
+                     helper.make_tensor_value_info("counts", TensorProto.INT64, [n])])
+    phys, counts = sess.run(None, {"ids": ids.numpy(), "offsets": offsets.numpy()})
+    np.testing.assert_array_equal(phys, replica.physical_ids(ids, logcnt, offsets).numpy())
+    np.testing.assert_array_equal(counts, replica.expert_counts(ids, n).numpy())
+
+
+def _random_experts(activation: str, seed: int, num_experts=6, hidden=64, inter=64, group=64) -> RQExperts:
+    gen = torch.Generator().manual_seed(seed)
+    i_in = 2 * inter if activation.endswith("_glu") else inter
+    logcnt = torch.tensor([1, 3, 2, 1, 1, 2][:num_experts])
+    precision = torch.randint(0, 2, (int(logcnt.sum()),), generator=gen)
+    precision[0], precision[1] = 0, 1  # both classes present
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    n_orig, n_q = int((precision == 0).sum()), int(precision.sum())
+    q_in = [int4.quantize(weight(i_in, hidden), group) for _ in range(n_q)]
+    q_out = [int4.quantize(weight(hidden, inter), group) for _ in range(n_q)]
+    return RQExperts(num_experts=num_experts, top_k=2, activation=activation, group_size=group, logcnt=logcnt,
+                     precision=precision, w_in=weight(n_orig, i_in, hidden), w_out=weight(n_orig, hidden, inter),
+                     w_in_q=torch.stack([q.packed for q in q_in]), w_in_scales=torch.stack([q.scales for q in q_in]),
+                     w_out_q=torch.stack([q.packed for q in q_out]),
+                     w_out_scales=torch.stack([q.scales for q in q_out]))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype, ids_dtype", [(torch.float32, torch.int64), (torch.float16, torch.int32)])
+def test_rqmoe_function_matches_rq_experts(activation, dtype, ids_dtype):
+    experts = _random_experts(activation, seed=ACTIVATIONS.index(activation))
+    n, tokens = experts.num_experts, 29
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(tokens, 64, generator=gen).to(dtype)
+    ids = torch.randint(0, n, (tokens, 2), generator=gen)
+    ids[3, 1], ids[5, 0] = -1, n + 2  # dropped assignments
+    weights = torch.rand(tokens, 2, generator=gen).to(dtype)
+    offsets = torch.tensor([0, 5, 1, 0, 3, 7])
+    experts.w_in, experts.w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+    experts.mode = "streaming"
+    experts.offsets.copy_(offsets)
+    expected = experts(hidden, ids, weights).to(torch.float32).numpy()
+
+    onnx_float = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
+    onnx_ids = TensorProto.INT64 if ids_dtype == torch.int64 else TensorProto.INT32
+    node = helper.make_node(OP_NAME, list(INPUTS), ["y", "expert_counts"], domain=DOMAIN, **node_attributes(
+        num_experts=n, top_k=2, activation=activation, copies=experts.logcnt.tolist(),
+        precision=experts.precision.tolist(), group_size=64))
+    weights_init = [numpy_helper.from_array(getattr(experts, name).numpy(), name) for name in INPUTS[4:]]
+    sess = _session([node], [helper.make_tensor_value_info("hidden", onnx_float, ["T", 64]),
+                             helper.make_tensor_value_info("topk_ids", onnx_ids, ["T", 2]),
+                             helper.make_tensor_value_info("topk_weights", onnx_float, ["T", 2]),
+                             helper.make_tensor_value_info("offsets", TensorProto.INT64, [n])],
+                    [helper.make_tensor_value_info("y", onnx_float, ["T", 64]),
+                     helper.make_tensor_value_info("expert_counts", TensorProto.INT64, [n])],
+                    weights_init, activation)
+    feed = {"hidden": hidden.numpy(), "topk_ids": ids.to(ids_dtype).numpy(), "topk_weights": weights.numpy(),
+            "offsets": offsets.numpy()}
+    y, counts = sess.run(None, feed)
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    np.testing.assert_allclose(y.astype(np.float32), expected, atol=atol, rtol=1e-3 if atol < 1e-3 else 1e-2)
+    np.testing.assert_array_equal(counts, experts.last_counts.numpy())
+    # no tokens at all: zero rows, zero loads
+    empty = {k: (v[:0] if k != "offsets" else v) for k, v in feed.items()}
+    y0, c0 = sess.run(None, empty)
+    assert y0.shape == (0, 64) and not c0.any()
+
+
+def test_functions_are_valid_onnx():
+    functions = rq_functions("silu_glu")
+    assert [(f.domain, f.name) for f in functions] == [(DOMAIN, MAP_NAME), (DOMAIN, OP_NAME)]
+    moe = functions[1]
+    assert list(moe.input) == list(INPUTS) and list(moe.output) == ["y", "expert_counts"]
+    assert {"plugin_namespace", "plugin_version", "copies", "precision", "group_size"} <= set(moe.attribute)
+    ops = {n.op_type for n in moe.node}
+    assert {"Loop", MAP_NAME} <= ops
+    body = onnx.helper.get_node_attr_value(next(n for n in moe.node if n.op_type == "Loop"), "body")
+    branch = next(n for n in body.node if n.op_type == "If")
+    then_nodes = onnx.helper.get_node_attr_value(branch, "then_branch").node
+    dequantize = [n for n in then_nodes if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 2, "INT4 copies go through blocked DequantizeLinear (w_in and w_out)"
+    assert all(any(a.name == "block_size" and a.ref_attr_name == "group_size" for a in n.attribute)
+               for n in dequantize)
+    casts_to_int4 = [n for n in then_nodes if n.op_type == "Cast"
+                     and onnx.helper.get_node_attr_value(n, "to") == onnx.TensorProto.INT4]
+    assert len(casts_to_int4) == 2, "DequantizeLinear reads INT4 data"
+    with pytest.raises(ValueError, match="opset >= 21"):
+        rq_functions("silu_glu", opset=18)

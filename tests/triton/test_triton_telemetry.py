@@ -1,0 +1,102 @@
+"""The Triton models' load telemetry (engines/triton_models/rq_telemetry.py) without a server.
+
+Per-copy loads from ``(expert_counts, offsets)`` must equal the replica rule applied assignment by assignment
+(``rq.replica.assign_copies``), and the LIS gauges must follow SPEC §2 (no instantaneous LIS for calls with
+fewer assignments than units, none for empty layers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import torch
+
+from rq.engines.triton import TEMPLATES
+from rq.lis import lis_value
+from rq.replica import assign_copies, phys_base
+
+
+def _telemetry():
+    spec = importlib.util.spec_from_file_location("rq_telemetry", TEMPLATES / "rq_telemetry.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Metric:
+    def __init__(self):
+        self.value, self.sets, self.increments = 0.0, 0, 0
+
+    def increment(self, v):
+        self.value += v
+        self.increments += 1
+
+    def set(self, v):
+        self.value = v
+        self.sets += 1
+
+
+class _Family:
+    COUNTER, GAUGE = "counter", "gauge"
+    registry: dict = {}
+
+    def __init__(self, name, description, kind):
+        self.name = name
+
+    def Metric(self, labels):  # noqa: N802 - pb_utils' name
+        return _Family.registry.setdefault((self.name, tuple(sorted(labels.items()))), _Metric())
+
+
+class _PbUtils:
+    MetricFamily = _Family
+
+
+def test_copy_loads_follow_the_replica_rule():
+    tel = _telemetry()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, k, t = 6, 2, int(torch.randint(1, 40, (1,), generator=gen))
+        logcnt = torch.randint(1, 5, (n,), generator=gen)
+        offsets = torch.randint(0, 30, (n,), generator=gen)
+        ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(t)])
+        copies = assign_copies(ids, logcnt, offsets)
+        phys = (phys_base(logcnt)[ids] + copies).reshape(-1)
+        expected = torch.bincount(phys, minlength=int(logcnt.sum())).numpy()
+        counts = torch.bincount(ids.reshape(-1), minlength=n).numpy()
+        np.testing.assert_array_equal(tel.copy_loads(counts, offsets.numpy(), logcnt.numpy()), expected)
+
+
+def test_lis_gauges_and_counters():
+    tel = _telemetry()
+    _Family.registry = {}
+    layers = [{"index": 0, "copies": [2, 1, 1]}, {"index": 1, "copies": [1, 1, 1]}]
+    t = tel.LoadTelemetry(_PbUtils, "generate", "generate_0_0", layers, window=2, flush_every=100)
+
+    def metric(name, **labels):
+        return _Family.registry[(name, tuple(sorted({"model": "generate", **labels}.items())))]
+
+    # a big call: 8 assignments >= 4 copies and >= 3 experts -> instantaneous LIS set
+    t.record({0: np.array([4, 2, 2]), 1: np.array([0, 0, 0])}, {0: np.array([1, 0, 0]), 1: np.zeros(3, np.int64)})
+    inst = metric("rq_moe_lis", instance="generate_0_0", layer="0", units="copies", scope="instantaneous")
+    assert math.isclose(inst.value, lis_value(torch.tensor([2, 2, 2, 2])))  # 4 over 2 copies: balanced
+    experts = metric("rq_moe_lis", instance="generate_0_0", layer="0", units="experts", scope="instantaneous")
+    assert math.isclose(experts.value, lis_value(torch.tensor([4, 2, 2])))
+    # layer 1 had no load: no LIS at all (never 0 or 1)
+    assert metric("rq_moe_lis", instance="generate_0_0", layer="1", units="copies", scope="instantaneous").sets == 0
+    # a decode step of one token (K = 2): fewer assignments than units -> counted apart, gauge untouched
+    t.record({0: np.array([1, 1, 0])}, {0: np.array([5, 2, 2])})
+    assert inst.sets == 1
+    t.flush()
+    assert metric("rq_moe_unbalanceable_calls_total", layer="0", units="copies").value == 1
+    assert metric("rq_moe_unbalanceable_calls_total", layer="0", units="experts").value == 1
+    loads = [metric("rq_moe_expert_load_total", layer="0", expert=str(e), copy=str(c)).value
+             for e, c in [(0, 0), (0, 1), (1, 0), (2, 0)]]
+    # call 1: expert 0 offset 1 -> copies 1,0,1,0; call 2: expert 0 offset 5 -> copy 1
+    assert loads == [2, 3, 3, 2]
+    cumulative = metric("rq_moe_lis", instance="generate_0_0", layer="0", units="copies", scope="cumulative")
+    assert math.isclose(cumulative.value, lis_value(torch.tensor(loads)))
+    window = metric("rq_moe_lis", instance="generate_0_0", layer="0", units="copies", scope="window")
+    assert math.isclose(window.value, cumulative.value)  # both calls are in the window of 2
+    assert metric("rq_moe_calls_total").value == 2
