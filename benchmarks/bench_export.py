@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rq
 from rq.adapters import load_model
 from rq.calibrate import calibrate
 from rq.data import TokenData

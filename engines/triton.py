@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from rq.atomic import staged_dir
 from rq.errors import RQError
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
@@ -305,8 +306,7 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
     runtime_source = _runtime_source()
 
     repo_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=repo_dir.parent, prefix=f".{repo_dir.name}.tmp-"))
-    try:
+    with staged_dir(repo_dir) as tmp:
         # the export: once, in the version folder of the decoder's ONNX model
         home = tmp / build_rel
         for name in payload:
@@ -358,12 +358,6 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp is 0700: make the repository readable in containers
             if path.is_dir():
                 path.chmod(0o755)
-        if repo_dir.exists():
-            shutil.rmtree(repo_dir)
-        os.replace(tmp, repo_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return repo_dir
 
 

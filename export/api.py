@@ -6,22 +6,19 @@ failure never leaves a half-written export behind.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from rq import __version__
 from rq.adapters import load_model
+from rq.atomic import staged_dir
 from rq.data import load_tokenizer
 from rq.errors import RQError
 from rq.export import function, graphs, onnx_file, reference
@@ -59,21 +56,6 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise RQError(f"{out_dir} exists and is not a folder; pass another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise RQError(f"{out_dir} already exists and is not empty; pass --force to replace it or choose another --out")
-
-
-@contextlib.contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces ``out_dir`` when the block succeeds and is removed otherwise."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -196,7 +178,7 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     rq_layers = apply_plan(model, adapter, plan)  # quantizes from the float32 weights the plan was made on
     _to_dtype(model, rq_layers, dtype)
 
-    with _staging(out_dir) as tmp, progress_bar("exporting", total=3, enabled=show_progress) as advance:
+    with staged_dir(out_dir) as tmp, progress_bar("exporting", total=3, enabled=show_progress) as advance:
         kv = graphs.kv_specs(model, adapter.encoder_decoder)
         with graphs.export_experts(model) as wrappers:
             specs = graphs.graph_specs(model, wrappers, [layer.path for layer in moe], adapter.encoder_decoder,
@@ -233,7 +215,7 @@ def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool =
     except (ValueError, AttributeError) as err:
         raise RQError(f"{model.config.model_type} has no exportable experts implementation ({err})") from None
     _to_dtype(model, [], dtype)
-    with _staging(out_dir) as tmp, progress_bar("exporting", total=2, enabled=show_progress) as advance:
+    with staged_dir(out_dir) as tmp, progress_bar("exporting", total=2, enabled=show_progress) as advance:
         kv = graphs.kv_specs(model, False)
         specs = graphs.graph_specs(model, [], [], False, DTYPES[dtype])
         manifest = _manifest(model, adapter, specs, kv, [], [], dtype, opset, tokenizer)

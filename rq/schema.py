@@ -7,14 +7,15 @@ naming the field, and a ``format``/``version`` pair so future versions are refus
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rq.atomic import atomic_write_text
 from rq.errors import RQError
+
+__all__ = ["atomic_write_text", "load_plan", "save_plan"]
 
 PLAN_VERSION = 1
 STATS_VERSION = 1
@@ -130,20 +131,6 @@ class StatsMeta(_Strict):
     calibration: CalibrationInfo
     group_size: Literal[64, 128]
     layers: list[dict[str, str | int | bool | list[int]]]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, then rename: no half-written file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_plan(plan: Plan, path: Path) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from rq import __version__
+from rq.atomic import staged_dir
 from rq.errors import RQError
 from rq.schema import STATS_VERSION, CalibrationInfo, ModelInfo, StatsMeta
 
@@ -56,7 +55,7 @@ class CalibrationStats:
     layers: list[LayerStats]
 
     def save(self, out_dir: str | Path) -> None:
-        """Write both files into a temp folder, then move them in: no partial output on failure."""
+        """Write both files into a temp folder that then replaces ``out_dir``: no partial output on failure."""
         out_dir = Path(out_dir)
         meta = StatsMeta(
             version=STATS_VERSION, tool_version=__version__, created=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -68,16 +67,9 @@ class CalibrationStats:
         )
         tensors = {f"layer{s.index}.{m}": getattr(s, m).to(torch.float64).contiguous()
                    for s in self.layers for m in METRICS}
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        try:
+        with staged_dir(out_dir) as tmp:
             (tmp / "stats.json").write_text(meta.model_dump_json(indent=2) + "\n")
             save_file(tensors, str(tmp / "stats.safetensors"))
-            out_dir.mkdir(exist_ok=True)
-            for name in ("stats.json", "stats.safetensors"):
-                (tmp / name).replace(out_dir / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
     def load(stats_dir: str | Path) -> "CalibrationStats":

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rq
 
 
 from rq.adapters import load_model
