@@ -25,21 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/bench_triton.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_JSON = REPO / ".pytest_cache" / "d" / "rq-triton" / "load.json"
-PROMPTS = [
-    "def forward(self, hidden_states):",
-    "The quick brown fox",
-    "Mixture of experts models route tokens",
-    "import torch\nfor i in range(10):",
-    "print(i * 2)",
-    "return self.experts(x)",
-    "The lazy dog jumps over",
-    "tokens to experts.",
-]
 HEADER = ("| concurrency | requests | errors | mismatches | p50 ms | p90 ms | p99 ms | first token p50/p99 ms "
           "| req/s | tok/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
@@ -88,12 +76,12 @@ def make_build(root: Path, model: str | None, data: str | None) -> Path:
 
 def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, instances: int, threads: int,
         label: str) -> list[dict]:
-    from rq.engines.triton import TritonServer, run_load, write_model_repository
+    from rq.engines.triton import SMOKE_PROMPTS, TritonServer, run_load, write_model_repository
     from rq.export.runtime import OrtGenerator
 
     offline = OrtGenerator(build, intra_op_num_threads=1)
     cases = []
-    for prompt in PROMPTS:
+    for prompt in SMOKE_PROMPTS:
         offline.reset()
         ids = offline.tokenizer.encode(prompt).ids
         cases.append((prompt, max_tokens, offline.generate([ids], max_new_tokens=max_tokens).tokens[0].tolist()))

@@ -237,6 +237,18 @@ def _check_repo_dir(repo_dir: Path, force: bool) -> None:
         raise RQError(f"{repo_dir} already exists and is not empty; pass --force to replace it or choose another --out")
 
 
+SMOKE_PROMPTS = [  # short mixed code/prose prompts for live checks and the load benchmark
+    "def forward(self, hidden_states):",
+    "The quick brown fox",
+    "Mixture of experts models route tokens",
+    "import torch\nfor i in range(10):",
+    "print(i * 2)",
+    "return self.experts(x)",
+    "The lazy dog jumps over",
+    "tokens to experts.",
+]
+
+
 def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force: bool = False,
                            engine_plan: str | Path | None = None, plugin_lib: str | Path | None = None,
                            instances: int = 1, intra_op_threads: int = 0,

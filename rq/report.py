@@ -6,60 +6,60 @@ from rich.console import Console
 from rich.table import Table
 
 from rq.evaluate import EvalReport
-from rq.lis import fmt
+from rq.lis import fmt, model_lis
 from rq.schema import Plan
 
 
 def plan_table(plan: Plan) -> Table:
     table = Table(title=f"R&Q plan ({plan.importance_metric} importance, budget {plan.budget.budget_factor:g}x)")
-    for col in ("layer", "module", "INT4 primaries", "replicas", "copies", "LIS before", "LIS after (pred.)",
-                "bytes vs original"):
+    for col in ("layer", "module", "INT4 primaries", "replicas", "copies", "LIS before", "LIS after (pred.)"):
         table.add_column(col, justify="right" if col != "module" else "left")
     for layer in plan.layers:
-        reference = None
         table.add_row(str(layer.layer), layer.module, str(sum(e.precision == "int4" for e in layer.experts)),
                       str(sum(e.replicas for e in layer.experts)), str(sum(layer.logcnt)),
                       fmt(layer.lis_before if layer.lis_before is not None else float("nan")),
-                      fmt(layer.lis_after if layer.lis_after is not None else float("nan")), reference or "")
+                      fmt(layer.lis_after if layer.lis_after is not None else float("nan")))
     table.caption = (f"planned {plan.budget.planned_bytes:,} B of {plan.budget.reference_bytes:,} B reference "
                      f"({plan.budget.planned_bytes / plan.budget.reference_bytes:.3f}x)")
     return table
 
 
-def lis_table(report: EvalReport, title: str = "Load-Imbalance Score (LIS) before -> after R&Q") -> Table:
+def _arrow(before: float, after: float) -> str:
+    return f"{fmt(before)} -> {fmt(after)}"
+
+
+def lis_by_batch(report: EvalReport, title: str) -> Table:
+    table = Table(title=title, caption="model LIS = mean over MoE layers; inst. = per call (batch or decode step)")
+    for col in ("setting", "cumulative", "reduction", "inst. mean", "inst. p95", "worst layer (cum.)"):
+        table.add_column(col, justify="right")
+    rows = [(f"batch {b} seq", pts) for b, pts in sorted(report.batch.items())]
+    if report.streaming is not None:
+        rows.append((f"streaming, {report.stream_batch} seqs", report.streaming))
+    for label, points in rows:
+        mb, wb, ma, wa = report.model_point(points)
+        inst_b = model_lis([p.inst_before.mean for p in points])[0]
+        inst_a = model_lis([p.inst_after.mean for p in points])[0]
+        p95_b = model_lis([p.inst_before.p95 for p in points])[0]
+        p95_a = model_lis([p.inst_after.p95 for p in points])[0]
+        table.add_row(label, _arrow(mb, ma), f"{mb / ma:.2f}x" if ma == ma and ma else "n/a",
+                      _arrow(inst_b, inst_a), _arrow(p95_b, p95_a), _arrow(wb, wa))
+    skipped = sum(p.inst_after.unbalanceable for p in report.streaming or [])
+    if skipped:
+        table.caption += (f"; {skipped} streaming layer-steps had fewer assignments than copies (T*K < U): "
+                          f"left out of the instantaneous statistics (n/a when all are)")
+    return table
+
+
+def per_layer(report: EvalReport, title: str) -> Table:
     table = Table(title=title)
-    table.add_column("layer", justify="left")
-    sizes = sorted(report.batch)
-    for b in sizes:
-        table.add_column(f"B={b} cum.", justify="right")
-        table.add_column(f"B={b} inst. mean/max", justify="right")
-    if report.streaming is not None:
-        table.add_column(f"stream B={report.stream_batch} cum.", justify="right")
-        table.add_column("stream inst. mean/p95", justify="right")
-    rows = [(name, [report.batch[b][i] for b in sizes], report.streaming[i] if report.streaming else None)
-            for i, name in enumerate(report.layers)]
-    for name, points, stream in rows:
-        cells = []
-        for p in points:
-            cells += [f"{fmt(p.before)} -> {fmt(p.after)}",
-                      f"{fmt(p.inst_before.mean)}/{fmt(p.inst_before.max)} -> {fmt(p.inst_after.mean)}/{fmt(p.inst_after.max)}"]
-        if report.streaming is not None:
-            cells += [f"{fmt(stream.before)} -> {fmt(stream.after)}",
-                      f"{fmt(stream.inst_before.mean)}/{fmt(stream.inst_before.p95)} -> "
-                      f"{fmt(stream.inst_after.mean)}/{fmt(stream.inst_after.p95)}"]
-        table.add_row(name, *cells)
-    model_cells = []
-    for b in sizes:
-        mb, wb, ma, wa = report.model_point(report.batch[b])
-        model_cells += [f"{fmt(mb)} -> {fmt(ma)}", f"worst {fmt(wb)} -> {fmt(wa)}"]
-    if report.streaming is not None:
-        mb, wb, ma, wa = report.model_point(report.streaming)
-        model_cells += [f"{fmt(mb)} -> {fmt(ma)}", f"worst {fmt(wb)} -> {fmt(wa)}"]
-    table.add_row("[bold]model (mean over layers)", *model_cells, end_section=True)
-    unbalanceable = sum(p.inst_after.unbalanceable for p in (report.streaming or []))
-    if unbalanceable:
-        table.caption = (f"{unbalanceable} streaming layer-steps had fewer assignments than copies (T*K < U) and are "
-                         f"left out of the instantaneous statistics")
+    largest = max(report.batch)
+    for col in ("layer", f"batch {largest}: cum. LIS", "inst. mean", "streaming cum.", "streaming inst. mean"):
+        table.add_column(col, justify="right")
+    for i, name in enumerate(report.layers):
+        p = report.batch[largest][i]
+        s = report.streaming[i] if report.streaming else None
+        table.add_row(name, _arrow(p.before, p.after), _arrow(p.inst_before.mean, p.inst_after.mean),
+                      _arrow(s.before, s.after) if s else "", _arrow(s.inst_before.mean, s.inst_after.mean) if s else "")
     return table
 
 
@@ -80,5 +80,6 @@ def accuracy_table(report: EvalReport) -> Table:
 
 def print_eval(report: EvalReport, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(lis_table(report))
+    console.print(lis_by_batch(report, "Load-Imbalance Score (LIS) before -> after R&Q"))
+    console.print(per_layer(report, "Per-layer LIS"))
     console.print(accuracy_table(report))

@@ -5,42 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from rq.evaluate import EvalReport
-from rq.lis import fmt, model_lis
-
-
-def _arrow(before: float, after: float) -> str:
-    return f"{fmt(before)} -> {fmt(after)}"
-
-
-def lis_by_batch(report: EvalReport, title: str) -> Table:
-    table = Table(title=title, caption="model LIS = mean over MoE layers; inst. = per call (batch or decode step)")
-    for col in ("setting", "cumulative", "reduction", "inst. mean", "inst. p95", "worst layer (cum.)"):
-        table.add_column(col, justify="right")
-    rows = [(f"batch {b} seq", pts) for b, pts in sorted(report.batch.items())]
-    if report.streaming is not None:
-        rows.append((f"streaming, {report.stream_batch} seqs", report.streaming))
-    for label, points in rows:
-        mb, wb, ma, wa = report.model_point(points)
-        inst_b = model_lis([p.inst_before.mean for p in points])[0]
-        inst_a = model_lis([p.inst_after.mean for p in points])[0]
-        p95_b = model_lis([p.inst_before.p95 for p in points])[0]
-        p95_a = model_lis([p.inst_after.p95 for p in points])[0]
-        table.add_row(label, _arrow(mb, ma), f"{mb / ma:.2f}x" if ma == ma and ma else "n/a",
-                      _arrow(inst_b, inst_a), _arrow(p95_b, p95_a), _arrow(wb, wa))
-    return table
-
-
-def per_layer(report: EvalReport, title: str) -> Table:
-    table = Table(title=title)
-    largest = max(report.batch)
-    for col in ("layer", f"batch {largest}: cum. LIS", "inst. mean", "streaming cum.", "streaming inst. mean"):
-        table.add_column(col, justify="right")
-    for i, name in enumerate(report.layers):
-        p = report.batch[largest][i]
-        s = report.streaming[i] if report.streaming else None
-        table.add_row(name, _arrow(p.before, p.after), _arrow(p.inst_before.mean, p.inst_after.mean),
-                      _arrow(s.before, s.after) if s else "", _arrow(s.inst_before.mean, s.inst_after.mean) if s else "")
-    return table
+from rq.report import _arrow, lis_by_batch, per_layer
 
 
 def domains(reports: dict[str, EvalReport]) -> Table:

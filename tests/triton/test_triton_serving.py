@@ -21,23 +21,14 @@ import numpy as np
 import onnx
 import pytest
 
-from rq.engines.triton import (FORWARD_MODEL, GENERATE, ONNX_MODEL, TRT_MODEL, generate_inputs, run_load,
+from rq.engines.triton import (FORWARD_MODEL, GENERATE, ONNX_MODEL, SMOKE_PROMPTS, TRT_MODEL, generate_inputs, run_load,
                                scrape_metrics, stream_generate, validate_model_config, write_model_repository)
 from rq.errors import RQError
 
 if importlib.util.find_spec("pytest_timeout") is not None:  # the dev extra installs it
     pytestmark = pytest.mark.timeout(600)
 
-PROMPTS = [
-    "def forward(self, hidden_states):",
-    "The quick brown fox",
-    "Mixture of experts models route tokens",
-    "import torch\nfor i in range(10):",
-    "print(i * 2)",
-    "return self.experts(x)",
-    "The lazy dog jumps over",
-    "tokens to experts.",
-]
+PROMPTS = SMOKE_PROMPTS
 MAX_TOKENS = 8
 LOAD_REQUESTS, LOAD_CONCURRENCY = 500, 16
 
