@@ -9,14 +9,14 @@ precision; ``b`` = budget factor; ``B_orig`` / ``B_int4`` = bytes of one expert 
   the reference: ``floor((b - 1) * R / B_orig)`` replicas (none at ``b <= 1``), placed by
   :func:`eplb_logcnt`. A second variant gets as many replicas as R&Q placed (equal *copies*); its memory
   is then reported, which is what replication without quantization costs for the same balance.
-* **R&Q by importance metric** -- :func:`rq.planner.make_plan` with ``importance`` in
+* **R&Q by importance metric** -- :func:`rq.plan.planner.make_plan` with ``importance`` in
   ``frequency | gate_mass | contribution | quant_sensitivity``. All INT4 copies of a layer have the same
   size, so the metric changes only *which* experts are INT4, never how many nor the replicas: equal
   memory and equal LIS by construction; only accuracy differs (the paper's finding ii).
 * **random** -- per layer exactly as many INT4 primaries and replicas as the R&Q plan (hence equal bytes),
   but the INT4 experts and the replicated experts are drawn uniformly at random (seeded).
 
-Vocabulary follows :mod:`rq.replica` (DeepSeek EPLB names): ``logcnt [N]`` copies per logical expert.
+Vocabulary follows :mod:`rq.core.replica` (DeepSeek EPLB names): ``logcnt [N]`` copies per logical expert.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import math
 
 import torch
 
-from rq.planner import expert_int4_bytes
-from rq.schema import BudgetInfo, Plan
-from rq.stats import CalibrationStats, LayerStats
+from rq.plan.planner import expert_int4_bytes
+from rq.plan.schema import BudgetInfo, Plan
+from rq.calibrate.stats import CalibrationStats, LayerStats
 
 
 def eplb_logcnt(load: torch.Tensor, num_replicas: int, max_copies: int | None = None) -> torch.Tensor:

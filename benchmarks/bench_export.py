@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 import rq
-from rq.adapters import load_model
-from rq.calibrate import calibrate
-from rq.data import TokenData
+from rq.models.adapters import load_model
+from rq.calibrate.accumulate import calibrate
+from rq.calibrate.data import TokenData
 from rq.export.api import export_baseline, export_model
 from rq.export.runtime import OrtGenerator, position_ids_from_mask
-from rq.planner import PlanOptions, make_plan
-from rq.rq_model import apply_plan, set_mode
-from rq.schema import load_plan, save_plan
+from rq.plan.planner import PlanOptions, make_plan
+from rq.rqmodel.model import apply_plan, set_mode
+from rq.plan.schema import load_plan, save_plan
 
 DEMO = Path(rq.__file__).parent / "demo" / "checkpoint"
 
@@ -38,7 +38,7 @@ def synthetic_model(out: Path) -> Path:
     """A random-weight Mixtral big enough for timings to mean something (hidden 256, 8 experts of 512)."""
     from transformers import AutoModelForCausalLM
 
-    from rq.tiny import tiny_config, tiny_tokenizer
+    from rq.testing.tiny import tiny_config, tiny_tokenizer
 
     config = tiny_config("mixtral")
     config.update(dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                        args.threads, args.repeats),
             "ONNX Runtime, original (no R&Q)": lambda: bench_ort(base_build.out_dir, ids, args.new_tokens,
                                                                  args.threads, args.repeats),
-            "PyTorch eager, R&Q (rq.rq_model)": lambda: bench_torch(model, ids, args.new_tokens, args.repeats),
+            "PyTorch eager, R&Q (rq.rqmodel.model)": lambda: bench_torch(model, ids, args.new_tokens, args.repeats),
             "PyTorch eager, original": lambda: bench_torch(original_model, ids, args.new_tokens, args.repeats),
         }
         for name, run in engines.items():

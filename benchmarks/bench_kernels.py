@@ -54,7 +54,7 @@ def bench_grouped_gemm(name: str, peak: float, quick: bool) -> None:
     import triton.testing
 
     from rq.kernels import dispatch, gemm, moe
-    from rq.kernels.reference import activation_code
+    from rq.core.op import activation_code
 
     hidden, inter, experts, top_k = SHAPES[name]
     q = int4_layer(hidden, inter, experts)

@@ -11,9 +11,9 @@ Measured on held-out data of the calibration domain (``heldout_code``) and of an
 3. calibration-set size: stability of loads, importance and the plan, and LIS on both domains.
 
 How each number is obtained: every R&Q-type plan is applied to a fresh copy of the model
-(:func:`rq.rq_model.apply_plan`) and run on the evaluation sequences; its own routing (which INT4 experts
-can perturb) is recorded and the replica rule maps it to copies (:func:`rq.evaluate.batch_lis`, offsets 0;
-streaming: :func:`rq.evaluate.streaming_lis`, offsets rotating). Replicate-only keeps every copy at
+(:func:`rq.rqmodel.model.apply_plan`) and run on the evaluation sequences; its own routing (which INT4 experts
+can perturb) is recorded and the replica rule maps it to copies (:func:`rq.eval.evaluate.batch_lis`, offsets 0;
+streaming: :func:`rq.eval.evaluate.streaming_lis`, offsets rotating). Replicate-only keeps every copy at
 original precision, so its routing and outputs are the original model's: its LIS is the replica rule on
 the original routing with EPLB's copy counts, its accuracy change is 0 by construction.
 Batch size is in sequences of ``seq_len`` tokens, batches are consecutive groups of the (seeded, shuffled)
@@ -31,18 +31,18 @@ import torch
 
 from benchmarks.baselines import (eplb_logcnt, equal_memory_replicas, memory_factor, plan_counts, random_plan,
                                   sum_stats, with_bytes_per_param)
-from rq.adapters import load_model
-from rq.calibrate import calibrate, record_calls
-from rq.data import batches, load_tokenizer, tokenize_sequences, TokenData
+from rq.models.adapters import load_model
+from rq.calibrate.accumulate import calibrate, record_calls
+from rq.calibrate.data import batches, load_tokenizer, tokenize_sequences, TokenData
 from rq.demo.corpus import load_split
 from rq.demo.pipeline import spearman
 from rq.errors import RQError
-from rq.evaluate import LISPoint, group_calls, sequence_loads, streaming_lis
-from rq.lis import InstantSummary, lis_value, model_lis
-from rq.planner import PlanOptions, expert_int4_bytes, make_plan
-from rq.replica import copy_loads, expert_counts, split_load
-from rq.rq_model import apply_plan
-from rq.stats import IMPORTANCE_METRICS, CalibrationStats
+from rq.eval.evaluate import LISPoint, group_calls, sequence_loads, streaming_lis
+from rq.core.lis import InstantSummary, lis_value, model_lis
+from rq.plan.planner import PlanOptions, expert_int4_bytes, make_plan
+from rq.core.replica import copy_loads, expert_counts, split_load
+from rq.rqmodel.model import apply_plan
+from rq.calibrate.stats import IMPORTANCE_METRICS, CalibrationStats
 
 DOMAINS = ("heldout_code", "heldout_prose")
 
@@ -215,7 +215,7 @@ def sampling_floor(assignments: int, units: list[int], trials: int = 200, seed: 
 def batch_points(before_counts: list[torch.Tensor], after_counts: list[torch.Tensor], logcnts: list[torch.Tensor],
                  batch_size: int) -> dict:
     """Model LIS summary when the evaluation sequences run ``batch_size`` at a time (per layer the same
-    :class:`rq.evaluate.LISPoint` as :func:`rq.evaluate.batch_lis`, from per-sequence loads)."""
+    :class:`rq.eval.evaluate.LISPoint` as :func:`rq.eval.evaluate.batch_lis`, from per-sequence loads)."""
     points = []
     for before, after, logcnt in zip(before_counts, after_counts, logcnts):
         pre = group_calls(before, batch_size)

@@ -6,7 +6,7 @@ loads and on held-out loads the placement was not fitted to.
     python benchmarks/bench_placement.py --demo-stats S --demo-heldout H   # plus the demo model's stats
     python benchmarks/bench_placement.py --plots DIR     # also write rq place's per-layer PNGs
 
-Synthetic loads: :func:`rq.synthetic.synthetic_stats` (seeded Zipf skew; held-out = same popularity ranking
+Synthetic loads: :func:`rq.testing.synthetic.synthetic_stats` (seeded Zipf skew; held-out = same popularity ranking
 with log-normal drift 0.25 and fresh sampling). The demo model (rq/demo) is calibrated on its committed
 calibration split and judged on heldout_code when its checkpoint exists and no stats are passed.
 Prints markdown tables; ``--json FILE`` also writes every number.
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from rq.lis import fmt
-from rq.placement_cli import METHOD_LABELS, METHODS, byte_unit, place_command
-from rq.planner import PlanOptions, make_plan
-from rq.schema import save_plan
-from rq.stats import CalibrationStats
-from rq.synthetic import synthetic_stats
+from rq.core.lis import fmt
+from rq.placement.run import METHOD_LABELS, METHODS, byte_unit, place_command
+from rq.plan.planner import PlanOptions, make_plan
+from rq.plan.schema import save_plan
+from rq.calibrate.stats import CalibrationStats
+from rq.testing.synthetic import synthetic_stats
 
 
 def run_case(name: str, stats: CalibrationStats, heldout: CalibrationStats | None, root: Path, *, devices: int,
@@ -91,9 +91,9 @@ def demo_stats(max_sequences: int) -> tuple[CalibrationStats, CalibrationStats] 
     ckpt = corpus.demo_checkpoint_dir()
     if not (ckpt / "config.json").is_file():
         return None
-    from rq.adapters import load_model
-    from rq.calibrate import calibrate
-    from rq.data import load_token_data, load_tokenizer
+    from rq.models.adapters import load_model
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import load_token_data, load_tokenizer
 
     model, adapter = load_model(ckpt)
     tokenizer = load_tokenizer(ckpt)

@@ -1,16 +1,16 @@
 """Issue 7, planner at real model shapes: plan time, peak memory and predicted LIS on synthetic stats.
 
-Shapes (:mod:`rq.synthetic`): DeepSeek-V3-like (58 MoE layers x 256 experts, top-8) and Mixtral-like
+Shapes (:mod:`rq.testing.synthetic`): DeepSeek-V3-like (58 MoE layers x 256 experts, top-8) and Mixtral-like
 (32 x 8, top-2), bf16 experts, Zipf-skewed loads. For each budget:
 
-* time of :func:`rq.planner.make_plan` for the whole model (validated plan document included), its peak
+* time of :func:`rq.plan.planner.make_plan` for the whole model (validated plan document included), its peak
   Python-heap allocation (``tracemalloc``: the plan's pydantic objects and Python lists; the planner's
   torch tensors are ``[N]`` vectors, negligible) and the growth of the process's peak RSS, each
   (shape, budget) in a fresh spawned process (the tracemalloc run is a second, untimed one);
 * LIS on a *held-out* synthetic sample (same popularity ranking, log-normal drift, fresh sampling) of
   the R&Q plan and of replicate-only (EPLB) at equal memory -- cumulative loads only, there is no routing
   to batch here;
-* scaling of :func:`rq.planner.plan_layer` with the number of experts (one layer, Zipf loads, top-8).
+* scaling of :func:`rq.plan.planner.plan_layer` with the number of experts (one layer, Zipf loads, top-8).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import tracemalloc
 import torch
 
 from benchmarks.baselines import eplb_logcnt, equal_memory_replicas
-from rq.lis import lis_value, model_lis
-from rq.planner import PlanOptions, expert_int4_bytes, make_plan, plan_layer
-from rq.replica import split_load
-from rq.synthetic import SHAPES, synthetic_stats, zipf_probs
+from rq.core.lis import lis_value, model_lis
+from rq.plan.planner import PlanOptions, expert_int4_bytes, make_plan, plan_layer
+from rq.core.replica import split_load
+from rq.testing.synthetic import SHAPES, synthetic_stats, zipf_probs
 
 
 def _maxrss_mib() -> float:

@@ -7,7 +7,7 @@
     python benchmarks/bench_triton.py --from-test            # the numbers tests/triton wrote last run
 
 Starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel (CPU, Python backend) on free local ports with
-a repository from :func:`rq.engines.triton.write_model_repository`, streams ``--requests`` greedy
+a repository from :func:`rq.engines.tritonserver.write_model_repository`, streams ``--requests`` greedy
 generations over gRPC from ``--concurrency`` clients (one stream each, prompts round-robin), checks every
 response token by token against offline ``OrtGenerator`` generation, and prints a markdown table:
 latency (request sent -> final streamed response) p50/p90/p99, first-token p50/p99, requests/s and
@@ -50,22 +50,22 @@ def table(summaries: list[dict]) -> str:
 
 def make_build(root: Path, model: str | None, data: str | None) -> Path:
     """calibrate -> plan -> export: a local checkpoint, or a tiny random Qwen3-MoE one."""
-    from rq.adapters import load_model
-    from rq.calibrate import calibrate
-    from rq.data import load_token_data, load_tokenizer
+    from rq.models.adapters import load_model
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import load_token_data, load_tokenizer
     from rq.export import export_model
-    from rq.planner import PlanOptions, make_plan
-    from rq.schema import save_plan
+    from rq.plan.planner import PlanOptions, make_plan
+    from rq.plan.schema import save_plan
 
     if model is None:
-        from rq.tiny import save_tiny_checkpoint
+        from rq.testing.tiny import save_tiny_checkpoint
 
         model = str(save_tiny_checkpoint("qwen3_moe", root / "ckpt"))
     if data is None:
         import rq
 
         data = root / "text.txt"
-        data.write_text("\n".join(p.read_text() for p in sorted(Path(rq.__file__).parent.glob("*.py"))))
+        data.write_text("\n".join(p.read_text() for p in sorted(Path(rq.__file__).parent.rglob("*.py"))))
     net, adapter = load_model(model)
     tokens = load_token_data(load_tokenizer(model), data, seq_len=32, max_sequences=16)
     stats = calibrate(net, adapter, tokens, batch_size=4, group_size=64, show_progress=False)
@@ -76,7 +76,7 @@ def make_build(root: Path, model: str | None, data: str | None) -> Path:
 
 def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, instances: int, threads: int,
         label: str) -> list[dict]:
-    from rq.engines.triton import SMOKE_PROMPTS, TritonServer, run_load, write_model_repository
+    from rq.engines.tritonserver import SMOKE_PROMPTS, TritonServer, run_load, write_model_repository
     from rq.export.runtime import OrtGenerator
 
     offline = OrtGenerator(build, intra_op_num_threads=1)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(table([json.loads(path.read_text())]))
         return 0
-    from rq.engines.triton import find_tritonserver
+    from rq.engines.tritonserver import find_tritonserver
 
     if find_tritonserver() is None:
         print("tritonserver is not installed: pip install nvidia-pytriton", file=sys.stderr)

@@ -467,7 +467,7 @@ def render(res: dict, planner: dict | None, env: dict, plot_dir: Path, md_path: 
 
     # --- planner
     if planner:
-        out.append("### Planner at DeepSeek-V3 / Mixtral shapes (synthetic Zipf loads, `rq.synthetic`)")
+        out.append("### Planner at DeepSeek-V3 / Mixtral shapes (synthetic Zipf loads, `rq.testing.synthetic`)")
         out.append("")
         rows = [[c["shape"], f"{c['layers']} x {c['experts']}, top-{c['top_k']}", f"{c['budget']:g}x",
                  f"{c['seconds']:.2f}", f"{1e3 * c['seconds_per_layer']:.1f}",
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_lis:
         model_dir = args.model
         if model_dir is None and args.quick:
-            from rq.tiny import save_tiny_checkpoint
+            from rq.testing.tiny import save_tiny_checkpoint
             tmp = tempfile.TemporaryDirectory(prefix="rq-bench-tiny-")
             model_dir = str(save_tiny_checkpoint("qwen3_moe", Path(tmp.name) / "qwen3_moe"))
         if model_dir is None:

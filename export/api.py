@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from rq import __version__
-from rq.adapters import load_model
+from rq.models.adapters import load_model
 from rq.atomic import staged_dir
-from rq.data import load_tokenizer
+from rq.calibrate.data import load_tokenizer
 from rq.errors import RQError
 from rq.export import function, graphs, onnx_file, reference
 from rq.export.attention import use_rq_attention
@@ -27,8 +27,8 @@ from rq.export.parity import ParityReport, check_export, tolerances
 from rq.export.patches import export_patches
 from rq.export.runtime import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from rq.progress import progress_bar
-from rq.rq_model import apply_plan
-from rq.schema import load_plan
+from rq.rqmodel.model import apply_plan
+from rq.plan.schema import load_plan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DEFAULT_OPSET = function.MIN_OPSET

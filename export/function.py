@@ -143,7 +143,7 @@ def _dequantize(b: _Nodes, values: str, scales: str, slot: str, like: str) -> st
     """One INT4 copy: int8 ``[O, I]`` values as ONNX ``INT4`` data through blocked ``DequantizeLinear`` (zero
     point 0, ``block_size = group_size``) with its scales ``[O, I/G]`` (float16 values held in float32), then
     rounded to float16: the product of a 4-bit integer and a float16 is exact in float32, so this is the
-    single rounding of SPEC §5 (bit-identical to ``rq.int4.dequantize``), and ONNX Runtime runs it about
+    single rounding of SPEC §5 (bit-identical to ``rq.core.int4.dequantize``), and ONNX Runtime runs it about
     twice as fast as a float16-scale ``DequantizeLinear``. Finally cast like ``like``."""
     q = b.op("Cast", b.op("Gather", values, slot, axis=0), to=TensorProto.INT4)  # (O, I)
     scale = b.op("Gather", scales, slot, axis=0)  # (O, I/G) float32

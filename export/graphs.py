@@ -1,6 +1,6 @@
 """The PyTorch side of the export: which modules are traced, with which inputs and outputs.
 
-Each MoE layer's :class:`rq.rq_model.RQExperts` is swapped for an :class:`ExportExperts` whose forward,
+Each MoE layer's :class:`rq.rqmodel.model.RQExperts` is swapped for an :class:`ExportExperts` whose forward,
 under ``torch.onnx.is_in_onnx_export()``, emits ONE ``rq::RQMoE`` node (``torch.onnx.ops.symbolic_multi_out``)
 with the layer's buffers as inputs: they become the graph's initializers, byte for byte (SPEC §5 INT4 data
 is never re-quantized). The router before it is the model's own code, traced into standard ops.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rq.export.function import DOMAIN, OP_NAME, VERSION, node_attributes
-from rq.rq_model import RQExperts
+from rq.rqmodel.model import RQExperts
 
 
 @dataclass

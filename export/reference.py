@@ -1,4 +1,4 @@
-"""Reference outputs of the PyTorch R&Q model (:mod:`rq.rq_model`), saved in Polygraphy's formats.
+"""Reference outputs of the PyTorch R&Q model (:mod:`rq.rqmodel.model`), saved in Polygraphy's formats.
 
 Written at export time into ``build/parity/`` so that ``rq check build/`` needs neither PyTorch nor the
 checkpoint; the same files work with the Polygraphy CLI, e.g.
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rq.export.runtime import position_ids_from_mask
-from rq.rq_model import RQExperts, set_mode
+from rq.rqmodel.model import RQExperts, set_mode
 
 PREFILL_SHAPES = ((2, 7), (1, 5), (3, 4))  # (batch, seq) of the prefill feeds
 DECODE_BATCH, DECODE_PROMPT, DECODE_STEPS = 2, 6, 16

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{arch: checkpoint dir} for every tiny architecture (built lazily, cached for the session)."""
-    from rq.tiny import save_tiny_checkpoint
+    from rq.testing.tiny import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     cache: dict[str, str] = {}
@@ -43,7 +43,7 @@ def text_file(tmp_path_factory):
 
     import rq
 
-    src = "\n".join(p.read_text() for p in sorted(Path(rq.__file__).parent.glob("*.py")))
+    src = "\n".join(p.read_text() for p in sorted(Path(rq.__file__).parent.rglob("*.py")))
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text(src)
     return path

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import baselines, run_all  # noqa: E402
-from rq.replica import copy_loads  # noqa: E402
+from rq.core.replica import copy_loads  # noqa: E402
 
 
 def test_eplb_gives_each_replica_to_the_highest_load_per_copy():
@@ -36,8 +36,8 @@ def test_equal_memory_replicas():
 
 
 def test_random_plan_keeps_counts_and_bytes():
-    from rq.planner import PlanOptions, make_plan
-    from rq.synthetic import synthetic_stats
+    from rq.plan.planner import PlanOptions, make_plan
+    from rq.testing.synthetic import synthetic_stats
 
     stats = synthetic_stats("mixtral", num_layers=3)
     plan = make_plan(stats, PlanOptions())
@@ -48,7 +48,7 @@ def test_random_plan_keeps_counts_and_bytes():
 
 
 def test_sum_stats_adds_every_metric_and_bytes_relabel():
-    from rq.synthetic import synthetic_stats
+    from rq.testing.synthetic import synthetic_stats
 
     a, b = synthetic_stats("mixtral", num_layers=2, seed=0), synthetic_stats("mixtral", num_layers=2, seed=1)
     total = baselines.sum_stats([a, b])
@@ -70,16 +70,16 @@ def one_thread():
 
 
 def test_run_pass_accuracy_matches_rq_evaluate(tiny_checkpoints, one_thread):
-    """The benchmark's per-sequence accuracy terms add up to rq.evaluate.accuracy's totals."""
+    """The benchmark's per-sequence accuracy terms add up to rq.eval.evaluate.accuracy's totals."""
     import copy
 
     from benchmarks.bench_lis import accuracy_summary, batch_points, run_pass, summarize
-    from rq.adapters import load_model
-    from rq.calibrate import calibrate
-    from rq.data import TokenData
-    from rq.evaluate import accuracy, batch_lis, trace_batches
-    from rq.planner import PlanOptions, make_plan
-    from rq.rq_model import apply_plan, set_mode
+    from rq.models.adapters import load_model
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import TokenData
+    from rq.eval.evaluate import accuracy, batch_lis, trace_batches
+    from rq.plan.planner import PlanOptions, make_plan
+    from rq.rqmodel.model import apply_plan, set_mode
 
     original, adapter = load_model(tiny_checkpoints("qwen3_moe"))
     layers = adapter.moe_layers(original)
@@ -104,7 +104,7 @@ def test_run_pass_accuracy_matches_rq_evaluate(tiny_checkpoints, one_thread):
     assert summary["top1_agreement"] == pytest.approx(expected.top1_agreement)
     for mine, core in zip(got.ids, ids_r):
         assert torch.equal(mine, core)
-    # the benchmark's vectorised batch LIS is rq.evaluate.batch_lis
+    # the benchmark's vectorised batch LIS is rq.eval.evaluate.batch_lis
     logcnts = [rq.logcnt for rq in rq_layers]
     for batch_size in (1, 4, 6):
         fast = batch_points(ref.counts, got.counts, logcnts, batch_size)

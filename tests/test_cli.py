@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from rq.cli import app
+from rq.cli.main import app
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from rq.cli import app
+from rq.cli.main import app
 
 PLOTS = ("load_heatmap.png", "lis_vs_batch.png", "importance_vs_frequency.png", "lis_by_domain.png",
          "calibration_size.png")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rq import int4
+from rq.core import int4
 
 
 def test_pack_layout_low_nibble_first_twos_complement():

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from rq import int4
-from rq.adapters import load_model
-from rq.calibrate import calibrate
-from rq.data import load_token_data, load_tokenizer
+from rq.core import int4
+from rq.models.adapters import load_model
+from rq.calibrate.accumulate import calibrate
+from rq.calibrate.data import load_token_data, load_tokenizer
 from rq.errors import RQError
-from rq.evaluate import evaluate
-from rq.planner import PlanOptions, make_plan
-from rq.rq_model import apply_plan, rq_layers_of, set_mode
-from rq.tiny import TINY_ARCHS
+from rq.eval.evaluate import evaluate
+from rq.plan.planner import PlanOptions, make_plan
+from rq.rqmodel.model import apply_plan, rq_layers_of, set_mode
+from rq.testing.tiny import TINY_ARCHS
 
 GROUP = 64
 

@@ -13,16 +13,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rq.errors import RQError
-from rq.placement import (balanced_packing, colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt,
+from rq.placement.place import (balanced_packing, colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt,
                           lpt_bound, owners, place, place_layer, replicate_experts, trivial_placement,
                           unavoidable_colocated)
-from rq.placement_cli import app, import_command, place_command
-from rq.placement_formats import FILENAMES, model_shape, read_sglang_loads, read_vllm_loads, write_vllm_ascend
-from rq.planner import PlanOptions, make_plan
-from rq.replica import split_load
-from rq.schema import save_plan
-from rq.stats import CalibrationStats
-from rq.synthetic import synthetic_stats
+from rq.placement.run import app, import_command, place_command
+from rq.placement.formats import FILENAMES, model_shape, read_sglang_loads, read_vllm_loads, write_vllm_ascend
+from rq.plan.planner import PlanOptions, make_plan
+from rq.core.replica import split_load
+from rq.plan.schema import save_plan
+from rq.calibrate.stats import CalibrationStats
+from rq.testing.synthetic import synthetic_stats
 
 
 @pytest.fixture(autouse=True)
@@ -366,7 +366,7 @@ def test_sglang_stat_dump_round_trip(small_config, tmp_path):
 
 
 def test_decoder_layers_fall_back_to_moe_ordinals(mixtral_plan):
-    from rq.placement_formats import decoder_layers
+    from rq.placement.formats import decoder_layers
 
     _, plan = mixtral_plan
     assert decoder_layers(plan) == [0, 1, 2]

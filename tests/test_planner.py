@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from rq.errors import RQError
-from rq.lis import lis_value
-from rq.planner import plan_layer
-from rq.replica import split_load
+from rq.core.lis import lis_value
+from rq.plan.planner import plan_layer
+from rq.core.replica import split_load
 
 
 def _plan(load, importance=None, factor=1.0, max_quantized=8, max_replicas=7, quantizable=True, orig=1000, q=140):

@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rq import int4
-from rq.adapters import adapter_for, load_model
-from rq.adapters.deepseek_moe import SEAM, DeepseekExpertsCall
-from rq.calibrate import calibrate, record_calls
-from rq.data import TokenData
+from rq.core import int4
+from rq.models.adapters import adapter_for, load_model
+from rq.models.adapters.deepseek_moe import SEAM, DeepseekExpertsCall
+from rq.calibrate.accumulate import calibrate, record_calls
+from rq.calibrate.data import TokenData
 from rq.errors import RQError
-from rq.experts import expert_forward
-from rq.planner import PlanOptions, make_plan
-from rq.rq_model import RQExperts, apply_plan, rq_layers_of
+from rq.core.experts import expert_forward
+from rq.plan.planner import PlanOptions, make_plan
+from rq.rqmodel.model import RQExperts, apply_plan, rq_layers_of
 
 _spec = importlib.util.spec_from_file_location("rq_remote_checkpoints",
                                                Path(__file__).parent / "remote_code" / "checkpoints.py")

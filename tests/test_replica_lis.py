@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from rq import replica
-from rq.lis import InstantSummary, lis, lis_value, model_lis
+from rq.core import replica
+from rq.core.lis import InstantSummary, lis, lis_value, model_lis
 
 
 def test_replica_rule_hand_example():

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from rq.adapters import load_model
-from rq.calibrate import calibrate
-from rq.data import TokenData, load_tokenizer, tokenize_sequences
+from rq.models.adapters import load_model
+from rq.calibrate.accumulate import calibrate
+from rq.calibrate.data import TokenData, load_tokenizer, tokenize_sequences
 from rq.demo.corpus import demo_checkpoint_dir, load_split
 from rq.errors import RQError
-from rq.evaluate import EvalReport, batch_lis, evaluate, trace_batches
-from rq.lis import model_lis
-from rq.planner import PlanOptions, make_plan
+from rq.eval.evaluate import EvalReport, batch_lis, evaluate, trace_batches
+from rq.core.lis import model_lis
+from rq.plan.planner import PlanOptions, make_plan
 from rq.progress import console
-from rq.rq_model import apply_plan
-from rq.schema import atomic_write_text, save_plan
+from rq.rqmodel.model import apply_plan
+from rq.plan.schema import atomic_write_text, save_plan
 
 
 @dataclass(frozen=True)

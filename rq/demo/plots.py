@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rq.replica import split_load  # noqa: E402
-from rq.schema import Plan  # noqa: E402
-from rq.stats import CalibrationStats  # noqa: E402
+from rq.core.replica import split_load  # noqa: E402
+from rq.plan.schema import Plan  # noqa: E402
+from rq.calibrate.stats import CalibrationStats  # noqa: E402
 
 BEFORE, AFTER = "#c44e52", "#4c72b0"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from rq.evaluate import EvalReport
-from rq.report import _arrow, lis_by_batch, per_layer
+from rq.eval.evaluate import EvalReport
+from rq.eval.report import _arrow, lis_by_batch, per_layer
 
 
 def domains(reports: dict[str, EvalReport]) -> Table:

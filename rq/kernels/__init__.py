@@ -1,6 +1,6 @@
 """GPU kernels of ``rq::RQMoE`` (Triton) and their PyTorch reference.
 
-Public API (imported lazily so that ``rq.kernels.reference`` works without Triton, and so that
+Public API (imported lazily so that ``rq.core.op`` works without Triton, and so that
 ``TRITON_INTERPRET=1`` set by a test before first use still takes effect):
 
 - :func:`rq_moe_reference` — pure-PyTorch semantics of the op (docs/op.md).
@@ -15,10 +15,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "rq_moe_reference": "reference",
-    "ACTIVATIONS": "reference",
-    "activation_code": "reference",
-    "copy_tables": "reference",
+    "rq_moe_reference": "rq.core.op",
+    "ACTIVATIONS": "rq.core.op",
+    "activation_code": "rq.core.op",
+    "copy_tables": "rq.core.op",
     "rq_moe": "moe",
     "rq_experts_forward": "moe",
     "RQLayerWeights": "moe",
@@ -35,4 +35,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'rq.kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if module.startswith("rq.") else f".{module}", __name__), name)

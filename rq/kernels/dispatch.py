@@ -9,7 +9,7 @@ Four small launches, none with atomics, so the result is the same integers whate
    loads ``expert_counts [N]``. Rank of an assignment = prefix of its block + its local rank, which is
    exactly the token-major rank ``n`` of SPEC §4.
 3. ``dispatch_copies``: per physical copy, its load from the rule (``L // C`` plus one for the first
-   ``L mod C`` copies counted from the offset, as :func:`rq.replica.split_load`), the exclusive prefix
+   ``L mod C`` copies counted from the offset, as :func:`rq.core.replica.split_load`), the exclusive prefix
    ``copy_start [P+1]``, and per precision class the prefix of GEMM row tiles ``tile_start [2, P+1]``.
 4. ``dispatch_scatter``: ``copy = (o_e + n) mod C_e``, ``phys = phys_base[e] + copy``; the assignments of
    one copy are the ranks ``n`` with one residue mod ``C_e``, so the position inside the copy is ``n // C_e``
@@ -161,7 +161,7 @@ def dispatch_scatter_kernel(
 
 
 class DeviceTables(NamedTuple):
-    """int32 copy tables on the kernels' device (see :func:`rq.kernels.reference.copy_tables`)."""
+    """int32 copy tables on the kernels' device (see :func:`rq.core.op.copy_tables`)."""
 
     logcnt: torch.Tensor  # [N]
     phys_base: torch.Tensor  # [N]
@@ -191,7 +191,7 @@ class Dispatch(NamedTuple):
 
 def device_tables(logcnt: torch.Tensor, precision: torch.Tensor, device: torch.device) -> DeviceTables:
     """Copy tables as int32 tensors on ``device`` (built on CPU from the attributes, then moved once)."""
-    from .reference import copy_tables
+    from rq.core.op import copy_tables
 
     t = copy_tables(torch.as_tensor(logcnt).cpu(), torch.as_tensor(precision).cpu())
     as32 = lambda v: v.to(torch.int32).to(device)  # noqa: E731

@@ -8,7 +8,7 @@ weight bytes, so the kernels keep many column tiles in flight and read each weig
 per row tile.
 
 INT4 weights are read as packed bytes ``[BLOCK_N, BLOCK_K/2]`` (16-byte vectors along the row), unpacked
-and dequantized in registers as ``float16(q * scale)`` — the exact values of :func:`rq.int4.dequantize` —
+and dequantized in registers as ``float16(q * scale)`` — the exact values of :func:`rq.core.int4.dequantize` —
 and fed to the same ``tl.dot`` as original-precision weights, accumulating in float32.
 """
 
@@ -27,7 +27,7 @@ def dequant_int4_tile(packed, scale):
     """``packed [BN, BK/2]`` uint8, ``scale [BN]`` float16 -> ``[BN, BK]`` float16 (element 2j = low nibble).
 
     The product of an int in [-8, 7] and a float16 is exact in float32, so rounding it once to float16
-    gives bit-for-bit the value of ``rq.int4.dequantize``.
+    gives bit-for-bit the value of ``rq.core.int4.dequantize``.
     """
     low = (packed & 15).to(tl.int32)
     high = ((packed >> 4) & 15).to(tl.int32)
@@ -247,7 +247,7 @@ def dot_config(dtype: torch.dtype, device: torch.device | None = None) -> tuple[
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Triton twin of :func:`rq.int4.dequantize`: ``packed [R, C/2]`` uint8, ``scales [R, C/G]`` -> ``[R, C]`` fp16."""
+    """Triton twin of :func:`rq.core.int4.dequantize`: ``packed [R, C/2]`` uint8, ``scales [R, C/G]`` -> ``[R, C]`` fp16."""
     num_rows, half = packed.shape
     num_cols = half * 2
     if tuple(scales.shape) != (num_rows, num_cols // group_size):

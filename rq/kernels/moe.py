@@ -18,7 +18,7 @@ import triton
 from . import combine as _combine
 from . import dispatch as _dispatch
 from . import gemm
-from .reference import activation_code, check_inputs, is_glu, rq_moe_reference
+from rq.core.op import activation_code, check_inputs, is_glu, rq_moe_reference
 
 BLOCK_N = 64
 BLOCK_K = 64  # divides both group sizes (64, 128): one scale per row per weight tile
@@ -69,7 +69,7 @@ def rq_moe(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y [T, H]`` and ``expert_counts [N]`` int64 of ``rq::RQMoE`` with the Triton kernels (docs/op.md).
 
-    Same signature and semantics as :func:`rq.kernels.reference.rq_moe_reference`. All tensors on one
+    Same signature and semantics as :func:`rq.core.op.rq_moe_reference`. All tensors on one
     device (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``logcnt``/``precision`` are the op attributes
     and may be lists (their device copies are cached).
     """

@@ -13,12 +13,12 @@ import torch
 
 
 
-from rq.adapters import load_model
-from rq.calibrate import calibrate
-from rq.data import TokenData
-from rq.planner import PlanOptions, make_plan
-from rq.schema import save_plan
-from rq.tiny import save_tiny_checkpoint
+from rq.models.adapters import load_model
+from rq.calibrate.accumulate import calibrate
+from rq.calibrate.data import TokenData
+from rq.plan.planner import PlanOptions, make_plan
+from rq.plan.schema import save_plan
+from rq.testing.tiny import save_tiny_checkpoint
 
 GROUP_SIZE = 64
 BUDGET = 1.0  # at the original footprint INT4 frees room: the plans hold INT4 primaries and replicas

@@ -13,13 +13,13 @@ DEMO = Path(rq.__file__).parent / "demo" / "checkpoint"
 
 @pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="rq/demo/checkpoint is not built")
 def test_demo_export_parity(tmp_path):
-    from rq.adapters import load_model
-    from rq.calibrate import calibrate
-    from rq.data import load_token_data, load_tokenizer
+    from rq.models.adapters import load_model
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import load_token_data, load_tokenizer
     from rq.demo import corpus
     from rq.export import export_model
-    from rq.planner import PlanOptions, make_plan
-    from rq.schema import save_plan
+    from rq.plan.planner import PlanOptions, make_plan
+    from rq.plan.schema import save_plan
 
     model, adapter = load_model(DEMO)
     data = load_token_data(load_tokenizer(DEMO), corpus.split_path("calibration"), seq_len=128, max_sequences=8)

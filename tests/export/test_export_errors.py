@@ -48,7 +48,7 @@ def test_model_without_moe_layers(tiny, tmp_path):
     """A dense model (same family, every layer an MLP) is refused for having no MoE layers."""
     from transformers import AutoModelForCausalLM
 
-    from rq.tiny import tiny_config, tiny_tokenizer
+    from rq.testing.tiny import tiny_config, tiny_tokenizer
 
     _, plan = tiny("qwen2_moe")
     config = tiny_config("qwen2_moe")

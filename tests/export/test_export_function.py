@@ -9,9 +9,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from rq import int4, replica
+from rq.core import int4, replica
 from rq.export.function import ACTIVATIONS, DOMAIN, INPUTS, MAP_NAME, OP_NAME, node_attributes, rq_functions
-from rq.rq_model import RQExperts
+from rq.rqmodel.model import RQExperts
 
 
 def _session(nodes, inputs, outputs, initializers=(), activation="silu_glu") -> ort.InferenceSession:

@@ -9,13 +9,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from rq.adapters import load_model
+from rq.models.adapters import load_model
 from rq.export.function import DOMAIN, INPUTS, MAP_NAME, OP_NAME
 from rq.export.onnx_file import rq_nodes
 from rq.export.runtime import OrtGenerator
-from rq.rq_model import apply_plan
-from rq.schema import load_plan
-from rq.tiny import TINY_ARCHS
+from rq.rqmodel.model import apply_plan
+from rq.plan.schema import load_plan
+from rq.testing.tiny import TINY_ARCHS
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -20,7 +20,7 @@ if not HAS_CUDA:
         if _name in sys.modules:  # decorated before the flag was set: decorate again, interpreted
             importlib.reload(sys.modules[_name])
 
-from rq import int4  # noqa: E402
+from rq.core import int4  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,7 +51,7 @@ def make_layer(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, object]:
-    """Random weights of one R&Q layer in the op's layout (docs/op.md); INT4 copies via rq.int4.quantize."""
+    """Random weights of one R&Q layer in the op's layout (docs/op.md); INT4 copies via rq.core.int4.quantize."""
     gen = torch.Generator().manual_seed(seed)
     glu = activation.endswith("_glu")
     in_rows = 2 * inter_size if glu else inter_size

@@ -1,11 +1,11 @@
-"""In-register INT4 dequantization of the kernels vs rq.int4.dequantize: bit-exact float16."""
+"""In-register INT4 dequantization of the kernels vs rq.core.int4.dequantize: bit-exact float16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rq import int4
+from rq.core import int4
 from rq.kernels.gemm import dequantize_int4
 
 

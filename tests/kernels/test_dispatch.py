@@ -1,11 +1,11 @@
-"""Token->copy mapping, loads and copy-sorted permutation of the Triton dispatch vs rq.replica (exact)."""
+"""Token->copy mapping, loads and copy-sorted permutation of the Triton dispatch vs rq.core.replica (exact)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rq import replica
+from rq.core import replica
 from rq.kernels.dispatch import device_tables, dispatch_assignments
 
 CASES = [

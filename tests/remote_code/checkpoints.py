@@ -56,7 +56,7 @@ def save_remote_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Pat
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rq.tiny import tiny_tokenizer
+    from rq.testing.tiny import tiny_tokenizer
 
     spec = ARCHS[arch]
     out = Path(out_dir)

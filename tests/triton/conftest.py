@@ -15,7 +15,7 @@ MAX_CONTEXT = 64  # small, so an over-long prompt is cheap to send
 
 @pytest.fixture(scope="module")
 def triton_install():
-    from rq.engines.triton import find_tritonserver
+    from rq.engines.tritonserver import find_tritonserver
 
     install = find_tritonserver()
     if install is None:
@@ -26,12 +26,12 @@ def triton_install():
 @pytest.fixture(scope="module")
 def rq_build(tiny_checkpoints, text_file, tmp_path_factory):
     """A tiny Qwen3-MoE checkpoint, calibrated, planned (with replicas and INT4 copies) and exported to ONNX."""
-    from rq.adapters import load_model
-    from rq.calibrate import calibrate
-    from rq.data import load_token_data, load_tokenizer
+    from rq.models.adapters import load_model
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import load_token_data, load_tokenizer
     from rq.export import export_model
-    from rq.planner import PlanOptions, make_plan
-    from rq.schema import save_plan
+    from rq.plan.planner import PlanOptions, make_plan
+    from rq.plan.schema import save_plan
 
     ckpt = tiny_checkpoints("qwen3_moe")
     model, adapter = load_model(ckpt)
@@ -47,7 +47,7 @@ def rq_build(tiny_checkpoints, text_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_repo(rq_build, tmp_path_factory):
-    from rq.engines.triton import write_model_repository
+    from rq.engines.tritonserver import write_model_repository
 
     # 2 instances x 1 ONNX Runtime thread: two requests run at once on a 2-core CI machine
     return write_model_repository(rq_build, tmp_path_factory.mktemp("triton") / "repo", instances=2,
@@ -59,7 +59,7 @@ def model_repo(rq_build, tmp_path_factory):
 def triton_server(triton_install, model_repo):
     """A live tritonserver with every model whose backend it has (the wheel's server has only the Python backend,
     so ``rq_onnx`` is left out there; ``test_onnx_model_with_tritons_loader`` covers it)."""
-    from rq.engines.triton import FORWARD_MODEL, GENERATE, TritonServer, servable_models
+    from rq.engines.tritonserver import FORWARD_MODEL, GENERATE, TritonServer, servable_models
 
     models, missing = servable_models(model_repo, triton_install)
     assert {GENERATE, FORWARD_MODEL} <= set(models), (models, missing)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from rq.engines.triton import (FORWARD_MODEL, GENERATE, ONNX_MODEL, SMOKE_PROMPTS, TRT_MODEL, generate_inputs, run_load,
+from rq.engines.tritonserver import (FORWARD_MODEL, GENERATE, ONNX_MODEL, SMOKE_PROMPTS, TRT_MODEL, generate_inputs, run_load,
                                scrape_metrics, stream_generate, validate_model_config, write_model_repository)
 from rq.errors import RQError
 

@@ -1,7 +1,7 @@
-"""The Triton models' load telemetry (engines/triton_models/rq_telemetry.py) without a server.
+"""The Triton models' load telemetry (engines/tritonserver_models/rq_telemetry.py) without a server.
 
 Per-copy loads from ``(expert_counts, offsets)`` must equal the replica rule applied assignment by assignment
-(``rq.replica.assign_copies``), and the LIS gauges must follow SPEC §2 (no instantaneous LIS for calls with
+(``rq.core.replica.assign_copies``), and the LIS gauges must follow SPEC §2 (no instantaneous LIS for calls with
 fewer assignments than units, none for empty layers).
 """
 
@@ -13,9 +13,9 @@ import math
 import numpy as np
 import torch
 
-from rq.engines.triton import TEMPLATES
-from rq.lis import lis_value
-from rq.replica import assign_copies, phys_base
+from rq.engines.tritonserver import TEMPLATES
+from rq.core.lis import lis_value
+from rq.core.replica import assign_copies, phys_base
 
 
 def _telemetry():

@@ -1,0 +1,158 @@
+"""Live MoE load telemetry for rq's Triton Python-backend models, as Triton custom metrics.
+
+Copied next to ``model.py`` in the model repository (``rq.engines.tritonserver.write_model_repository``); it
+needs numpy only, and gets ``triton_python_backend_utils`` passed in (so it can be tested without Triton).
+
+Every forward call of the R&Q graph returns, per MoE layer, ``expert_counts [N]`` (the logical loads of the
+call) and used replica offsets ``o [N]``. By the replica rule (SPEC §4) the ``n``-th assignment routed to
+expert ``e`` goes to copy ``(o_e + n) mod C_e``, so the load of each physical copy follows exactly from
+``(count, offset, C_e)`` with no per-token data:
+
+    copy_load[e, c] = L_e // C_e + (1 if (c - o_e) mod C_e < L_e mod C_e else 0)
+
+Metrics (Prometheus names; Triton serves them on ``/metrics`` of its metrics port):
+
+- ``rq_moe_expert_load_total{model, layer, expert, copy}`` counter: assignments served by each physical
+  copy (``sum by (layer, expert)`` gives logical loads). Shared by all instances of the model.
+- ``rq_moe_lis{model, instance, layer, units, scope}`` gauge, ``units`` = ``copies`` (after R&Q) or
+  ``experts`` (the same tokens over logical experts: the no-R&Q view), ``scope`` =
+  ``instantaneous`` (the latest call that could be balanced at all, i.e. with at least as many
+  assignments as units, SPEC §2), ``window`` (loads of the last ``window`` calls summed: the live view
+  when decode steps are too small to balance one by one) and ``cumulative`` (since the instance started).
+- ``rq_moe_unbalanceable_calls_total{model, layer, units}`` counter: calls with fewer assignments than
+  units (their instantaneous LIS is not reported, SPEC §2).
+- ``rq_moe_calls_total{model}`` counter: forward calls (prefill + decode steps) of the graph.
+
+Counters are flushed every ``flush_every`` calls and by :meth:`LoadTelemetry.flush` (end of a request),
+so a scrape lags a running request by at most ``flush_every`` calls.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+def copy_loads(counts: np.ndarray, offsets: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """Loads ``[P]`` of the physical copies (logical-major order) for one call, by the replica rule."""
+    counts = np.asarray(counts, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    copies = np.asarray(copies, dtype=np.int64)
+    out = []
+    for load, off, c in zip(counts.tolist(), offsets.tolist(), copies.tolist()):
+        base, extra = divmod(load, c)
+        out.extend(base + (1 if (k - off) % c < extra else 0) for k in range(c))
+    return np.asarray(out, dtype=np.int64)
+
+
+def lis(loads: np.ndarray) -> float | None:
+    """``max / mean`` over units (SPEC §2); ``None`` when the total is 0 (no LIS, never 0 or 1)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    total = loads.sum()
+    if total <= 0:
+        return None
+    return float(loads.max() * loads.size / total)
+
+
+class LoadTelemetry:
+    """Per-layer expert loads and LIS gauges of one Triton model instance."""
+
+    UNITS = ("copies", "experts")
+
+    def __init__(self, pb_utils, model: str, instance: str, moe_layers: list[dict], *, window: int = 64,
+                 flush_every: int = 16, enabled: bool = True):
+        self.enabled = enabled
+        self.layers = {int(layer["index"]): np.asarray(layer["copies"], dtype=np.int64) for layer in moe_layers}
+        self.flush_every = max(1, int(flush_every))
+        self.pending = {l: np.zeros(int(c.sum()), np.int64) for l, c in self.layers.items()}
+        self.pending_unbalanceable = {(l, u): 0 for l in self.layers for u in self.UNITS}
+        self.pending_calls = 0
+        self.cumulative = {l: (np.zeros(int(c.sum()), np.int64), np.zeros(c.size, np.int64))
+                           for l, c in self.layers.items()}
+        self.recent = {l: deque(maxlen=max(1, int(window))) for l in self.layers}
+        self.calls = 0
+        if not enabled:
+            return
+        family = pb_utils.MetricFamily
+        # the families must outlive their metrics: keep references on self
+        self.f_load = family(name="rq_moe_expert_load_total", kind=family.COUNTER,
+                             description="Assignments served per physical expert copy (R&Q replica rule, SPEC 4)")
+        self.f_lis = family(name="rq_moe_lis", kind=family.GAUGE,
+                            description="Load-Imbalance Score max/mean per MoE layer (SPEC 2); units=copies after "
+                                        "R&Q, units=experts the same tokens over logical experts")
+        self.f_unb = family(name="rq_moe_unbalanceable_calls_total", kind=family.COUNTER,
+                            description="Forward calls with fewer assignments than units (no instantaneous LIS)")
+        self.f_calls = family(name="rq_moe_calls_total", kind=family.COUNTER,
+                              description="Forward calls (prefill and decode steps) of the R&Q graph")
+        self.m_load = {}
+        for l, copies in self.layers.items():
+            for e, c in enumerate(copies.tolist()):
+                for k in range(c):
+                    self.m_load[(l, e, k)] = self.f_load.Metric(labels={
+                        "model": model, "layer": str(l), "expert": str(e), "copy": str(k)})
+        self.m_lis = {(l, u, s): self.f_lis.Metric(labels={"model": model, "instance": instance, "layer": str(l),
+                                                           "units": u, "scope": s})
+                      for l in self.layers for u in self.UNITS for s in ("instantaneous", "window", "cumulative")}
+        self.m_unb = {(l, u): self.f_unb.Metric(labels={"model": model, "layer": str(l), "units": u})
+                      for l in self.layers for u in self.UNITS}
+        self.m_calls = self.f_calls.Metric(labels={"model": model})
+
+    def record(self, counts: dict[int, np.ndarray], offsets: dict[int, np.ndarray]) -> None:
+        """One forward call: ``counts`` and the ``offsets`` it used, per MoE layer index."""
+        if not self.enabled:
+            return
+        for l, cnt in counts.items():
+            if l not in self.layers:
+                continue
+            cnt = np.asarray(cnt, dtype=np.int64).reshape(-1)
+            off = np.asarray(offsets.get(l, np.zeros_like(cnt)), dtype=np.int64).reshape(-1)
+            phys = copy_loads(cnt, off, self.layers[l])
+            self.pending[l] += phys
+            self.cumulative[l][0][:] += phys
+            self.cumulative[l][1][:] += cnt
+            self.recent[l].append((phys, cnt))
+            total = int(cnt.sum())
+            for units, loads in (("copies", phys), ("experts", cnt)):
+                if total >= loads.size:
+                    value = lis(loads)
+                    if value is not None:
+                        self.m_lis[(l, units, "instantaneous")].set(value)
+                elif total > 0:
+                    self.pending_unbalanceable[(l, units)] += 1
+        self.pending_calls += 1
+        self.calls += 1
+        if self.calls % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Push pending counter increments and refresh the window and cumulative gauges."""
+        if not self.enabled or self.pending_calls == 0:
+            return
+        for l, copies in self.layers.items():
+            pending = self.pending[l]
+            if pending.any():
+                p = 0
+                for e, c in enumerate(copies.tolist()):
+                    for k in range(c):
+                        if pending[p]:
+                            self.m_load[(l, e, k)].increment(float(pending[p]))
+                        p += 1
+                pending[:] = 0
+            if self.recent[l]:
+                phys = np.sum([r[0] for r in self.recent[l]], axis=0)
+                logical = np.sum([r[1] for r in self.recent[l]], axis=0)
+                for units, loads in (("copies", phys), ("experts", logical)):
+                    value = lis(loads)
+                    if value is not None:
+                        self.m_lis[(l, units, "window")].set(value)
+            for units, loads in zip(self.UNITS, self.cumulative[l]):
+                value = lis(loads)
+                if value is not None:
+                    self.m_lis[(l, units, "cumulative")].set(value)
+        for key, n in self.pending_unbalanceable.items():
+            if n:
+                self.m_unb[key].increment(float(n))
+                self.pending_unbalanceable[key] = 0
+        self.m_calls.increment(float(self.pending_calls))
+        self.pending_calls = 0

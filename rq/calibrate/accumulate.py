@@ -1,0 +1,118 @@
+"""Calibration (SPEC §3): run data through the unmodified model and accumulate, per MoE layer and
+logical expert, load, gate mass, output contribution and INT4 sensitivity.
+
+Forward pre-hooks on each experts module see exactly what the router chose (the model is not
+changed); accumulators are float64 ``[N]`` vectors, so memory does not grow with the data.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from rq.core import int4
+from rq.models.adapters import Adapter, MoELayer
+from rq.calibrate.data import TokenData, batches
+from rq.core.experts import expert_forward
+from rq.models.fingerprint import model_fingerprint
+from rq.progress import progress_bar
+from rq.plan.schema import CalibrationInfo, ModelInfo
+from rq.calibrate.stats import CalibrationStats, LayerStats
+
+
+class _LayerAccumulator:
+    """Streaming float64 sums for one layer; INT4 weights are dequantized once per expert and cached
+    only for the duration of calibration."""
+
+    def __init__(self, adapter: Adapter, layer: MoELayer, group_size: int):
+        self.adapter, self.layer, self.group_size = adapter, layer, group_size
+        n = layer.num_experts
+        self.load = torch.zeros(n, dtype=torch.float64)
+        self.gate_mass = torch.zeros(n, dtype=torch.float64)
+        self.contribution = torch.zeros(n, dtype=torch.float64)
+        self.quant_sensitivity = torch.zeros(n, dtype=torch.float64)
+        self.quantizable = int4.can_quantize(layer.w_in_shape, group_size) and \
+            int4.can_quantize(layer.w_out_shape, group_size)
+        self._dequantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _int4_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if expert not in self._dequantized:
+            w_in, w_out = self.adapter.get_expert_weights(self.layer, expert)
+            self._dequantized[expert] = tuple(
+                int4.dequantize(int4.quantize(w, self.group_size), torch.float32) for w in (w_in, w_out))
+        return self._dequantized[expert]
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        routing = self.adapter.routing_from_call(self.layer, args, kwargs)
+        hidden = routing.hidden.reshape(-1, routing.hidden.shape[-1]).to(torch.float32)
+        ids = routing.ids.reshape(hidden.shape[0], -1).cpu()
+        weights = routing.weights.reshape(ids.shape).to(torch.float64).cpu()
+        valid = (ids >= 0) & (ids < self.layer.num_experts)
+        flat_ids = ids[valid].to(torch.int64)
+        self.load += torch.bincount(flat_ids, minlength=self.layer.num_experts).to(torch.float64)
+        self.gate_mass.index_add_(0, flat_ids, weights[valid])
+        for expert in flat_ids.unique().tolist():
+            token, slot = (ids == expert).nonzero(as_tuple=True)
+            x, g = hidden[token.to(hidden.device)], weights[token, slot]  # (n, H), (n,)
+            w_in, w_out = self.adapter.get_expert_weights(self.layer, expert)
+            y = expert_forward(x, w_in.to(torch.float32), w_out.to(torch.float32), self.layer.activation)
+            self.contribution[expert] += (g * y.to(torch.float64).norm(dim=-1).cpu()).sum()
+            if self.quantizable:
+                q_in, q_out = self._int4_weights(expert)
+                err = (y - expert_forward(x, q_in, q_out, self.layer.activation)).to(torch.float64)
+                self.quant_sensitivity[expert] += (g.square() * err.square().sum(-1).cpu()).sum()
+
+    def result(self) -> LayerStats:
+        layer = self.layer
+        per_expert = [sum(w.numel() * w.element_size() for w in self.adapter.get_expert_weights(layer, e))
+                      for e in range(layer.num_experts)]
+        return LayerStats(index=layer.index, path=layer.path, num_experts=layer.num_experts, top_k=layer.top_k,
+                          activation=layer.activation, w_in_shape=layer.w_in_shape, w_out_shape=layer.w_out_shape,
+                          original_bytes=per_expert, quantizable=self.quantizable, load=self.load,
+                          gate_mass=self.gate_mass, contribution=self.contribution,
+                          quant_sensitivity=self.quant_sensitivity)
+
+
+@contextmanager
+def record_calls(model: nn.Module, adapter: Adapter, layers: list[MoELayer], callbacks) -> Iterator[None]:
+    """Attach ``callbacks[i](module, args, kwargs)`` as forward pre-hooks on each layer's experts."""
+    handles = [model.get_submodule(layer.path).register_forward_pre_hook(cb, with_kwargs=True)
+               for layer, cb in zip(layers, callbacks)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def model_info(model: nn.Module, adapter: Adapter, layers: list[MoELayer]) -> ModelInfo:
+    first = layers[0]
+    dtype = adapter.get_expert_weights(first, 0)[0].dtype
+    return ModelInfo(architecture=model.config.model_type, num_moe_layers=len(layers),
+                     num_experts=first.num_experts, top_k=first.top_k, hidden_size=first.hidden_size,
+                     intermediate_size=first.intermediate_size, dtype=str(dtype).removeprefix("torch."),
+                     fingerprint=model_fingerprint(model, adapter))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, adapter: Adapter, data: TokenData, *, batch_size: int = 8,
+              group_size: int = 128, seed: int = 0, show_progress: bool = True) -> CalibrationStats:
+    """Run ``data`` through ``model`` and return the SPEC §3 statistics of every MoE layer."""
+    int4.check_group_size(group_size)
+    layers = adapter.moe_layers(model)
+    accumulators = [_LayerAccumulator(adapter, layer, group_size) for layer in layers]
+    info = model_info(model, adapter, layers)
+    with record_calls(model, adapter, layers, accumulators), \
+            progress_bar("calibrating", total=data.sequences.shape[0], enabled=show_progress) as advance:
+        device = next(model.parameters()).device
+        for batch in batches(data.sequences, batch_size):
+            batch = batch.to(device)
+            adapter.forward_logits(model, batch, torch.ones_like(batch))
+            advance(batch.shape[0])
+    calibration = CalibrationInfo(data=data.description, sequences=data.sequences.shape[0],
+                                  seq_len=data.sequences.shape[1], tokens=data.tokens, seed=seed)
+    return CalibrationStats(info, calibration, group_size, [acc.result() for acc in accumulators])

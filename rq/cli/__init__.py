@@ -1,0 +1,1 @@
+"""The ``rq`` and ``rq-export`` command lines (``main``): thin typer wrappers over the stages."""

@@ -1,0 +1,123 @@
+"""CLI commands of the later pipeline stages (demo, place, export, check, build, triton), registered onto
+the main app. Each stage's implementation lives in its own package; this file only wires options to it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from rq.errors import RQError
+
+
+def _export(
+    model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint the plan was made for."),
+    plan: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
+    out: Path = typer.Option(Path("build"), "--out", help="Build folder: model.onnx (+ data), manifest, parity."),
+    force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
+    dtype: str = typer.Option("float32", help="Activation dtype of the exported graphs: float32 or float16."),
+    check: bool = typer.Option(True, help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export."),
+    triton: Optional[Path] = typer.Option(None, help="Also write a Triton model repository to this folder."),
+    trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
+) -> None:
+    """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer, and check it against PyTorch."""
+    from rq.cli.main import _quiet_transformers
+    from rq.export import export_model
+
+    _quiet_transformers()
+    result = export_model(model_dir, plan, out, force=force, dtype=dtype, check=check,
+                          trust_remote_code=trust_remote_code)
+    size = sum(result.sizes.values())
+    typer.echo(f"exported {len(result.files)} files ({size / 2**20:.1f} MiB) to {out} in {result.seconds:.0f} s")
+    if result.parity is not None:
+        typer.echo(result.parity.summary())
+    if triton is not None:
+        from rq.engines.tritonserver import write_model_repository
+
+        write_model_repository(out, triton, force=force)
+        typer.echo(f"Triton model repository written to {triton}")
+    if check and not result.passed:
+        raise typer.Exit(1)
+
+
+def check(
+    build: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
+    trt: bool = typer.Option(False, "--trt", help="Check the TensorRT engine (build/engine.plan) instead of ONNX Runtime."),
+    plugin: Optional[Path] = typer.Option(None, help="librq_moe_plugin.so, for --trt."),
+) -> None:
+    """Polygraphy parity: ONNX Runtime (or TensorRT with --trt) vs the PyTorch R&Q reference (SPEC §9)."""
+    if trt:
+        from rq.engines.tensorrt import TensorRTUnavailable, check_engine_export
+
+        try:
+            report = check_engine_export(build, plugin)
+        except (TensorRTUnavailable, FileNotFoundError) as err:
+            raise RQError(str(err)) from None
+    else:
+        from rq.export import check_export
+
+        report = check_export(build)
+    typer.echo(report.summary())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def build(
+    onnx_path: Path = typer.Argument(Path("build/model.onnx"), help="The exported model.onnx."),
+    out: Path = typer.Option(Path("build/engine.plan"), "--out", help="Where to write the TensorRT engine."),
+    plugin: Path = typer.Option(Path("build/plugins/librq_moe_plugin.so"), help="The RQMoE plugin library (plugins/)."),
+    fp16: bool = typer.Option(True, help="Build an FP16 engine."),
+) -> None:
+    """Build a TensorRT engine with the RQMoE plugin (needs TensorRT and a GPU; see docs/tensorrt.md)."""
+    from rq.engines.tensorrt import TensorRTUnavailable, build_engine
+
+    if not onnx_path.is_file():
+        raise RQError(f"{onnx_path} does not exist; export first with `rq-export MODEL_DIR --plan plan.json`")
+    try:
+        build_engine(onnx_path, out, plugin, fp16=fp16)
+    except TensorRTUnavailable as err:
+        raise RQError(str(err)) from None
+    typer.echo(f"engine written to {out}")
+
+
+def triton(
+    build_dir: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
+    out: Path = typer.Option(Path("model_repository"), "--out", help="Triton model repository to write."),
+    force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
+    engine: Optional[Path] = typer.Option(None, help="TensorRT engine to serve as well (rq build)."),
+    plugin: Optional[Path] = typer.Option(None, help="Plugin library shipped beside the engine."),
+    instances: int = typer.Option(1, help="Model instances per Python-backend model."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads per instance (0 = default)."),
+    providers: str = typer.Option("CPUExecutionProvider", help="ONNX Runtime providers, comma separated."),
+    max_context: int = typer.Option(2048, help="Longest prompt + generation the generate model accepts."),
+    offsets_scope: str = typer.Option("request", help="Replica offsets rotate per request or per instance."),
+) -> None:
+    """Write a Triton Inference Server model repository (ONNX Runtime model, streaming generate model)."""
+    from rq.engines.tritonserver import write_model_repository
+
+    if offsets_scope not in ("request", "instance"):
+        raise RQError(f"--offsets-scope must be 'request' or 'instance', got '{offsets_scope}'")
+    repo = write_model_repository(build_dir, out, force=force, engine_plan=engine, plugin_lib=plugin,
+                                  instances=instances, intra_op_threads=threads,
+                                  providers=tuple(p for p in providers.split(",") if p),
+                                  max_context=max_context, offsets_scope=offsets_scope)
+    typer.echo(f"model repository written to {repo}")
+
+
+def register(app: typer.Typer, friendly_errors: Callable) -> None:
+    from rq.cli.demo import demo
+    from rq.placement.run import import_command, place_command
+
+    app.command("demo")(friendly_errors(demo))
+    app.command("check")(friendly_errors(check))
+    app.command("build")(friendly_errors(build))
+    app.command("triton")(friendly_errors(triton))
+    app.command("place")(friendly_errors(place_command))
+    app.command("import-loads")(friendly_errors(import_command))
+
+
+def export_app(friendly_errors: Callable) -> typer.Typer:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+    app.command()(friendly_errors(_export))
+    return app

@@ -1,0 +1,232 @@
+"""Measure what R&Q changes (SPEC §2, §9): LIS before/after for batch inference at several batch sizes
+and for streaming generation, and accuracy parity against the original model.
+
+Routing of every evaluation sequence is recorded once per model (original, R&Q). Because routing of a
+token does not depend on which other sequences share its batch, batch LIS for any batch size ``B`` is
+then computed exactly from those traces: sequences are grouped ``B`` at a time in row-major token order
+(SPEC §1) and the replica rule (§4, offsets 0) maps the R&Q model's assignments to copies. Streaming
+runs real greedy generation of ``B`` concurrent sequences with the KV cache; each decode step is one
+call with ``T = B`` tokens and the R&Q model's offsets rotate (§4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from rq.models.adapters import Adapter, MoELayer
+from rq.calibrate.accumulate import record_calls
+from rq.calibrate.data import batches
+from rq.core.lis import InstantSummary, lis_value, model_lis
+from rq.progress import progress_bar
+from rq.core.replica import expert_counts, split_load
+from rq.rqmodel.model import RQExperts, rq_layers_of, set_mode
+
+
+@dataclass
+class LISPoint:
+    """One layer (or the model) at one batch size: cumulative LIS and the instantaneous summary."""
+
+    before: float
+    after: float
+    inst_before: InstantSummary
+    inst_after: InstantSummary
+
+    @property
+    def reduction(self) -> float:
+        return self.before / self.after if self.after and not math.isnan(self.after) else math.nan
+
+
+@dataclass
+class Accuracy:
+    ppl_original: float
+    ppl_rq: float
+    top1_agreement: float
+    kl_mean: float
+    tokens: int
+
+    @property
+    def ppl_change_pct(self) -> float:
+        return 100.0 * (self.ppl_rq / self.ppl_original - 1.0)
+
+
+@dataclass
+class EvalReport:
+    layers: list[str]
+    batch: dict[int, list[LISPoint]]  # batch size -> per-layer points
+    streaming: list[LISPoint] | None  # per layer, over decode steps
+    stream_batch: int
+    stream_steps: int
+    accuracy: Accuracy | None
+    bytes_before: int
+    bytes_after: int
+    extra: dict = field(default_factory=dict)
+
+    def model_point(self, points: list[LISPoint]) -> tuple[float, float, float, float]:
+        """(mean before, worst before, mean after, worst after) over layers."""
+        before = model_lis([p.before for p in points])
+        after = model_lis([p.after for p in points])
+        return before[0], before[1], after[0], after[1]
+
+    def to_json(self) -> dict:
+        def point(p: LISPoint) -> dict:
+            return {"before": p.before, "after": p.after, "reduction": p.reduction,
+                    "inst_before": asdict(p.inst_before), "inst_after": asdict(p.inst_after)}
+        return {
+            "layers": self.layers,
+            "batch": {str(b): [point(p) for p in pts] for b, pts in self.batch.items()},
+            "streaming": None if self.streaming is None else [point(p) for p in self.streaming],
+            "stream_batch": self.stream_batch, "stream_steps": self.stream_steps,
+            "accuracy": None if self.accuracy is None else {**asdict(self.accuracy),
+                                                            "ppl_change_pct": self.accuracy.ppl_change_pct},
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, **self.extra,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# routing traces
+
+class _IdRecorder:
+    """Forward pre-hook that keeps the ids of every experts call of one layer."""
+
+    def __init__(self, adapter: Adapter, layer: MoELayer):
+        self.adapter, self.layer, self.calls = adapter, layer, []
+
+    def __call__(self, module, args, kwargs):
+        routing = self.adapter.routing_from_call(self.layer, args, kwargs)
+        self.calls.append(routing.ids.reshape(routing.hidden.shape[0], -1).detach().cpu())
+
+
+@torch.no_grad()
+def trace_batches(model: nn.Module, adapter: Adapter, layers: list[MoELayer], sequences: torch.Tensor,
+                  batch_size: int, label: str, show_progress: bool = True):
+    """Run ``sequences [n, S]``; returns (per-layer ids ``[n, S_layer, K]``, list of logits per batch)."""
+    recorders = [_IdRecorder(adapter, layer) for layer in layers]
+    logits = []
+    with record_calls(model, adapter, layers, recorders), \
+            progress_bar(label, total=sequences.shape[0], enabled=show_progress) as advance:
+        device = next(model.parameters()).device
+        for batch in batches(sequences, batch_size):
+            batch = batch.to(device)
+            logits.append(adapter.forward_logits(model, batch, torch.ones_like(batch)).float().cpu())
+            advance(batch.shape[0])
+    n = sequences.shape[0]
+    traces = [torch.cat(r.calls).reshape(n, -1, r.calls[0].shape[-1]) for r in recorders]
+    return traces, logits
+
+
+def sequence_loads(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[n, S, K]`` ids -> ``[n, N]`` int64 loads of each sequence (dropped assignments excluded)."""
+    n = ids.shape[0]
+    flat = ids.reshape(n, -1).to(torch.int64)
+    valid = (flat >= 0) & (flat < num_experts)
+    keys = torch.arange(n).unsqueeze(1) * num_experts + flat.clamp(0, num_experts - 1)
+    return torch.bincount(keys[valid], minlength=n * num_experts).reshape(n, num_experts)
+
+
+def group_calls(loads: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[n, N]`` per-sequence loads -> ``[ceil(n/B), N]`` loads of each call of ``B`` consecutive sequences."""
+    n, units = loads.shape
+    calls = -(-n // batch_size)
+    padded = torch.zeros(calls * batch_size, units, dtype=loads.dtype)
+    padded[:n] = loads
+    return padded.reshape(calls, batch_size, units).sum(1)
+
+
+def batch_lis(before_ids: torch.Tensor, after_ids: torch.Tensor, num_experts: int, logcnt: torch.Tensor,
+              batch_size: int) -> LISPoint:
+    """Pure: LIS of one layer when sequences run ``batch_size`` at a time. ids: ``[n, S, K]``.
+
+    In batch mode offsets are 0, so a call's copy loads follow from its per-expert loads
+    (:func:`rq.core.replica.split_load`), exactly as the replica rule assigns them."""
+    pre = group_calls(sequence_loads(before_ids, num_experts), batch_size)
+    post = split_load(group_calls(sequence_loads(after_ids, num_experts), batch_size), logcnt)
+    return LISPoint(lis_value(pre.sum(0)), lis_value(post.sum(0)), InstantSummary.of(pre), InstantSummary.of(post))
+
+
+# ---------------------------------------------------------------------------------------------------
+# streaming
+
+@torch.no_grad()
+def streaming_lis(original: nn.Module, rq_model: nn.Module, adapter: Adapter, layers: list[MoELayer],
+                  prompts: torch.Tensor, steps: int) -> list[LISPoint]:
+    """Greedy generation of ``prompts [B, p]`` for ``steps`` tokens on both models; per-layer LIS over the
+    decode steps (the prefill call is excluded). Encoder layers of encoder-decoder models see no decode
+    step and get no streaming LIS."""
+    prompts = prompts.to(next(original.parameters()).device)
+    gen = dict(max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
+               attention_mask=torch.ones_like(prompts), pad_token_id=original.config.pad_token_id or 0)
+    recorders = [_IdRecorder(adapter, layer) for layer in layers]
+    with record_calls(original, adapter, layers, recorders):
+        original.generate(prompts, **gen)
+    rq_experts = rq_layers_of(rq_model)
+    set_mode(rq_model, "streaming", record=True)
+    try:
+        rq_model.generate(prompts, **gen)
+        histories = [list(layer.history) for layer in rq_experts]
+    finally:
+        set_mode(rq_model, "batch")
+    points = []
+    for layer, recorder, rq_layer, history in zip(layers, recorders, rq_experts, histories):
+        pre = [expert_counts(ids, layer.num_experts) for ids in recorder.calls[1:]]
+        post = history[1:]
+        if not pre or not post:
+            empty = InstantSummary.of(torch.zeros(0, 1))
+            points.append(LISPoint(math.nan, math.nan, empty, empty))
+            continue
+        pre_t, post_t = torch.stack(pre), torch.stack(post)
+        points.append(LISPoint(lis_value(pre_t.sum(0)), lis_value(post_t.sum(0)),
+                               InstantSummary.of(pre_t), InstantSummary.of(post_t)))
+    return points
+
+
+# ---------------------------------------------------------------------------------------------------
+# accuracy (SPEC §9)
+
+def accuracy(adapter: Adapter, sequences: torch.Tensor, logits_original: list[torch.Tensor],
+             logits_rq: list[torch.Tensor], batch_size: int) -> Accuracy:
+    """Perplexity of both models, next-token top-1 agreement and mean KL(original || R&Q), in float64."""
+    nll_o = nll_r = kl = agree = 0.0
+    count = 0
+    for batch, lo, lr in zip(batches(sequences, batch_size), logits_original, logits_rq):
+        if adapter.encoder_decoder:  # teacher-forced decoder: position t predicts token t
+            targets = batch
+        else:
+            lo, lr, targets = lo[:, :-1], lr[:, :-1], batch[:, 1:]
+        log_po = torch.log_softmax(lo.double(), -1)
+        log_pr = torch.log_softmax(lr.double(), -1)
+        nll_o += -log_po.gather(-1, targets.unsqueeze(-1)).sum().item()
+        nll_r += -log_pr.gather(-1, targets.unsqueeze(-1)).sum().item()
+        kl += (log_po.exp() * (log_po - log_pr)).sum().item()
+        agree += (lo.argmax(-1) == lr.argmax(-1)).sum().item()
+        count += targets.numel()
+    return Accuracy(math.exp(nll_o / count), math.exp(nll_r / count), agree / count, kl / count, count)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def evaluate(original: nn.Module, rq_model: nn.Module, adapter: Adapter, sequences: torch.Tensor, *,
+             batch_sizes: list[int], run_batch: int = 8, stream_batch: int = 16, stream_steps: int = 32,
+             prompt_len: int = 16, show_progress: bool = True) -> EvalReport:
+    """Full comparison of ``original`` and ``rq_model`` (the same checkpoint with a plan applied)."""
+    layers = adapter.moe_layers(original)
+    rq_experts: list[RQExperts] = rq_layers_of(rq_model)
+    assert len(rq_experts) == len(layers), "the R&Q model must be the same checkpoint with a plan applied"
+    set_mode(rq_model, "batch")
+    before, logits_o = trace_batches(original, adapter, layers, sequences, run_batch, "original", show_progress)
+    after, logits_r = trace_batches(rq_model, adapter, layers, sequences, run_batch, "R&Q", show_progress)
+    batch = {b: [batch_lis(bi, ai, layer.num_experts, rq.logcnt, b)
+                 for bi, ai, layer, rq in zip(before, after, layers, rq_experts)] for b in batch_sizes}
+    streaming = None
+    if stream_steps > 0:
+        prompts = sequences[:stream_batch, :prompt_len]
+        streaming = streaming_lis(original, rq_model, adapter, layers, prompts, stream_steps)
+    acc = accuracy(adapter, sequences, logits_o, logits_r, run_batch)
+    bytes_before = sum(sum(w.numel() * w.element_size() for w in adapter.get_expert_weights(layer, e))
+                       for layer in layers for e in range(layer.num_experts))
+    bytes_after = sum(rq.weight_nbytes() for rq in rq_experts)
+    return EvalReport([layer.path for layer in layers], batch, streaming, min(stream_batch, sequences.shape[0]),
+                      stream_steps, acc, bytes_before, bytes_after)

@@ -1,0 +1,492 @@
+"""``rq place`` and ``rq import-loads``: expert-parallel placement of an R&Q plan for multi-GPU engines,
+its makespan simulation against DeepSeek EPLB, and engine load dumps as rq stats (docs/multi-gpu.md).
+
+Plain functions with typer-annotated parameters, so the main CLI registers them directly::
+
+    app.command("place")(place_command)
+    app.command("import-loads")(import_command)
+
+Both raise :class:`~rq.errors.RQError` for user errors (one line naming the constraint and the fix); the
+stand-alone ``python -m rq.placement.run`` prints those without a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from rq import __version__
+from rq.errors import RQError
+from rq.core.lis import fmt
+from rq.placement.place import (colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt, makespan_ratio, place,
+                          trivial_placement, unavoidable_colocated)
+from rq.placement.formats import (DTYPE_BYTES, ENGINES, FILENAMES, FORMATS, check_formats, decoder_layers,
+                                  import_loads, model_shape, write_formats)
+from rq.plan.planner import expert_int4_bytes
+from rq.plan.schema import Plan, atomic_write_text, load_plan
+from rq.calibrate.stats import CalibrationStats
+
+PLACEMENT_VERSION = 1
+
+
+@contextmanager
+def single_thread():
+    """Run small-tensor work on one intra-op thread: thousands of tiny torch ops are faster without the
+    thread pool, and on a busy machine a pool thread waiting for a core costs milliseconds per op."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+METHODS = ("before", "eplb_same_slots", "eplb_same_memory", "rq")
+METHOD_LABELS = {"before": "no replicas, contiguous (engine default)", "eplb_same_slots": "EPLB, same slots",
+                 "eplb_same_memory": "EPLB, same memory", "rq": "R&Q placement"}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def plan_loads(plan: Plan, stats: CalibrationStats | None) -> torch.Tensor:
+    """``[L, N]`` int64 loads behind ``plan``: the stats' counts when given, else ``load_share * T * K``."""
+    if stats is None:
+        total = plan.calibration.tokens * plan.model.top_k
+        return torch.tensor([[round(e.load_share * total) for e in layer.experts] for layer in plan.layers],
+                            dtype=torch.int64)
+    check_stats(plan, stats, "stats")
+    return torch.stack([s.load for s in stats.layers]).round().to(torch.int64)
+
+
+def check_stats(plan: Plan, stats: CalibrationStats, what: str) -> None:
+    if stats.model.fingerprint != plan.model.fingerprint:
+        raise RQError(f"the {what} are of another model (fingerprint {stats.model.fingerprint[:20]}..., plan "
+                      f"{plan.model.fingerprint[:20]}...); pass stats of the model the plan was made for")
+    if len(stats.layers) != len(plan.layers) or stats.model.num_experts != plan.model.num_experts:
+        raise RQError(f"the {what} have {len(stats.layers)} layers x {stats.model.num_experts} experts, the plan "
+                      f"{len(plan.layers)} x {plan.model.num_experts}")
+
+
+def copy_bytes(plan: Plan, stats: CalibrationStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(original [L], int4 [L])`` bytes of one expert copy per layer: from the stats' real sizes when given;
+    else original = reference bytes / (L*N) and INT4 solved from the plan's planned bytes (or, for a
+    layer without INT4 copies, estimated as 0.5 + 2/G bytes per weight)."""
+    num_layers, n = len(plan.layers), plan.model.num_experts
+    if stats is not None:
+        group = stats.group_size
+        orig = torch.tensor([sum(s.original_bytes) / s.num_experts for s in stats.layers], dtype=torch.float64)
+        q = torch.tensor([expert_int4_bytes(s, group) if s.quantizable else sum(s.original_bytes) / s.num_experts
+                          for s in stats.layers], dtype=torch.float64)
+        return orig, q
+    per = plan.budget.reference_bytes / (num_layers * n)
+    elem = DTYPE_BYTES.get(plan.model.dtype, 2)
+    estimate = per * (0.5 + 2 / plan.quantization.group_size) / elem
+    orig = torch.full((num_layers,), per, dtype=torch.float64)
+    q = torch.full((num_layers,), estimate, dtype=torch.float64)
+    for i, layer in enumerate(plan.layers):
+        n_orig = sum(e.precision == "original" for e in layer.experts)
+        n_int4 = sum(e.precision == "int4" for e in layer.experts) + sum(e.replicas for e in layer.experts)
+        if n_int4:
+            q[i] = (layer.planned_bytes - n_orig * per) / n_int4
+    return orig, q
+
+
+def rq_bytes(plan: Plan, logcnt: torch.Tensor, orig: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``[L]`` bytes of the placed copies with per-copy precision: primaries as planned, other copies INT4."""
+    primary_int4 = torch.tensor([[e.precision == "int4" for e in layer.experts] for layer in plan.layers])
+    primaries = torch.where(primary_int4, q[:, None], orig[:, None]).sum(-1)
+    return primaries + (logcnt - 1).sum(-1) * q
+
+
+@dataclass
+class Target:
+    num_phy: int
+    logcnt: torch.Tensor  # [L, N] fitted
+    added: list[int]
+    removed: list[int]
+
+
+def target_logcnt(plan: Plan, loads: torch.Tensor, num_gpus: int, slots_per_device: int | None,
+                  pad: str) -> Target:
+    """Fit each layer's plan copies to one engine-wide ``P`` (a multiple of G, at most G copies per expert).
+
+    ``pad``: ``replicate`` fits every layer up to the largest layer's copies (rounded up to a multiple of G),
+    ``trim`` down to the smallest layer's (rounded down; then no layer exceeds its planned bytes), ``error``
+    refuses a plan whose layers do not already agree. ``slots_per_device`` overrides P.
+    """
+    n = plan.model.num_experts
+    logcnt = torch.tensor([layer.logcnt for layer in plan.layers], dtype=torch.int64)
+    per_layer = logcnt.sum(-1)
+    least = math.ceil(n / num_gpus) * num_gpus
+    if pad not in ("replicate", "trim", "error"):
+        raise RQError(f"--pad must be 'replicate', 'trim' or 'error', got '{pad}'")
+    if slots_per_device is not None:
+        if slots_per_device * num_gpus < n:
+            raise RQError(f"--slots-per-device {slots_per_device} x {num_gpus} devices = {slots_per_device * num_gpus} "
+                          f"slots < {n} experts: every expert needs a slot; raise --slots-per-device")
+        if slots_per_device > n:
+            raise RQError(f"--slots-per-device {slots_per_device} exceeds the {n} experts: a device would hold two "
+                          f"copies of one expert, which adds nothing to device balance")
+        num_phy = slots_per_device * num_gpus
+    elif pad == "trim":
+        num_phy = max(int(per_layer.min()) // num_gpus * num_gpus, least)
+    else:
+        num_phy = min(math.ceil(int(per_layer.max()) / num_gpus) * num_gpus, n * num_gpus)
+    if pad == "error":
+        bad = [(i, int(c)) for i, c in enumerate(per_layer) if int(c) != num_phy]
+        over = [(i, int(e)) for i in range(len(plan.layers)) for e in torch.nonzero(logcnt[i] > num_gpus).flatten()]
+        if bad:
+            i, c = bad[0]
+            raise RQError(f"layer {i} has {c} copies but engines need the same P in every layer and "
+                          f"P % {num_gpus} == 0 (P = {num_phy} here); rerun with --pad replicate, --pad trim or "
+                          f"--slots-per-device")
+        if over:
+            i, e = over[0]
+            raise RQError(f"layer {i} expert {e} has {int(logcnt[i, e])} copies on {num_gpus} devices; copies beyond "
+                          f"one per device do not balance devices: rerun with --pad replicate or "
+                          f"rq plan --max-replicas")
+    fitted = torch.stack([fit_logcnt(loads[i], logcnt[i], num_phy, num_gpus) for i in range(len(plan.layers))])
+    diff = fitted - logcnt
+    return Target(num_phy, fitted, diff.clamp(min=0).sum(-1).tolist(), (-diff).clamp(min=0).sum(-1).tolist())
+
+
+# ----------------------------------------------------------------------------- simulation
+
+@dataclass
+class Simulation:
+    """Device loads ``{method: {load set: [L, G]}}`` and the slot count of each method."""
+
+    slots: dict[str, int]
+    loads: dict[str, dict[str, torch.Tensor]]
+    bytes_per_gpu: dict[str, float]  # max over devices of expert bytes per device, summed over layers
+    bytes_per_gpu_mean: float  # R&Q: mean over devices
+    same_memory_clipped: bool
+
+
+def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+             num_gpus: int, num_nodes: int, num_groups: int, orig: torch.Tensor, q: torch.Tensor) -> Simulation:
+    """Device loads of the four methods for each load set (``{"calibration": [L, N], "held-out": ...}``).
+
+    ``eplb_same_slots`` gets R&Q's slot count; ``eplb_same_memory`` the slots that R&Q's bytes (per-copy
+    precision) buy at the original precision, rounded down to a multiple of G (never below N)."""
+    phy2log, log2phy, logcnt = placed
+    num_layers, n = logcnt.shape
+    num_phy = phy2log.shape[1]
+    calib = loads["calibration"]
+    total_rq = float(rq_bytes(plan, logcnt, orig, q).sum())
+    mem_slots = int(total_rq // float(orig.sum())) // num_gpus * num_gpus
+    floor = math.ceil(n / num_gpus) * num_gpus
+    methods = {
+        "before": trivial_placement(num_layers, n),
+        "eplb_same_slots": eplb_rebalance(calib, num_phy, num_groups, num_nodes, num_gpus),
+        "eplb_same_memory": eplb_rebalance(calib, max(mem_slots, floor), num_groups, num_nodes, num_gpus),
+        "rq": placed,
+    }
+    slots = {name: int(m[0].shape[1]) for name, m in methods.items()}
+    out = {name: {key: device_loads(value, m[1], m[2], num_gpus) for key, value in loads.items()}
+           for name, m in methods.items()}
+    per_gpu = {name: float(orig.sum()) * math.ceil(slots[name] / num_gpus) for name in methods if name != "rq"}
+    primary_int4 = torch.tensor([[e.precision == "int4" for e in layer.experts] for layer in plan.layers])
+    rq_dev = torch.zeros(num_gpus, dtype=torch.float64)
+    for li in range(num_layers):  # per-copy precision: the primary as planned, every other copy INT4
+        copy_b = torch.full((num_phy,), float(q[li]), dtype=torch.float64)
+        copy_b[log2phy[li, :, 0]] = torch.where(primary_int4[li], q[li], orig[li]).to(torch.float64)
+        rq_dev += copy_b.view(num_gpus, -1).sum(-1)
+    per_gpu["rq"] = float(rq_dev.max())
+    return Simulation(slots, out, per_gpu, float(rq_dev.mean()), mem_slots < floor)
+
+
+def summary_rows(sim: Simulation, num_gpus: int) -> list[dict]:
+    rows = []
+    for name in METHODS:
+        mean = sim.bytes_per_gpu_mean if name == "rq" else sim.bytes_per_gpu[name]
+        row = {"method": name, "label": METHOD_LABELS[name], "slots": sim.slots[name],
+               "slots_per_gpu": sim.slots[name] / num_gpus, "expert_bytes_per_gpu": sim.bytes_per_gpu[name],
+               "expert_bytes_per_gpu_mean": mean}
+        for key, loads in sim.loads[name].items():
+            values = device_lis(loads)
+            defined = values[~torch.isnan(values)]
+            row[key] = {"device_lis_mean": float(defined.mean()) if defined.numel() else math.nan,
+                        "device_lis_worst": float(defined.max()) if defined.numel() else math.nan,
+                        "makespan_ratio": makespan_ratio(loads)}
+        rows.append(row)
+    return rows
+
+
+def byte_unit(rows: list[dict]) -> tuple[str, float]:
+    """The unit that prints the rows' bytes per GPU readably: GiB, MiB or KiB."""
+    largest = max(r["expert_bytes_per_gpu"] for r in rows)
+    return next((u, d) for u, d in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if largest >= d or u == "KiB")
+
+
+def markdown_summary(rows: list[dict], load_sets: list[str]) -> str:
+    unit, div = byte_unit(rows)
+    head = f"| method | slots | slots/GPU | expert {unit}/GPU max (mean) |"
+    sep = "|---|---:|---:|---:|"
+    for key in load_sets:
+        head += f" device LIS mean ({key}) | worst layer | makespan x ({key}) |"
+        sep += "---:|---:|---:|"
+    lines = [head, sep]
+    for r in rows:
+        line = (f"| {r['label']} | {r['slots']} | {r['slots_per_gpu']:.2f} | {r['expert_bytes_per_gpu'] / div:.2f} "
+                f"({r['expert_bytes_per_gpu_mean'] / div:.2f}) |")
+        for key in load_sets:
+            s = r[key]
+            line += f" {fmt(s['device_lis_mean'], 3)} | {fmt(s['device_lis_worst'], 3)} | {s['makespan_ratio']:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def markdown_layers(sim: Simulation, decoder: list[int], target: Target, plan_counts: list[int]) -> str:
+    load_sets = list(sim.loads["rq"])
+    head = "| layer | decoder | plan copies | placed (+pad/-trim) |"
+    sep = "|---:|---:|---:|---|"
+    for key in load_sets:
+        for name in METHODS:
+            head += f" {name} ({key}) |"
+            sep += "---:|"
+    lines = [head, sep]
+    lis = {name: {key: device_lis(v) for key, v in sim.loads[name].items()} for name in METHODS}
+    for li, d in enumerate(decoder):
+        line = f"| {li} | {d} | {plan_counts[li]} | {target.num_phy} (+{target.added[li]}/-{target.removed[li]}) |"
+        for key in load_sets:
+            for name in METHODS:
+                line += f" {fmt(float(lis[name][key][li]), 3)} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_layers(sim: Simulation, plan: Plan, decoder: list[int], num_gpus: int, out_dir: Path) -> list[Path]:
+    """One PNG per layer (device loads / mean, devices sorted by load, per method and load set) and a
+    ``summary.png`` (device LIS per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_sets = list(sim.loads["rq"])
+    colors = {"before": "tab:gray", "eplb_same_slots": "tab:blue", "eplb_same_memory": "tab:orange", "rq": "tab:green"}
+    paths = []
+    for li, d in enumerate(decoder):
+        fig, axes = plt.subplots(1, len(load_sets), figsize=(5.5 * len(load_sets), 3.8), squeeze=False, sharey=True)
+        for ax, key in zip(axes[0], load_sets):
+            for name in METHODS:
+                loads = sim.loads[name][key][li]
+                if float(loads.sum()) == 0:
+                    continue
+                rel = (loads / loads.mean()).sort(descending=True).values
+                lis_v = float(rel[0])
+                ax.step(range(1, num_gpus + 1), rel.tolist(), where="mid", color=colors[name],
+                        label=f"{METHOD_LABELS[name]} [{sim.slots[name]} slots]: LIS {lis_v:.2f}")
+            ax.axhline(1.0, color="black", lw=0.8, ls=":")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("device, sorted by load (most loaded first)")
+            ax.set_title(f"{key} loads")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper right")
+        axes[0][0].set_ylabel("device load / mean device load")
+        fig.suptitle(f"MoE layer {li} (decoder layer {d}, {plan.layers[li].module}): {num_gpus} devices", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"layer_{li:03d}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    fig, axes = plt.subplots(1, len(load_sets), figsize=(6.5 * len(load_sets), 4.6), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], load_sets):
+        for name in METHODS:
+            ax.plot(range(len(decoder)), device_lis(sim.loads[name][key]).tolist(), marker=".", color=colors[name],
+                    label=f"{METHOD_LABELS[name]} [{sim.slots[name]} slots]")
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("MoE layer")
+        ax.set_title(f"{key} loads")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("device LIS (max / mean device load)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Device load imbalance per layer, {num_gpus} devices ({plan.model.architecture})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path = out_dir / "summary.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path] + paths
+
+
+def engine_flags(num_gpus: int, num_phy: int, n: int, out_dir: Path) -> dict[str, str]:
+    """The command-line pieces that load each file (docs/multi-gpu.md has the full story)."""
+    redundant = num_phy - n
+    return {
+        "sglang": f"--ep-size {num_gpus} --ep-num-redundant-experts {redundant} --ep-dispatch-algorithm static "
+                  f"--init-expert-location {out_dir / FILENAMES['sglang']}",
+        "vllm-ascend": f"--enable-expert-parallel --additional-config '{{\"eplb_config\": {{\"expert_map_path\": "
+                       f"\"{out_dir / FILENAMES['vllm-ascend']}\", \"num_redundant_experts\": {redundant}}}}}'",
+        "vllm": f"--enable-expert-parallel --enable-eplb --eplb-config '{{\"num_redundant_experts\": {redundant}}}' "
+                f"(mainline vLLM has no flag to load {FILENAMES['vllm']}; see docs/multi-gpu.md)",
+        "trtllm": f"extra_llm_api_options.yaml: moe_config: {{load_balancer: {out_dir / FILENAMES['trtllm']}}} "
+                  f"with --ep_size {num_gpus}",
+    }
+
+
+# ----------------------------------------------------------------------------- commands
+
+_HELP = {
+    "stats": "the calibration stats the plan was made from (exact loads and bytes)",
+    "heldout": "stats on held-out data, to judge the placement on loads it was not fitted to",
+    "config": "the model's Hugging Face config.json (layer count, router groups)",
+    "groups": "router expert groups kept on one node (default: config n_group, else 1)",
+    "slots": "engine slots per device (default: from --pad)",
+    "pad": "one P for all layers: 'replicate' up to the largest layer, 'trim' down to the smallest "
+           "(stays within the plan's bytes), 'error' refuse",
+    "inputs": "dump file(s): SGLang recorder .pt, vLLM EPLB state .pt/.safetensors/.json, or the TensorRT-LLM "
+              "statistic folder",
+}
+
+def place_command(
+    plan_path: Annotated[Path, typer.Argument(help="plan.json made by `rq plan`")],
+    devices: Annotated[int, typer.Option("--devices", "-g", help="expert-parallel devices (EP size)")],
+    nodes: Annotated[int, typer.Option(help="nodes; > 1 packs copies per node first, then per device")] = 1,
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("placement"),
+    stats_dir: Annotated[Optional[Path], typer.Option("--stats", help=_HELP["stats"])] = None,
+    heldout_stats: Annotated[Optional[Path], typer.Option("--heldout", help=_HELP["heldout"])] = None,
+    config: Annotated[Optional[Path], typer.Option(help=_HELP["config"])] = None,
+    groups: Annotated[Optional[int], typer.Option(help=_HELP["groups"])] = None,
+    slots_per_device: Annotated[Optional[int], typer.Option(help=_HELP["slots"])] = None,
+    pad: Annotated[str, typer.Option(help=_HELP["pad"])] = "replicate",
+    formats: Annotated[str, typer.Option(help=f"comma-separated subset of {','.join(FORMATS)}")] = ",".join(FORMATS),
+    plots: Annotated[bool, typer.Option(help="write PNG plots (one per layer and a summary)")] = True,
+    quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
+) -> dict:
+    """Place an R&Q plan's copies on DEVICES GPUs and write the placement for SGLang, vLLM, TensorRT-LLM and
+    DeepSeek EPLB, with a device-balance simulation against EPLB (report.md, plots/)."""
+    with single_thread():
+        return _place(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device,
+                      pad, formats, plots, quiet)
+
+
+def _place(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device, pad,
+           formats, plots, quiet) -> dict:
+    if devices < 1 or nodes < 1 or devices % nodes:
+        raise RQError(f"--devices {devices} must be a positive multiple of --nodes {nodes} (equal devices per node)")
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    check_formats(wanted)
+    plan_path, out_dir = Path(plan_path), Path(out_dir)
+    plan = load_plan(plan_path)
+    stats = CalibrationStats.load(stats_dir) if stats_dir is not None else None
+    loads = {"calibration": plan_loads(plan, stats)}
+    if heldout_stats is not None:
+        held = CalibrationStats.load(heldout_stats)
+        check_stats(plan, held, "held-out stats")
+        loads["held-out"] = torch.stack([s.load for s in held.layers]).round().to(torch.int64)
+    shape = model_shape(config) if config is not None else None
+    decoder = decoder_layers(plan)
+    num_hidden = shape.num_hidden_layers if shape is not None else max(decoder) + 1
+    if shape is not None and shape.num_experts != plan.model.num_experts:
+        raise RQError(f"{config} has {shape.num_experts} experts, the plan {plan.model.num_experts}: not this model")
+    num_groups = groups if groups is not None else (shape.num_groups if shape is not None else 1)
+    n = plan.model.num_experts
+    if num_groups < 1 or n % num_groups:
+        raise RQError(f"--groups {num_groups} must divide the {n} experts")
+
+    target = target_logcnt(plan, loads["calibration"], devices, slots_per_device, pad)
+    original = torch.tensor([[e.precision == "original" for e in layer.experts] for layer in plan.layers])
+    placed = place(loads["calibration"], target.logcnt, devices, nodes, num_groups, original)
+    phy2log, log2phy, logcnt = placed
+    written = write_formats(out_dir, wanted, phy2log, log2phy, logcnt, decoder, num_hidden, devices)
+
+    orig, q = copy_bytes(plan, stats)
+    sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q)
+    rows = summary_rows(sim, devices)
+    load_sets = list(loads)
+    plan_counts = [sum(layer.logcnt) for layer in plan.layers]
+    colo, unavoidable = colocated(phy2log, devices), sum(unavoidable_colocated(c, devices) for c in logcnt)
+    notes = [
+        f"{n} experts, {len(plan.layers)} MoE layers, {devices} devices on {nodes} node(s), "
+        f"router groups {num_groups}.",
+        f"Placement: P = {target.num_phy} slots ({target.num_phy // devices} per device, "
+        f"{target.num_phy - n} redundant); "
+        f"plan copies per layer {min(plan_counts)}..{max(plan_counts)}, fitted with +{sum(target.added)} / "
+        f"-{sum(target.removed)} copies in all.",
+        f"Copies sharing a device with a copy of the same expert: {colo} (unavoidable: {unavoidable}).",
+        "Engines store every copy at one precision: the R&Q row's memory assumes per-copy precision (INT4 replicas) "
+        "as rq's runtime executes it; in an engine serving bf16, R&Q's slots cost the EPLB-same-slots memory.",
+    ]
+    if sim.same_memory_clipped:
+        notes.append("EPLB at the same memory would have fewer slots than experts; it is given one slot per expert.")
+    report = ["# Expert-parallel placement", "", *[f"- {x}" for x in notes], "",
+              "## Model summary (device LIS: max / mean device load per layer; makespan: sum of per-layer max "
+              "over sum of per-layer mean)", "", markdown_summary(rows, load_sets), "",
+              "## Per layer: device LIS", "", markdown_layers(sim, decoder, target, plan_counts), ""]
+    flags = engine_flags(devices, target.num_phy, n, out_dir)
+    report += ["## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
+    atomic_write_text(out_dir / "report.md", "\n".join(report))
+    plot_paths = plot_layers(sim, plan, decoder, devices, out_dir / "plots") if plots else []
+    manifest = {
+        "format": "rq-placement", "version": PLACEMENT_VERSION, "tool_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(), "plan": str(plan_path),
+        "fingerprint": plan.model.fingerprint, "devices": devices, "nodes": nodes, "groups": num_groups,
+        "num_logical_experts": n, "num_physical_experts": target.num_phy,
+        "num_redundant_experts": target.num_phy - n, "slots_per_device": target.num_phy // devices,
+        "decoder_layers": decoder, "num_hidden_layers": num_hidden, "plan_copies": plan_counts,
+        "copies_added": target.added, "copies_removed": target.removed, "colocated": colo,
+        "logcnt": logcnt.tolist(), "files": {k: v.name for k, v in written.items()}, "engine_flags": flags,
+        "simulation": rows, "plots": [p.name for p in plot_paths],
+    }
+    atomic_write_text(out_dir / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
+    if not quiet:
+        typer.echo("\n".join(notes))
+        typer.echo(markdown_summary(rows, load_sets))
+        typer.echo(f"wrote {', '.join(sorted(p.name for p in written.values()))}, report.md, placement.json"
+                   + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
+    return manifest
+
+
+def import_command(
+    engine: Annotated[str, typer.Argument(help=f"engine that recorded the loads: {', '.join(ENGINES)}")],
+    inputs: Annotated[list[Path], typer.Argument(help=_HELP["inputs"])],
+    config: Annotated[Path, typer.Option(help="the model's Hugging Face config.json")],
+    out: Annotated[Path, typer.Option("--out", help="stats folder to write (stats.json + stats.safetensors)")],
+    group_size: Annotated[int, typer.Option(help="INT4 group size the plan will use (64 or 128)")] = 128,
+    quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
+) -> CalibrationStats:
+    """Turn per-expert loads recorded by a serving engine into rq stats, for `rq plan` (importance = frequency)."""
+    if group_size not in (64, 128):
+        raise RQError(f"--group-size must be 64 or 128, got {group_size}")
+    with single_thread():
+        stats = import_loads(engine, inputs, config, group_size)
+    stats.save(out)
+    if not quiet:
+        typer.echo(f"{len(stats.layers)} MoE layers x {stats.model.num_experts} experts, {stats.calibration.tokens} "
+                   f"tokens from {engine} -> {out} (importance metrics are the load: plan with frequency)")
+    return stats
+
+
+app = typer.Typer(add_completion=False, help="Expert-parallel placement of R&Q plans (docs/multi-gpu.md).")
+app.command("place")(place_command)
+app.command("import-loads")(import_command)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RQError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(1) from None
+    except Exception as err:  # click usage errors in non-standalone mode
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            raise SystemExit(err.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The R&Q planner (SPEC §6): which experts to quantize to INT4 and which to replicate, per layer,
+within a memory budget. :func:`plan_layer` is a pure function over tensors; :func:`make_plan` turns
+calibration stats into the validated ``plan.json`` document (no I/O).
+
+Greedy and deterministic (ties break by lower expert id):
+1. quantize the least important experts until the layer fits ``budget_factor * reference_bytes``;
+2. repeatedly give an INT4 replica to the expert with the highest per-copy load, quantizing the next
+   least important expert whenever a replica does not fit, until the budget, the replica cap or the
+   quantization cap stops it;
+3. keep the prefix of step 2 with the lowest predicted LIS (fewest changes on ties), so replicas that
+   do not improve balance, and the quantizations made only for them, are not kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rq import __version__
+from rq.errors import RQError
+from rq.core.int4 import int4_nbytes
+from rq.plan.schema import PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo
+from rq.calibrate.stats import CalibrationStats, LayerStats
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    budget_factor: float = 1.0
+    importance: str = "quant_sensitivity"
+    max_quantized_fraction: float = 0.5
+    max_replicas: int = 7  # per expert, so at most 8 copies
+    lis_tolerance: float = 0.0  # keep the fewest replicas whose LIS is within (1 + tol) of the best
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    quantized: torch.Tensor  # [N] bool: primary stored as INT4
+    logcnt: torch.Tensor  # [N] int64: copies per expert (1 + replicas)
+    planned_bytes: int
+    lis_before: float
+    lis_after: float
+
+
+def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: torch.Tensor,
+               int4_bytes: torch.Tensor, *, quantizable: bool, budget_factor: float, max_quantized: int,
+               max_replicas: int, lis_tolerance: float = 0.0) -> LayerDecision:
+    """Plan one layer.
+
+    load: ``[N]`` assignment counts; importance: ``[N]`` (higher = keep at original precision);
+    original_bytes / int4_bytes: ``[N]`` int64 real sizes of one copy at each precision;
+    quantizable: whether INT4 applies at all (group size divides the weights);
+    max_quantized: cap on INT4 primaries; max_replicas: cap on replicas per expert;
+    lis_tolerance: keep the shortest greedy prefix whose LIS is within ``(1 + tol)`` of the best one
+    (every replica is INT4, so fewer replicas means less INT4 traffic and less accuracy cost).
+
+    Runs in O((N + R) log N) for R replicas: the expert with the highest per-copy load comes off a heap,
+    and the predicted LIS is tracked incrementally. With offsets 0 the busiest copy of expert ``e`` holds
+    ``ceil(L_e / C_e)`` assignments (SPEC §4), so ``LIS = max_e ceil(L_e / C_e) * P / S``.
+    """
+    n = load.numel()
+    assert importance.shape == original_bytes.shape == int4_bytes.shape == (n,), "per-expert vectors of length N"
+    loads = [int(v) for v in load.round().to(torch.int64).tolist()]
+    orig, q_bytes = [int(v) for v in original_bytes.tolist()], [int(v) for v in int4_bytes.tolist()]
+    total = sum(loads)
+    budget = budget_factor * sum(orig)
+    # least important first; a stable sort on importance keeps lower ids first among ties
+    quant_order = torch.argsort(importance.to(torch.float64), stable=True).tolist() if quantizable else []
+    quant_order = quant_order[:max_quantized] if quantizable else []
+    max_replicas = max_replicas if quantizable else 0
+    quantized = [False] * n
+    copies = [1] * n
+    size = sum(orig)
+    n_quantized = 0
+
+    def quantize_next() -> bool:
+        nonlocal size, n_quantized
+        if n_quantized >= len(quant_order):
+            return False
+        e = quant_order[n_quantized]
+        quantized[e] = True
+        size += q_bytes[e] - orig[e]
+        n_quantized += 1
+        return True
+
+    while size > budget:
+        if not quantize_next():
+            raise RQError(f"budget {budget_factor:g}x cannot be met even with {n_quantized} of {n} experts "
+                          f"in INT4; raise --budget or --max-quantized-fraction")
+
+    def lis_now(busiest: int) -> float:
+        return busiest * sum(copies) / total if total else math.nan
+
+    lis_before = lis_now(max(loads)) if n else math.nan
+    heap = [(-loads[e], e) for e in range(n) if loads[e] > 0 and max_replicas > 0]  # key: -L/C, then id
+    heapq.heapify(heap)
+    capped_busiest = max((loads[e] for e in range(n) if max_replicas == 0), default=0)
+    history = [(lis_before, 0, n_quantized)]  # (lis, replicas added, quantizations needed)
+    added = 0
+    while heap:
+        _, e = heap[0]
+        copies[e] += 1
+        fits = size + q_bytes[e] <= budget
+        while not fits and quantize_next():
+            fits = size + q_bytes[e] <= budget
+        if not fits:
+            copies[e] -= 1
+            break
+        size += q_bytes[e]
+        added += 1
+        heapq.heappop(heap)
+        if copies[e] > max_replicas:
+            capped_busiest = max(capped_busiest, -(-loads[e] // copies[e]))
+        else:
+            heapq.heappush(heap, (-loads[e] / copies[e], e))
+        busiest = max(capped_busiest, -(-loads[heap[0][1]] // copies[heap[0][1]]) if heap else 0)
+        history.append((lis_now(busiest), added, n_quantized))
+    finite = [h for h in history if not math.isnan(h[0])]
+    floor = min((h[0] for h in finite), default=math.nan)
+    best = next((h for h in finite if h[0] <= floor * (1 + lis_tolerance) + 1e-12), history[0])
+    # replay the chosen prefix: the same greedy order, stopped after best[1] replicas
+    return _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before)
+
+
+def _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before) -> LayerDecision:
+    best_lis, replicas, n_quantized = best
+    n = len(loads)
+    quantized = torch.zeros(n, dtype=torch.bool)
+    quantized[quant_order[:n_quantized]] = True
+    copies = [1] * n
+    heap = [(-loads[e], e) for e in range(n) if loads[e] > 0 and max_replicas > 0]
+    heapq.heapify(heap)
+    for _ in range(replicas):
+        _, e = heapq.heappop(heap)
+        copies[e] += 1
+        if copies[e] <= max_replicas:
+            heapq.heappush(heap, (-loads[e] / copies[e], e))
+    logcnt = torch.tensor(copies, dtype=torch.int64)
+    size = sum(q if quantized[e] else o for e, (o, q) in enumerate(zip(orig, q_bytes)))
+    size += sum((c - 1) * q for c, q in zip(copies, q_bytes))
+    return LayerDecision(quantized, logcnt, size, lis_before, best_lis)
+
+
+def expert_int4_bytes(stats: LayerStats, group_size: int) -> int:
+    return int4_nbytes(stats.w_in_shape, group_size) + int4_nbytes(stats.w_out_shape, group_size)
+
+
+def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> Plan:
+    """Plan every layer of ``stats`` and return the validated plan document."""
+    if options.budget_factor <= 0:
+        raise RQError(f"--budget must be positive, got {options.budget_factor}")
+    if not 0 <= options.max_quantized_fraction <= 1:
+        raise RQError(f"--max-quantized-fraction must be in [0, 1], got {options.max_quantized_fraction}")
+    if stats.calibration.tokens == 0 or all(float(s.load.sum()) == 0 for s in stats.layers):
+        raise RQError("the calibration stats hold no routed tokens; calibrate on more data")
+    group = stats.group_size
+    layers = []
+    for s in stats.layers:
+        original = torch.tensor(s.original_bytes, dtype=torch.int64)
+        q_bytes = torch.full_like(original, expert_int4_bytes(s, group)) if s.quantizable else original.clone()
+        importance = s.importance(options.importance)
+        decision = plan_layer(s.load, importance, original, q_bytes, quantizable=s.quantizable,
+                              budget_factor=options.budget_factor,
+                              max_quantized=int(options.max_quantized_fraction * s.num_experts),
+                              max_replicas=options.max_replicas, lis_tolerance=options.lis_tolerance)
+        total = float(s.load.sum())
+        warnings = [] if s.quantizable else [
+            f"weights {s.w_in_shape}/{s.w_out_shape} are not divisible by group size {group}: layer left unquantized "
+            f"and unreplicated (try --group-size 64 at calibration)"]
+        layers.append(LayerPlan(
+            layer=s.index, module=s.path, planned_bytes=decision.planned_bytes, warnings=warnings,
+            lis_before=None if math.isnan(decision.lis_before) else decision.lis_before,
+            lis_after=None if math.isnan(decision.lis_after) else decision.lis_after,
+            experts=[ExpertPlan(expert=e, load_share=float(s.load[e]) / total if total else 0.0,
+                                importance=float(importance[e]),
+                                precision="int4" if bool(decision.quantized[e]) else "original",
+                                replicas=int(decision.logcnt[e]) - 1) for e in range(s.num_experts)]))
+    reference = sum(sum(s.original_bytes) for s in stats.layers)
+    return Plan(
+        version=PLAN_VERSION, tool_version=__version__, created=dt.datetime.now(dt.timezone.utc).isoformat(),
+        model=stats.model, calibration=stats.calibration, quantization=QuantizationInfo(group_size=group),
+        importance_metric=options.importance,
+        budget=BudgetInfo(reference_bytes=reference, planned_bytes=sum(p.planned_bytes for p in layers),
+                          budget_factor=options.budget_factor),
+        options={"max_quantized_fraction": options.max_quantized_fraction, "max_replicas": options.max_replicas,
+                 "lis_tolerance": options.lis_tolerance},
+        layers=layers)
