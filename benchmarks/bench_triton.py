@@ -4,7 +4,7 @@
     python benchmarks/bench_triton.py --concurrency 1,4,16   # one row per concurrency
     python benchmarks/bench_triton.py --build build/         # an existing rq-export folder
     python benchmarks/bench_triton.py --model DIR --data F   # calibrate + plan + export a local checkpoint
-    python benchmarks/bench_triton.py --from-test            # the numbers tests/triton wrote last run
+    python benchmarks/bench_triton.py --from-test            # the numbers tests/engines/tritonserver wrote last run
 
 Starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel (CPU, Python backend) on free local ports with
 a repository from :func:`rq.engines.tritonserver.write_model_repository`, streams ``--requests`` greedy
@@ -105,7 +105,7 @@ def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from-test", nargs="?", const=str(TEST_JSON), default=None, metavar="JSON",
-                        help=f"print the numbers tests/triton wrote (default {TEST_JSON.relative_to(REPO)})")
+                        help=f"print the numbers tests/engines/tritonserver wrote (default {TEST_JSON.relative_to(REPO)})")
     parser.add_argument("--build", help="an rq-export folder (default: export a tiny random Qwen3-MoE)")
     parser.add_argument("--model", help="a local Hugging Face MoE checkpoint to calibrate, plan and export")
     parser.add_argument("--data", help="calibration text for --model (default: rq's own sources)")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_test:
         path = Path(args.from_test)
         if not path.is_file():
-            print(f"{path} not found: run `python -m pytest tests/triton` first", file=sys.stderr)
+            print(f"{path} not found: run `python -m pytest tests/engines/tritonserver` first", file=sys.stderr)
             return 1
         print(table([json.loads(path.read_text())]))
         return 0

@@ -1,6 +1,6 @@
 """Adapters for the remote-code checkpoints of the paper: LLaMA-MoE v1 (``llama_moe``) and DeepSeek-MoE v1
 (``deepseek``). Tiny checkpoints are written from trimmed copies of their modeling files
-(tests/remote_code/), loaded with ``trust_remote_code=True``, calibrated, planned and rebuilt with R&Q."""
+(tests/models/remote_code/), loaded with ``trust_remote_code=True``, calibrated, planned and rebuilt with R&Q."""
 
 from __future__ import annotations
 
