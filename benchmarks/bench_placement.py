@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rq.core.lis import fmt
-from rq.placement.run import METHOD_LABELS, METHODS, byte_unit, place_command
+from rq.placement.run import METHOD_LABELS, METHODS, byte_unit, place_plan
 from rq.plan.planner import PlanOptions, make_plan
 from rq.plan.schema import save_plan
 from rq.calibrate.stats import CalibrationStats
@@ -44,10 +44,9 @@ def run_case(name: str, stats: CalibrationStats, heldout: CalibrationStats | Non
     t_plan = time.perf_counter() - t0
     save_plan(plan, case / "plan.json")
     t0 = time.perf_counter()
-    manifest = place_command(case / "plan.json", devices=devices, nodes=nodes, out_dir=plots or case / "placement",
+    manifest = place_plan(case / "plan.json", devices=devices, nodes=nodes, out_dir=plots or case / "placement",
                              stats_dir=case / "calib", heldout_stats=case / "held" if heldout is not None else None,
-                             groups=groups, pad=pad, slots_per_device=slots_per_device, plots=plots is not None,
-                             quiet=True)
+                             groups=groups, pad=pad, slots_per_device=slots_per_device, plots=plots is not None, echo=None)
     t_place = time.perf_counter() - t0
     return {"name": name, "manifest": manifest, "plan_s": t_plan, "place_s": t_place,
             "plan_copies": (min(manifest["plan_copies"]), max(manifest["plan_copies"])),

@@ -7,21 +7,23 @@ from typing import Optional
 
 import typer
 
+from rq.cli.app import command, quiet_transformers
 
+
+@command()
 def demo(
     out: Path = typer.Option(Path("rq-demo"), "--out", help="Folder for plan, stats, demo.json and the PNG plots."),
     quick: bool = typer.Option(False, help="Reduced sizes (seconds): same steps, fewer tokens."),
     model_dir: Optional[Path] = typer.Option(None, help="Another checkpoint to run the demo on (default: built-in)."),
 ) -> None:
     """Calibrate, plan and evaluate the built-in demo MoE (trained on Python's stdlib): LIS tables + plots."""
-    from rq.cli.main import _quiet_transformers
     import os
 
     import torch
 
     from rq.demo.pipeline import DemoSettings, run_demo
 
-    _quiet_transformers()
+    quiet_transformers()
     # the demo model is tiny: one thread avoids oversubscription on shared cores (RQ_THREADS overrides)
     torch.set_num_threads(int(os.environ.get("RQ_THREADS", "1")))
     run_demo(out, DemoSettings.quick() if quick else DemoSettings(), model_dir)

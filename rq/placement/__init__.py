@@ -1,2 +1,13 @@
 """Expert-parallel placement of a plan's copies on devices (``place``, pure), the files the serving engines load
 (``formats``: SGLang, vLLM, TensorRT-LLM, EPLB) and the device-LIS simulation against DeepSeek EPLB (``run``)."""
+
+# File formats and engines, here (no torch) so that the command line can list them without loading a stage.
+FORMATS = ("sglang", "vllm", "vllm-ascend", "trtllm", "eplb")
+FILENAMES = {
+    "sglang": "sglang_expert_location.json",
+    "vllm": "vllm_physical_to_logical.json",
+    "vllm-ascend": "vllm_ascend_expert_map.json",
+    "trtllm": "trtllm_moe_load_balancer.yaml",
+    "eplb": "eplb_placement.safetensors",
+}
+ENGINES = ("sglang", "vllm", "trtllm")

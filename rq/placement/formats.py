@@ -1,4 +1,4 @@
-"""Engine file formats for expert placement (SPEC §7), and importers of engine load statistics.
+"""Engine file formats for expert placement (docs/spec.md §7), and importers of engine load statistics.
 
 Writers (tensors from :mod:`rq.placement.place` in, one file out; shapes as the engines load them):
 
@@ -42,16 +42,8 @@ from rq.errors import RQError
 from rq.core.int4 import can_quantize
 from rq.plan.schema import CalibrationInfo, ModelInfo, Plan, atomic_write_text
 from rq.calibrate.stats import CalibrationStats, LayerStats
+from rq.placement import ENGINES, FILENAMES, FORMATS
 
-FORMATS = ("sglang", "vllm", "vllm-ascend", "trtllm", "eplb")
-FILENAMES = {
-    "sglang": "sglang_expert_location.json",
-    "vllm": "vllm_physical_to_logical.json",
-    "vllm-ascend": "vllm_ascend_expert_map.json",
-    "trtllm": "trtllm_moe_load_balancer.yaml",
-    "eplb": "eplb_placement.safetensors",
-}
-ENGINES = ("sglang", "vllm", "trtllm")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
 
@@ -69,7 +61,7 @@ class ModelShape:
     hidden_size: int
     intermediate_size: int  # per routed expert
     dtype: str
-    activation: str  # docs/op.md names; all engine-served families are gated
+    activation: str  # docs/spec.md §8 names; all engine-served families are gated
     num_groups: int  # router expert groups (DeepSeek n_group), 1 when ungrouped
     fingerprint: str  # "config-sha256:<hex>": the config only (router weights are not available)
 

@@ -1,4 +1,4 @@
-"""Expert-parallel placement (SPEC §7): which device holds each physical copy of an R&Q plan. Pure
+"""Expert-parallel placement (docs/spec.md §7): which device holds each physical copy of an R&Q plan. Pure
 functions over tensors, no I/O; the engine file formats live in :mod:`rq.placement.formats`.
 
 Vocabulary (DeepSeek EPLB's, shared with :mod:`rq.core.replica`), per MoE layer with ``N`` logical experts,
@@ -7,8 +7,8 @@ Vocabulary (DeepSeek EPLB's, shared with :mod:`rq.core.replica`), per MoE layer 
 * ``logcnt [N]`` -- copies of each logical expert (``C_e``);
 * ``phy2log [P]`` -- logical expert held by each *slot*. Slots are device-major: slot ``s`` lives on
   device ``s // (P/G)``; this is the "physical expert id" of SGLang, vLLM, TensorRT-LLM and EPLB;
-* ``log2phy [N, X]`` -- slot of copy ``c`` of expert ``e`` (-1 padded). ``c`` is the SPEC §1 copy index,
-  so slot ``log2phy[e, c]`` receives what the SPEC §4 rule sends to copy ``c`` and rq's logical-major
+* ``log2phy [N, X]`` -- slot of copy ``c`` of expert ``e`` (-1 padded). ``c`` is the docs/spec.md §1 copy index,
+  so slot ``log2phy[e, c]`` receives what the docs/spec.md §4 rule sends to copy ``c`` and rq's logical-major
   physical id ``phys(e, c)`` maps to that slot.
 
 The placement minimises the maximum device load: per-copy loads come from the replica rule
@@ -377,7 +377,7 @@ def eplb_rebalance(weight: torch.Tensor, num_phy: int, num_groups: int, num_node
 
 def slot_loads(load: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
     """``[P]`` float64 load of each slot when ``load [N]`` assignments reach the layer and copy c of e (in
-    slot ``log2phy[e, c]``) gets its SPEC §4 share (:func:`rq.core.replica.split_load`)."""
+    slot ``log2phy[e, c]``) gets its docs/spec.md §4 share (:func:`rq.core.replica.split_load`)."""
     owner, copy = owners(logcnt)
     out = torch.zeros(owner.numel(), dtype=torch.float64)
     out[log2phy[owner, copy]] = split_load(load, logcnt).to(torch.float64)
@@ -396,7 +396,7 @@ def device_loads(load: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor
 
 
 def device_lis(loads: torch.Tensor) -> torch.Tensor:
-    """Device LIS (SPEC §2 with devices as units): ``[L, G]`` -> ``[L]``, NaN for a layer without load."""
+    """Device LIS (docs/spec.md §2 with devices as units): ``[L, G]`` -> ``[L]``, NaN for a layer without load."""
     return lis(loads)
 
 

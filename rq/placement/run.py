@@ -1,13 +1,7 @@
-"""``rq place`` and ``rq import-loads``: expert-parallel placement of an R&Q plan for multi-GPU engines,
-its makespan simulation against DeepSeek EPLB, and engine load dumps as rq stats (docs/multi-gpu.md).
-
-Plain functions with typer-annotated parameters, so the main CLI registers them directly::
-
-    app.command("place")(place_command)
-    app.command("import-loads")(import_command)
-
-Both raise :class:`~rq.errors.RQError` for user errors (one line naming the constraint and the fix); the
-stand-alone ``python -m rq.placement.run`` prints those without a traceback.
+"""What ``rq place`` and ``rq import-loads`` run: expert-parallel placement of an R&Q plan for multi-GPU
+engines with its makespan simulation against DeepSeek EPLB (:func:`place_plan`), and engine load dumps as rq
+stats (:func:`import_stats`) (docs/multi-gpu.md). Both raise :class:`~rq.errors.RQError` for user errors
+(one line naming the constraint and the fix); the command-line wrappers are in :mod:`rq.cli.placement`.
 """
 
 from __future__ import annotations
@@ -18,10 +12,9 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Callable
 
 import torch
-import typer
 
 from rq import __version__
 from rq.errors import RQError
@@ -335,44 +328,14 @@ def engine_flags(num_gpus: int, num_phy: int, n: int, out_dir: Path) -> dict[str
     }
 
 
-# ----------------------------------------------------------------------------- commands
-
-_HELP = {
-    "stats": "the calibration stats the plan was made from (exact loads and bytes)",
-    "heldout": "stats on held-out data, to judge the placement on loads it was not fitted to",
-    "config": "the model's Hugging Face config.json (layer count, router groups)",
-    "groups": "router expert groups kept on one node (default: config n_group, else 1)",
-    "slots": "engine slots per device (default: from --pad)",
-    "pad": "one P for all layers: 'replicate' up to the largest layer, 'trim' down to the smallest "
-           "(stays within the plan's bytes), 'error' refuse",
-    "inputs": "dump file(s): SGLang recorder .pt, vLLM EPLB state .pt/.safetensors/.json, or the TensorRT-LLM "
-              "statistic folder",
-}
-
-def place_command(
-    plan_path: Annotated[Path, typer.Argument(help="plan.json made by `rq plan`")],
-    devices: Annotated[int, typer.Option("--devices", "-g", help="expert-parallel devices (EP size)")],
-    nodes: Annotated[int, typer.Option(help="nodes; > 1 packs copies per node first, then per device")] = 1,
-    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("placement"),
-    stats_dir: Annotated[Optional[Path], typer.Option("--stats", help=_HELP["stats"])] = None,
-    heldout_stats: Annotated[Optional[Path], typer.Option("--heldout", help=_HELP["heldout"])] = None,
-    config: Annotated[Optional[Path], typer.Option(help=_HELP["config"])] = None,
-    groups: Annotated[Optional[int], typer.Option(help=_HELP["groups"])] = None,
-    slots_per_device: Annotated[Optional[int], typer.Option(help=_HELP["slots"])] = None,
-    pad: Annotated[str, typer.Option(help=_HELP["pad"])] = "replicate",
-    formats: Annotated[str, typer.Option(help=f"comma-separated subset of {','.join(FORMATS)}")] = ",".join(FORMATS),
-    plots: Annotated[bool, typer.Option(help="write PNG plots (one per layer and a summary)")] = True,
-    quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
-) -> dict:
-    """Place an R&Q plan's copies on DEVICES GPUs and write the placement for SGLang, vLLM, TensorRT-LLM and
-    DeepSeek EPLB, with a device-balance simulation against EPLB (report.md, plots/)."""
-    with single_thread():
-        return _place(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device,
-                      pad, formats, plots, quiet)
-
-
-def _place(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device, pad,
-           formats, plots, quiet) -> dict:
+def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Path("placement"),
+               stats_dir: Path | None = None, heldout_stats: Path | None = None, config: Path | None = None,
+               groups: int | None = None, slots_per_device: int | None = None, pad: str = "replicate",
+               formats: str = ",".join(FORMATS), plots: bool = True,
+               echo: Callable[[str], None] | None = print) -> dict:
+    """Place an R&Q plan's copies on ``devices`` GPUs, write the engine files, ``report.md``, ``placement.json``
+    and plots into ``out_dir``, and simulate device balance against EPLB (docs/multi-gpu.md). Returns the
+    ``placement.json`` document; ``echo`` (None: silent) receives the summary for humans."""
     if devices < 1 or nodes < 1 or devices % nodes:
         raise RQError(f"--devices {devices} must be a positive multiple of --nodes {nodes} (equal devices per node)")
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
@@ -440,53 +403,19 @@ def _place(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config,
         "simulation": rows, "plots": [p.name for p in plot_paths],
     }
     atomic_write_text(out_dir / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
-    if not quiet:
-        typer.echo("\n".join(notes))
-        typer.echo(markdown_summary(rows, load_sets))
-        typer.echo(f"wrote {', '.join(sorted(p.name for p in written.values()))}, report.md, placement.json"
+    if echo is not None:
+        echo("\n".join(notes))
+        echo(markdown_summary(rows, load_sets))
+        echo(f"wrote {', '.join(sorted(p.name for p in written.values()))}, report.md, placement.json"
                    + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
     return manifest
 
 
-def import_command(
-    engine: Annotated[str, typer.Argument(help=f"engine that recorded the loads: {', '.join(ENGINES)}")],
-    inputs: Annotated[list[Path], typer.Argument(help=_HELP["inputs"])],
-    config: Annotated[Path, typer.Option(help="the model's Hugging Face config.json")],
-    out: Annotated[Path, typer.Option("--out", help="stats folder to write (stats.json + stats.safetensors)")],
-    group_size: Annotated[int, typer.Option(help="INT4 group size the plan will use (64 or 128)")] = 128,
-    quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
-) -> CalibrationStats:
-    """Turn per-expert loads recorded by a serving engine into rq stats, for `rq plan` (importance = frequency)."""
+def import_stats(engine: str, inputs: list[Path], config: Path, out: Path, group_size: int = 128) -> CalibrationStats:
+    """Per-expert loads recorded by a serving engine -> rq stats in ``out`` (importance = frequency)."""
     if group_size not in (64, 128):
         raise RQError(f"--group-size must be 64 or 128, got {group_size}")
     with single_thread():
         stats = import_loads(engine, inputs, config, group_size)
     stats.save(out)
-    if not quiet:
-        typer.echo(f"{len(stats.layers)} MoE layers x {stats.model.num_experts} experts, {stats.calibration.tokens} "
-                   f"tokens from {engine} -> {out} (importance metrics are the load: plan with frequency)")
     return stats
-
-
-app = typer.Typer(add_completion=False, help="Expert-parallel placement of R&Q plans (docs/multi-gpu.md).")
-app.command("place")(place_command)
-app.command("import-loads")(import_command)
-
-
-def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except RQError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise SystemExit(1) from None
-    except Exception as err:  # click usage errors in non-standalone mode
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            raise SystemExit(err.exit_code) from None
-        raise
-
-
-if __name__ == "__main__":
-    main()

@@ -85,3 +85,14 @@ def test_group_size_not_dividing_the_weights_leaves_layer_unquantized(tiny_check
     plan = json.loads((tmp_path / "p.json").read_text())
     assert all(layer["warnings"] and "group size 128" in layer["warnings"][0] for layer in plan["layers"])
     assert all(e["replicas"] == 0 and e["precision"] == "original" for l in plan["layers"] for e in l["experts"])
+
+
+def test_importing_the_cli_loads_no_stage():
+    """`rq --help` must stay instant: the command modules import their stages (torch, transformers) lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rq.cli.main; heavy = [m for m in ('torch', 'transformers', 'onnx', 'numpy') if m in sys.modules];"
+            " print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"import rq.cli.main loaded {out}"

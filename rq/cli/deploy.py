@@ -1,17 +1,21 @@
-"""CLI commands of the later pipeline stages (demo, place, export, check, build, triton), registered onto
-the main app. Each stage's implementation lives in its own package; this file only wires options to it."""
+"""Deployment commands: ``rq export`` (also installed as ``rq-export``), ``rq check``, ``rq build``, ``rq triton``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
+from rq.cli.app import command, quiet_transformers
 from rq.errors import RQError
 
+export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                         help="Trace the R&Q model to ONNX (the same as `rq export`).")
 
-def _export(
+
+@command("export")
+def export(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint the plan was made for."),
     plan: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
     out: Path = typer.Option(Path("build"), "--out", help="Build folder: model.onnx (+ data), manifest, parity."),
@@ -22,10 +26,9 @@ def _export(
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
 ) -> None:
     """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer, and check it against PyTorch."""
-    from rq.cli.main import _quiet_transformers
     from rq.export import export_model
 
-    _quiet_transformers()
+    quiet_transformers()
     result = export_model(model_dir, plan, out, force=force, dtype=dtype, check=check,
                           trust_remote_code=trust_remote_code)
     size = sum(result.sizes.values())
@@ -41,12 +44,13 @@ def _export(
         raise typer.Exit(1)
 
 
+@command()
 def check(
     build: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
     trt: bool = typer.Option(False, "--trt", help="Check the TensorRT engine (build/engine.plan) instead of ONNX Runtime."),
     plugin: Optional[Path] = typer.Option(None, help="librq_moe_plugin.so, for --trt."),
 ) -> None:
-    """Polygraphy parity: ONNX Runtime (or TensorRT with --trt) vs the PyTorch R&Q reference (SPEC §9)."""
+    """Polygraphy parity: ONNX Runtime (or TensorRT with --trt) vs the PyTorch R&Q reference (docs/spec.md §9)."""
     if trt:
         from rq.engines.tensorrt import TensorRTUnavailable, check_engine_export
 
@@ -63,6 +67,7 @@ def check(
         raise typer.Exit(1)
 
 
+@command()
 def build(
     onnx_path: Path = typer.Argument(Path("build/model.onnx"), help="The exported model.onnx."),
     out: Path = typer.Option(Path("build/engine.plan"), "--out", help="Where to write the TensorRT engine."),
@@ -81,6 +86,7 @@ def build(
     typer.echo(f"engine written to {out}")
 
 
+@command()
 def triton(
     build_dir: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
     out: Path = typer.Option(Path("model_repository"), "--out", help="Triton model repository to write."),
@@ -105,19 +111,4 @@ def triton(
     typer.echo(f"model repository written to {repo}")
 
 
-def register(app: typer.Typer, friendly_errors: Callable) -> None:
-    from rq.cli.demo import demo
-    from rq.placement.run import import_command, place_command
-
-    app.command("demo")(friendly_errors(demo))
-    app.command("check")(friendly_errors(check))
-    app.command("build")(friendly_errors(build))
-    app.command("triton")(friendly_errors(triton))
-    app.command("place")(friendly_errors(place_command))
-    app.command("import-loads")(friendly_errors(import_command))
-
-
-def export_app(friendly_errors: Callable) -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
-    app.command()(friendly_errors(_export))
-    return app
+command(target=export_app)(export)
