@@ -78,7 +78,7 @@ def with_bytes_per_param(stats: CalibrationStats, bytes_per_param: float | None)
 
 
 def sum_stats(parts: list[CalibrationStats]) -> CalibrationStats:
-    """Stats of the union of disjoint calibration sets: every SPEC §3 metric is a sum over assignments."""
+    """Stats of the union of disjoint calibration sets: every docs/spec.md §3 metric is a sum over assignments."""
     first = parts[0]
     layers = []
     for per_layer in zip(*(p.layers for p in parts)):

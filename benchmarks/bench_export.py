@@ -6,7 +6,7 @@ original model exported without R&Q (Hugging Face ``batched_mm`` experts), all i
 
 Greedy generation of ``--new-tokens`` tokens after a ``--prompt-len`` prompt, batch sizes ``--batch``;
 median of ``--repeats`` runs after one warm-up. Every engine uses ``--threads`` intra-op threads.
-R&Q runs in streaming mode (replica offsets rotating per step, SPEC §4). Prints markdown tables.
+R&Q runs in streaming mode (replica offsets rotating per step, docs/spec.md §4). Prints markdown tables.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def bench_grouped_gemm(name: str, peak: float, quick: bool) -> None:
 def bench_whole_moe(quick: bool) -> None:
     import triton.testing
 
-    from rq.kernels import rq_moe, rq_moe_reference
+    from rq.core.op import RQLayerWeights, rq_moe_reference
+    from rq.kernels import rq_moe
 
     hidden, inter, experts, top_k = 2048, 1024, 64, 8
     copies = [2 if e < 8 else 1 for e in range(experts)]
@@ -113,6 +114,8 @@ def bench_whole_moe(quick: bool) -> None:
     q = int4_layer(hidden, inter, n1)
     w_in = torch.randn(n0, 2 * inter, hidden, device="cuda", dtype=torch.float16) * 0.02
     w_out = torch.randn(n0, hidden, inter, device="cuda", dtype=torch.float16) * 0.02
+    layer = RQLayerWeights(top_k, "silu_glu", 128, tuple(copies), tuple(precision), w_in, w_out, q["w_in_q"],
+                           q["w_in_scales"], q["w_out_q"], q["w_out_scales"])
     print(f"\n== whole RQMoE (H={hidden} I={inter} {experts} experts, {sum(copies)} copies, top-{top_k}) "
           "vs PyTorch reference ==")
     print(f"{'tokens':>7} {'triton ms':>10} {'reference ms':>13} {'speedup':>8}")
@@ -120,13 +123,9 @@ def bench_whole_moe(quick: bool) -> None:
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.float16)
         ids = torch.topk(torch.randn(tokens, experts, device="cuda"), top_k).indices
         w = torch.softmax(torch.randn(tokens, top_k, device="cuda"), -1).half()
-        args = (x, ids, w, None, copies, precision, w_in, w_out, q["w_in_q"], q["w_in_scales"], q["w_out_q"],
-                q["w_out_scales"], "silu_glu", 128)
-        tk = triton.testing.do_bench(lambda: rq_moe(*args), warmup=5, rep=30, return_mode="median")
-        tr = triton.testing.do_bench(
-            lambda: rq_moe_reference(*args[:4], torch.tensor(copies), torch.tensor(precision), *args[6:],
-                                     compute_dtype=torch.float16),
-            warmup=2, rep=10, return_mode="median")
+        tk = triton.testing.do_bench(lambda: rq_moe(x, ids, w, layer), warmup=5, rep=30, return_mode="median")
+        tr = triton.testing.do_bench(lambda: rq_moe_reference(x, ids, w, layer, compute_dtype=torch.float16),
+                                     warmup=2, rep=10, return_mode="median")
         print(f"{tokens:>7} {tk:>10.3f} {tr:>13.3f} {tr / tk:>7.1f}x")
 
 

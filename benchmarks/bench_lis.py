@@ -4,10 +4,10 @@ Measured on held-out data of the calibration domain (``heldout_code``) and of an
 (``heldout_prose``), for the demo checkpoint (or any local checkpoint):
 
 1. LIS vs memory budget (0.75x-1.25x) and vs batch size (1..512 sequences, and streaming decode),
-   cumulative and instantaneous (SPEC §2);
+   cumulative and instantaneous (docs/spec.md §2);
 2. baselines at equal memory (see :mod:`benchmarks.baselines` for what "equal" means for each):
    no balancing, replicate-only (EPLB-style), R&Q with each importance metric, random plans;
-   with perplexity change (bootstrap CI over sequences), mean KL and top-1 agreement (SPEC §9);
+   with perplexity change (bootstrap CI over sequences), mean KL and top-1 agreement (docs/spec.md §9);
 3. calibration-set size: stability of loads, importance and the plan, and LIS on both domains.
 
 How each number is obtained: every R&Q-type plan is applied to a fresh copy of the model
@@ -32,7 +32,8 @@ import torch
 from benchmarks.baselines import (eplb_logcnt, equal_memory_replicas, memory_factor, plan_counts, random_plan,
                                   sum_stats, with_bytes_per_param)
 from rq.models.adapters import load_model
-from rq.calibrate.accumulate import calibrate, record_calls
+from rq.calibrate.accumulate import calibrate
+from rq.models.routing import record_routing
 from rq.calibrate.data import batches, load_tokenizer, tokenize_sequences, TokenData
 from rq.demo.corpus import load_split
 from rq.demo.pipeline import spearman
@@ -95,17 +96,6 @@ def eval_split(tokenizer, name: str, n: int, settings: LISSettings) -> torch.Ten
 
 # --------------------------------------------------------------------------------------------- model passes
 
-class _IdRecorder:
-    """Forward pre-hook keeping the top-k ids of every call of one MoE layer."""
-
-    def __init__(self, adapter, layer):
-        self.adapter, self.layer, self.calls = adapter, layer, []
-
-    def __call__(self, module, args, kwargs):
-        routing = self.adapter.routing_from_call(self.layer, args, kwargs)
-        self.calls.append(routing.ids.reshape(routing.hidden.shape[0], -1).detach().cpu())
-
-
 @dataclass
 class Pass:
     """One model over one evaluation set: routing of every layer and per-sequence accuracy terms."""
@@ -126,9 +116,8 @@ def run_pass(model, adapter, layers, sequences: torch.Tensor, run_batch: int, ac
     """Run ``sequences`` through ``model`` ``run_batch`` at a time, recording routing; for the first
     ``accuracy_n`` sequences keep NLL (and, against ``reference``, KL and top-1 agreement)."""
     start = time.perf_counter()
-    recorders = [_IdRecorder(adapter, layer) for layer in layers]
     nll, kl, agree, keep = [], [], [], []
-    with record_calls(model, adapter, layers, recorders):
+    with record_routing(model, adapter, layers) as recorders:
         for first, batch in zip(range(0, sequences.shape[0], run_batch), batches(sequences, run_batch)):
             logits = adapter.forward_logits(model, batch, torch.ones_like(batch)).float()
             rows = max(0, min(batch.shape[0], accuracy_n - first))
@@ -200,7 +189,7 @@ def summarize(points: list[LISPoint]) -> dict:
 def sampling_floor(assignments: int, units: list[int], trials: int = 200, seed: int = 0) -> float:
     """Mean over layers of the expected LIS when ``assignments`` land uniformly at random on ``units[l]``
     units (multinomial): what even a perfect-in-expectation balancer shows per call at this call size.
-    NaN where a call has fewer assignments than units (SPEC §2: such calls cannot be balanced)."""
+    NaN where a call has fewer assignments than units (docs/spec.md §2: such calls cannot be balanced)."""
     gen = torch.Generator().manual_seed(seed)
     values = []
     for u in units:
@@ -228,15 +217,14 @@ def batch_points(before_counts: list[torch.Tensor], after_counts: list[torch.Ten
 @torch.no_grad()
 def decode_ids(model, adapter, layers, prompts: torch.Tensor, steps: int) -> list[list[torch.Tensor]]:
     """Greedy decode of ``prompts [B, p]``; per layer the ``[B, K]`` ids of each decode step (prefill dropped)."""
-    recorders = [_IdRecorder(adapter, layer) for layer in layers]
-    with record_calls(model, adapter, layers, recorders):
+    with record_routing(model, adapter, layers) as recorders:
         model.generate(prompts, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
                        attention_mask=torch.ones_like(prompts), pad_token_id=model.config.pad_token_id or 0)
     return [r.calls[1:] for r in recorders]
 
 
 def stream_points(step_ids: list[list[torch.Tensor]], logcnts: list[torch.Tensor], num_experts: int) -> dict:
-    """Streaming LIS of a copy allocation on given decode routing, offsets rotating per step (SPEC §4)."""
+    """Streaming LIS of a copy allocation on given decode routing, offsets rotating per step (docs/spec.md §4)."""
     points = []
     for steps, logcnt in zip(step_ids, logcnts):
         offsets = torch.zeros(num_experts, dtype=torch.int64)
@@ -268,7 +256,7 @@ def int4_share(counts: list[torch.Tensor], plan) -> float:
 def calibrate_nested(model, adapter, pool: torch.Tensor, sizes: tuple[int, ...], settings: LISSettings,
                      log) -> dict[int, CalibrationStats]:
     """Stats of the first ``n`` pool sequences for every ``n`` in ``sizes``, from one pass over the pool:
-    calibrate disjoint chunks and sum them (every SPEC §3 metric is a sum over assignments)."""
+    calibrate disjoint chunks and sum them (every docs/spec.md §3 metric is a sum over assignments)."""
     sizes = sorted(n for n in sizes if n <= pool.shape[0])
     out, parts, done = {}, [], 0
     for n in sizes:

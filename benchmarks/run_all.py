@@ -137,7 +137,7 @@ def render(res: dict, planner: dict | None, env: dict, plot_dir: Path, md_path: 
     out.append(
         f"**Memory accounting**: budgets count experts as **bf16** ({m['expert_bytes_accounted']:,} B per expert, as "
         f"real MoE checkpoints ship) although this checkpoint stores float32 ({m['expert_bytes_stored']:,} B); an "
-        f"INT4 copy (SPEC §5, group {s['group_size']}) is {m['expert_bytes_int4']:,} B = "
+        f"INT4 copy (docs/spec.md §5, group {s['group_size']}) is {m['expert_bytes_int4']:,} B = "
         f"{m['expert_bytes_int4'] / m['expert_bytes_accounted']:.3f} of a bf16 expert. Counting float32 would make "
         f"INT4 twice as cheap relative to the reference and favour R&Q (row *R&Q, float32 accounting* below)."
         if s["bytes_per_param"] == 2 else "**Memory accounting**: the checkpoint's stored dtype.")

@@ -8,7 +8,7 @@
                    executes. Its version folder also holds the export's manifest, plan and tokenizer, which the
                    Python models below read (``rq_build_dir``), so the weights are stored once.
   ``generate``     Python backend, decoupled: tokenize -> prefill/decode with the KV cache through ONNX Runtime ->
-                   detokenize, one streamed response per token; replica offsets rotate per SPEC §4 across the
+                   detokenize, one streamed response per token; replica offsets rotate per docs/spec.md §4 across the
                    decode steps; per-layer expert loads and LIS exported as Triton custom metrics on ``/metrics``.
   ``rq_forward``   Python backend, same tensors as ``rq_onnx`` (one graph call through ONNX Runtime), for Triton
                    builds without the onnxruntime backend (such as the ``nvidia-pytriton`` wheel's server).
@@ -179,7 +179,7 @@ def _generate_config(manifest: dict, build_rel: str, opts: "_Options") -> str:
     return ("# rq: streaming greedy generation (decoupled: one response per token). Send text_input (or input_ids),\n"
             "# optional max_tokens / ignore_eos; each response carries token_id, the text_output delta and the\n"
             "# expert_counts [moe_layers, num_experts] and replica offsets rq_offsets [moe_layers, num_experts]\n"
-            "# of the forward call that produced the token (offsets advance by the counts after each call, SPEC 4).\n"
+            "# of the forward call that produced the token (offsets advance by the counts after each call: the replica rule).\n"
             + _pbtxt(config))
 
 

@@ -96,9 +96,7 @@ def _manifest(model, adapter, specs: list[graphs.GraphSpec], kv: list[graphs.KVS
         "graphs": {spec.name: {"file": spec.file, "data": spec.file + ".data", "moe_layers": spec.moe_layers,
                                "inputs": [], "outputs": []} for spec in specs},
         "moe_layers": [{
-            "index": l, "module": layer.path, "graph": layer_graph[l], "node": f"rq_moe_{l}",
-            "num_experts": rq.num_experts, "top_k": rq.top_k, "activation": rq.activation,
-            "copies": rq.logcnt.tolist(), "precision": rq.precision.tolist(), "group_size": rq.group_size,
+            "index": l, "module": layer.path, "graph": layer_graph[l], "node": f"rq_moe_{l}", **rq.layer.attributes(),
             "offsets_input": f"rq_offsets.{l}", "counts_output": f"expert_counts.{l}",
         } for l, (layer, rq) in enumerate(zip(moe, rq_layers))],
         "kv_cache": {

@@ -2,7 +2,7 @@
 
 Padded query rows (left padding) have every key masked. PyTorch's fused SDPA and the exported graph
 disagree on what such a row yields (zeros vs a uniform mix), and although the row is meaningless its
-token is still routed, so it moves other tokens' replica copies (SPEC §4 ranks count every
+token is still routed, so it moves other tokens' replica copies (docs/spec.md §4 ranks count every
 assignment). ``rq_sdpa`` is Hugging Face's SDPA with fully masked rows opened to every key, so both
 sides compute the same well-defined values. Rows with at least one visible key are unchanged.
 """

@@ -1,9 +1,9 @@
-"""The reference body of ``rq::RQMoE`` (docs/op.md) as ONNX model-local functions in standard ops.
+"""The reference body of ``rq::RQMoE`` (docs/spec.md §8) as ONNX model-local functions in standard ops.
 
-Two functions of domain ``rq``, version 1, built with ``onnx.helper`` (no torch import):
+Two functions of domain ``rq``, version 1, built with ``onnx.helper``:
 
 - ``RQReplicaMap(topk_ids [T, K], offsets [N]) -> (phys [T, K], expert_counts [N])``: the replica rule of
-  SPEC §4. The rank ``n`` of an assignment among those routed to the same expert, token-major, is an
+  docs/spec.md §4. The rank ``n`` of an assignment among those routed to the same expert, token-major, is an
   exclusive cumulative sum over a one-hot ``[T*K, N+1]`` matrix (column ``N`` collects the dropped ids), so
   it is exact integer arithmetic with no sort. ``copy = (offsets[e] + n) mod copies[e]`` and
   ``phys = phys_base[e] + copy``; dropped assignments (ids outside ``[0, N)``) get ``-1``.
@@ -11,13 +11,15 @@ Two functions of domain ``rq``, version 1, built with ``onnx.helper`` (no torch 
   -> (y, expert_counts)``: calls ``RQReplicaMap``, then a ``Loop`` over the physical copies that received
   assignments in this call. Each iteration gathers its tokens, runs the expert MLP with the copy's
   weights (an ``If`` on ``precision[p]``: the original-precision slot, or the INT4 slot as ``INT4`` data
-  dequantized by opset-21 blocked ``DequantizeLinear``, zero point 0, ``block_size = group_size``, then
-  rounded to float16, the exact SPEC §5 values) and scales it by the routing weight. The ``[n, H]`` rows
-  are scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order, like the
-  PyTorch reference. The SPEC §5 bytes are unpacked
-  to int8 values outside the loop, on the whole stacked initializer, which ONNX Runtime constant-folds
-  when the session is created (twice the packed size in memory; the per-call work is then only the
-  active copies' dequantization).
+  dequantized by opset-21 blocked ``DequantizeLinear``, zero point 0, ``block_size = group_size``: the exact
+  product ``q * scale`` of docs/spec.md §5) and scales it by the routing weight. The ``[n, H]`` rows are
+  scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order, like the PyTorch
+  reference. The §5 bytes (INT8-typed initializers) are unpacked to int8 values outside the loop, on the
+  whole stacked initializer, which ONNX Runtime constant-folds when the session is created (twice the
+  packed size in memory; the per-call work is then only the active copies' dequantization).
+
+This body is the portable definition of the op: it runs on any ONNX runtime with opset 21. ONNX Runtime's
+fast route is a second file whose layers run on its fused MoE kernels (:mod:`rq.export.ort_fused`).
 
 The body is specialised to one expert activation (every MoE layer of the supported families shares it);
 :func:`rq_functions` takes it as an argument and the exporter checks that every node's ``activation``
@@ -30,18 +32,17 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from rq.core.experts import ACTIVATIONS
+from rq.core.op import INPUTS, OUTPUTS, RQLayerWeights
+
 DOMAIN = "rq"
 OP_NAME = "RQMoE"
 MAP_NAME = "RQReplicaMap"
 VERSION = 1
 MIN_OPSET = 21  # blocked DequantizeLinear with INT4 data
 
-INPUTS = ("hidden", "topk_ids", "topk_weights", "offsets", "w_in", "w_out", "w_in_q", "w_in_scales",
-          "w_out_q", "w_out_scales")
-OUTPUTS = ("y", "expert_counts")
 ATTRIBUTES = ("num_experts", "top_k", "activation", "copies", "precision", "group_size", "plugin_namespace",
               "plugin_version")
-ACTIVATIONS = ("silu_glu", "gelu_glu", "gelu_tanh_glu", "gelu", "gelu_tanh", "relu")
 
 _INT = onnx.AttributeProto.INT
 _INTS = onnx.AttributeProto.INTS
@@ -94,7 +95,7 @@ def _replica_map_function(opset: int) -> onnx.FunctionProto:
                   to=TensorProto.INT64)  # (A, N+1)
     before = b.op("CumSum", onehot, zero, exclusive=1)  # assignments of the same expert earlier in the order
     rank = b.op("Squeeze", b.op("GatherElements", before, b.op("Unsqueeze", keys, b.const([1])), axis=1),
-                b.const([1]))  # (A,) n of SPEC §4
+                b.const([1]))  # (A,) n of docs/spec.md §4
     all_counts = b.op("ReduceSum", onehot, b.const([0]), keepdims=0)  # (N+1,)
     b.op("Slice", all_counts, b.const([0]), b.op("Unsqueeze", n, b.const([0])), out="expert_counts")
     safe = b.op("Where", valid, flat, zero)
@@ -105,11 +106,11 @@ def _replica_map_function(opset: int) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, MAP_NAME, ["topk_ids", "offsets"], ["phys", "expert_counts"], b.nodes,
         [helper.make_opsetid("", opset)], attributes=["num_experts", "copies"],
-        doc_string="SPEC §4 replica rule: phys [T, K] (-1 = dropped) and expert_counts [N] of one call.")
+        doc_string="docs/spec.md §4 replica rule: phys [T, K] (-1 = dropped) and expert_counts [N] of one call.")
 
 
 def _activation(b: _Nodes, h: str, activation: str) -> str:
-    """``[n, I_in] -> [n, I]`` in the float type of ``h`` (gate rows first for *_glu, docs/op.md)."""
+    """``[n, I_in] -> [n, I]`` in the float type of ``h`` (gate rows first for *_glu, docs/spec.md §8)."""
     def act(x: str, kind: str) -> str:
         if kind == "relu":
             return b.op("Relu", x)
@@ -125,30 +126,34 @@ def _activation(b: _Nodes, h: str, activation: str) -> str:
     return act(h, activation)
 
 
-def _unpack_int4(b: _Nodes, packed: str) -> str:
-    """SPEC §5 bytes -> int8 values: uint8 ``[P, O, I/2]`` (element 2j low nibble) -> ``[P, O, I]`` in [-8, 7].
+def _unpack_int4(b: _Nodes, packed: str, width: str) -> str:
+    """docs/spec.md §5 bytes -> int8 values: ``[P, O, ceil(W/2)]`` (INT8-typed in the file, element 2j in the low
+    nibble) -> ``[P, O, W]`` in [-8, 7], ``width`` (a ``[1]`` int64) dropping an odd row's padding nibble.
 
     Runs on the whole stacked initializer, outside the loop over copies, so ONNX Runtime folds it into an
-    int8 constant when the session is created (the weights are initializers, docs/op.md)."""
-    low = b.op("BitwiseAnd", packed, b.const(15, TensorProto.UINT8, dims=[]))
-    high = b.op("BitShift", packed, b.const(4, TensorProto.UINT8, dims=[]), direction="RIGHT")
+    int8 constant when the session is created (the weights are initializers). The bytes are stored INT8-typed
+    (TensorRT's parser would widen UINT8 ones to INT32); ``Cast`` to UINT8 keeps their bits (two's complement)."""
+    as_bytes = b.op("Cast", packed, to=TensorProto.UINT8)
+    low = b.op("BitwiseAnd", as_bytes, b.const(15, TensorProto.UINT8, dims=[]))
+    high = b.op("BitShift", as_bytes, b.const(4, TensorProto.UINT8, dims=[]), direction="RIGHT")
     nibbles = b.op("Concat", b.op("Unsqueeze", low, b.const([-1])), b.op("Unsqueeze", high, b.const([-1])), axis=-1)
     shape = b.op("Concat", b.op("Shape", packed, end=2), b.const([-1]), axis=0)
-    unsigned = b.op("Cast", b.op("Reshape", nibbles, shape), to=TensorProto.INT8)  # (P, O, I) in 0..15
-    return b.op("Sub", b.op("BitwiseXor", unsigned, b.const(8, TensorProto.INT8, dims=[])),
-                b.const(8, TensorProto.INT8, dims=[]))  # two's-complement nibble -> -8..7
+    unsigned = b.op("Cast", b.op("Reshape", nibbles, shape), to=TensorProto.INT8)  # (P, O, 2*ceil(W/2)) in 0..15
+    signed = b.op("Sub", b.op("BitwiseXor", unsigned, b.const(8, TensorProto.INT8, dims=[])),
+                  b.const(8, TensorProto.INT8, dims=[]))  # two's-complement nibble -> -8..7
+    return b.op("Slice", signed, b.const([0]), width, b.const([2]))  # (P, O, W)
 
 
 def _dequantize(b: _Nodes, values: str, scales: str, slot: str, like: str) -> str:
-    """One INT4 copy: int8 ``[O, I]`` values as ONNX ``INT4`` data through blocked ``DequantizeLinear`` (zero
-    point 0, ``block_size = group_size``) with its scales ``[O, I/G]`` (float16 values held in float32), then
-    rounded to float16: the product of a 4-bit integer and a float16 is exact in float32, so this is the
-    single rounding of SPEC §5 (bit-identical to ``rq.core.int4.dequantize``), and ONNX Runtime runs it about
-    twice as fast as a float16-scale ``DequantizeLinear``. Finally cast like ``like``."""
-    q = b.op("Cast", b.op("Gather", values, slot, axis=0), to=TensorProto.INT4)  # (O, I)
-    scale = b.op("Gather", scales, slot, axis=0)  # (O, I/G) float32
+    """One INT4 copy: int8 ``[O, W]`` values as ONNX ``INT4`` data through blocked ``DequantizeLinear`` (zero
+    point 0, ``block_size = group_size``, ``ceil(W/G)`` scales: the last block may be partial) with its float16
+    scales held in float32. A 4-bit integer times a float16 is exact in float32, so this is the dequantized
+    value of docs/spec.md §5 with no rounding at all (bit-identical to ``rq.core.int4.dequantize``); the body
+    computes in float32 like the reference, so a float16 graph rounds only the op's output."""
+    q = b.op("Cast", b.op("Gather", values, slot, axis=0), to=TensorProto.INT4)  # (O, W)
+    scale = b.op("Gather", scales, slot, axis=0)  # (O, ceil(W/G)) float32
     exact = b.ref("DequantizeLinear", q, scale, axis=1, refs={"block_size": ("group_size", _INT)})
-    return b.op("CastLike", b.op("Cast", exact, to=TensorProto.FLOAT16), like)
+    return b.op("CastLike", exact, like)
 
 
 def _expert_branch(name: str, activation: str, quantized: bool, xs: str, slot: str,
@@ -176,7 +181,7 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     b.op("Identity", counts, out="expert_counts")
     precision = b.ref("Constant", refs={"value_ints": ("precision", _INTS)})  # (P,) 0 original, 1 INT4
     zero, one = b.const(0, dims=[]), b.const(1, dims=[])
-    # slot of each physical copy inside its precision class (docs/op.md)
+    # slot of each physical copy inside its precision class (docs/spec.md §8)
     is_orig = b.op("Sub", one, precision)
     slot = b.op("Where", b.op("Equal", precision, one),
                 b.op("Sub", b.op("CumSum", precision, zero), one), b.op("Sub", b.op("CumSum", is_orig, zero), one))
@@ -184,18 +189,25 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     active = b.op("Unique", b.op("Compress", flat_phys, b.op("GreaterOrEqual", flat_phys, zero)), sorted=1)
     trips = b.op("Squeeze", b.op("Shape", active), b.const([0]))  # copies used in this call
     top_k = b.op("Shape", "topk_ids", start=1, end=2)  # (1,)
-    flat_weights = b.op("CastLike", b.op("Reshape", "topk_weights", b.const([-1])), "hidden")  # (A,)
-    # (values, float32 scales) of the stacked INT4 copies; constant-folded by ONNX Runtime
-    int4 = ((_unpack_int4(b, "w_in_q"), b.op("Cast", "w_in_scales", to=TensorProto.FLOAT)),
-            (_unpack_int4(b, "w_out_q"), b.op("Cast", "w_out_scales", to=TensorProto.FLOAT)))
+    # arithmetic in float32 whatever the graph's float type, as the reference (rq.core.op) computes
+    flat_weights = b.op("Cast", b.op("Reshape", "topk_weights", b.const([-1])), to=TensorProto.FLOAT)  # (A,)
+    # (values, float32 scales) of the stacked INT4 copies; constant-folded by ONNX Runtime. Row widths:
+    # w_in rows are H wide, w_out rows I wide (I = the rows of w_in, halved for gated activations)
+    hidden_width = b.op("Shape", "hidden", start=1, end=2)
+    rows_in = b.op("Shape", "w_in_q", start=1, end=2)
+    inter_width = b.op("Div", rows_in, b.const([2])) if activation.endswith("_glu") else rows_in
+    int4 = ((_unpack_int4(b, "w_in_q", hidden_width), b.op("Cast", "w_in_scales", to=TensorProto.FLOAT)),
+            (_unpack_int4(b, "w_out_q", inter_width), b.op("Cast", "w_out_scales", to=TensorProto.FLOAT)))
     # rows and assignment indices of every copy are collected in sequences, then scattered once
-    no_rows = b.op("SequenceConstruct", b.op("Slice", "hidden", b.const([0]), b.const([0])))  # [(0, H)]
+    no_rows = b.op("SequenceConstruct", b.op("Cast", b.op("Slice", "hidden", b.const([0]), b.const([0])),
+                                             to=TensorProto.FLOAT))  # [(0, H)]
     no_index = b.op("SequenceConstruct", b.op("Slice", flat_phys, b.const([0]), b.const([0])))  # [(0,)]
 
     lb = _Nodes("l_")  # loop body: one physical copy per iteration
     p = lb.op("Gather", active, "l_iter")  # scalar physical id
     picked = lb.op("Squeeze", lb.op("NonZero", lb.op("Equal", flat_phys, p)), lb.const([0]))  # (n,) assignments
-    xs = lb.op("Gather", "hidden", lb.op("Div", picked, top_k), axis=0, out="l_xs")  # (n, H) their tokens
+    xs = lb.op("Cast", lb.op("Gather", "hidden", lb.op("Div", picked, top_k), axis=0), to=TensorProto.FLOAT,
+               out="l_xs")  # (n, H) their tokens, float32
     p_slot = lb.op("Gather", slot, p, out="l_slot")
     is_int4 = lb.op("Equal", lb.op("Gather", precision, p), one)
     out = lb.op("If", is_int4, then_branch=_expert_branch("int4", activation, True, xs, p_slot, int4),
@@ -214,15 +226,16 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
          helper.make_value_info("l_index_out", onnx.TypeProto())])
     rows, index = b.op("Loop", trips, "", no_rows, no_index, body=body, n_out=2)
     per_slot_shape = b.op("Concat", b.op("Shape", flat_phys), b.op("Shape", "hidden", start=1), axis=0)
-    zeros = b.op("CastLike", b.op("ConstantOfShape", per_slot_shape), "hidden")  # (A, H); dropped rows stay 0
+    zeros = b.op("ConstantOfShape", per_slot_shape)  # (A, H) float32; dropped rows stay 0
     per_slot = b.op("ScatterND", zeros, b.op("Unsqueeze", b.op("ConcatFromSequence", index, axis=0), b.const([1])),
                     b.op("ConcatFromSequence", rows, axis=0))  # (A, H): each assignment written once
     y_shape = b.op("Concat", b.op("Shape", "hidden", end=1), top_k, b.op("Shape", "hidden", start=1), axis=0)
-    b.op("ReduceSum", b.op("Reshape", per_slot, y_shape), b.const([1]), keepdims=0, out="y")  # sum over k in order
+    y = b.op("ReduceSum", b.op("Reshape", per_slot, y_shape), b.const([1]), keepdims=0)  # sum over k in order
+    b.op("CastLike", y, "hidden", out="y")
     return helper.make_function(
         DOMAIN, OP_NAME, list(INPUTS), list(OUTPUTS), b.nodes,
         [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)], attributes=list(ATTRIBUTES),
-        doc_string=f"rq::RQMoE reference semantics (docs/op.md, SPEC §4/§5), activation {activation}.")
+        doc_string=f"rq::RQMoE reference semantics (docs/spec.md §4, §5, §8), activation {activation}.")
 
 
 def rq_functions(activation: str, opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
@@ -232,11 +245,7 @@ def rq_functions(activation: str, opset: int = MIN_OPSET) -> list[onnx.FunctionP
     return [_replica_map_function(opset), _moe_function(activation, opset)]
 
 
-def node_attributes(*, num_experts: int, top_k: int, activation: str, copies: list[int], precision: list[int],
-                    group_size: int) -> dict:
-    """The attributes of one ``rq::RQMoE`` node, in docs/op.md order."""
-    assert len(copies) == num_experts, f"copies must list C_e for N={num_experts} experts, got {len(copies)}"
-    assert len(precision) == sum(copies), f"precision needs one entry per physical copy ({sum(copies)})"
-    return dict(num_experts=int(num_experts), top_k=int(top_k), activation=activation,
-                copies=[int(c) for c in copies], precision=[int(p) for p in precision], group_size=int(group_size),
-                plugin_namespace=DOMAIN, plugin_version=str(VERSION))
+def node_attributes(layer: RQLayerWeights) -> dict:
+    """The attributes of one ``rq::RQMoE`` node: the layer's (docs/spec.md §8 order), then the two that make
+    TensorRT's ONNX parser pick the plugin."""
+    return {**layer.attributes(), "plugin_namespace": DOMAIN, "plugin_version": str(VERSION)}

@@ -2,7 +2,7 @@
 
 Each MoE layer's :class:`rq.rqmodel.model.RQExperts` is swapped for an :class:`ExportExperts` whose forward,
 under ``torch.onnx.is_in_onnx_export()``, emits ONE ``rq::RQMoE`` node (``torch.onnx.ops.symbolic_multi_out``)
-with the layer's buffers as inputs: they become the graph's initializers, byte for byte (SPEC §5 INT4 data
+with the layer's buffers as inputs: they become the graph's initializers, byte for byte (docs/spec.md §5 INT4 data
 is never re-quantized). The router before it is the model's own code, traced into standard ops.
 
 Per-layer replica offsets enter and per-layer ``expert_counts`` leave through a side channel
@@ -47,23 +47,20 @@ class ExportExperts(nn.Module):
     def __init__(self, rq: RQExperts, layer: int):
         super().__init__()
         assert rq.w_in_scales.dtype == rq.w_out_scales.dtype == torch.float16, \
-            f"INT4 scales must stay float16 (SPEC §5), layer {layer} has {rq.w_in_scales.dtype}"
+            f"INT4 scales must stay float16 (the INT4 format), layer {layer} has {rq.w_in_scales.dtype}"
         self.rq, self.layer = rq, layer
         self.io = LayerIO()
         # concrete python values now: buffers are fake tensors while torch.export traces
-        self.attrs = node_attributes(num_experts=rq.num_experts, top_k=rq.top_k, activation=rq.activation,
-                                     copies=rq.logcnt.tolist(), precision=rq.precision.tolist(),
-                                     group_size=rq.group_size)
+        self.attrs = node_attributes(rq.layer)
 
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rq, n = self.rq, self.rq.num_experts
         offsets = self.io.offsets if self.io.offsets is not None else torch.zeros(n, dtype=torch.int64)
-        weights = weights.to(hidden.dtype)  # op.md: topk_weights has the hidden float type
+        weights = weights.to(hidden.dtype)  # docs/spec.md §8: topk_weights has the hidden float type
         if torch.onnx.is_in_onnx_export():
             y, counts = torch.onnx.ops.symbolic_multi_out(
                 f"{DOMAIN}::{OP_NAME}",
-                [hidden, ids, weights, offsets, rq.w_in, rq.w_out, rq.w_in_q, rq.w_in_scales, rq.w_out_q,
-                 rq.w_out_scales],
+                [hidden, ids, weights, offsets, *rq.layer.tensors()],
                 attrs=self.attrs, dtypes=(hidden.dtype, torch.int64), shapes=(hidden.shape, [n]), version=VERSION)
             self.io.counts = counts
             return y

@@ -18,7 +18,8 @@ import onnx_ir as ir
 import torch
 
 from rq.errors import RQError
-from rq.export.function import DOMAIN, INPUTS, OP_NAME, VERSION, rq_functions
+from rq.core.op import CALL_INPUTS, WEIGHT_INPUTS
+from rq.export.function import DOMAIN, OP_NAME, VERSION, rq_functions
 from rq.export.graphs import GraphSpec
 
 _ONNX_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
@@ -75,6 +76,7 @@ def finalize(model: ir.Model, spec: GraphSpec, opset: int, metadata: dict[str, s
                       f"supports one activation per model")
     for node, layer in zip(nodes, spec.moe_layers):
         node.name = f"rq_moe_{layer}"
+        store_packed_as_int8(node)
     if nodes:
         model.opset_imports[DOMAIN] = VERSION
         for proto in rq_functions(activations.pop(), opset):
@@ -90,6 +92,22 @@ def finalize(model: ir.Model, spec: GraphSpec, opset: int, metadata: dict[str, s
     model.producer_name, model.producer_version = "rq-export", metadata.get("rq.tool_version", "")
     model.metadata_props.update(metadata)
     return model
+
+
+PACKED_INPUTS = tuple(CALL_INPUTS.__len__() + WEIGHT_INPUTS.index(name) for name in ("w_in_q", "w_out_q"))
+
+
+def store_packed_as_int8(node: ir.Node) -> None:
+    """Retype the node's packed INT4 initializers from UINT8 to INT8, the same bytes (docs/spec.md §5):
+    TensorRT's ONNX parser turns UINT8 initializers that feed no Q/DQ node into INT32, which would hand the
+    plugin 4x wider, different tensors. The numpy view shares the buffer: nothing is copied."""
+    for index in PACKED_INPUTS:
+        value = node.inputs[index]
+        tensor = value.const_value if value is not None else None
+        if tensor is None or tensor.dtype != ir.DataType.UINT8:
+            continue
+        value.const_value = ir.Tensor(tensor.numpy().view("int8"), name=value.name)
+        value.dtype = ir.DataType.INT8
 
 
 def save(model: ir.Model, path: Path) -> None:
@@ -118,7 +136,8 @@ def rq_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
 def rq_node_weights(onnx_path: Path) -> dict[int, dict[str, str]]:
     """MoE layer -> ``{op input name: initializer name}`` for the weight inputs (4..9) of each RQMoE node."""
     proto = onnx.load(onnx_path, load_external_data=False)
-    return {int(node.name.rsplit("_", 1)[1]): dict(zip(INPUTS[4:], node.input[4:])) for node in rq_nodes(proto)}
+    return {int(node.name.rsplit("_", 1)[1]): dict(zip(WEIGHT_INPUTS, node.input[len(CALL_INPUTS):]))
+            for node in rq_nodes(proto)}
 
 
 def external_location(onnx_path: Path, initializer: str) -> tuple[Path, int, int]:

@@ -1,4 +1,4 @@
-"""``rq check build/``: ONNX Runtime vs the PyTorch R&Q reference, compared with Polygraphy (SPEC §9).
+"""``rq check build/``: ONNX Runtime vs the PyTorch R&Q reference, compared with Polygraphy (docs/spec.md §9).
 
 - **prefill**: Polygraphy's ``OnnxrtRunner`` runs each graph on the saved seeded feeds
   (``parity/<graph>_inputs.json``) and ``Comparator.compare_accuracy`` compares every output against the

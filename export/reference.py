@@ -9,7 +9,7 @@ Two sets, from a seeded generator and never the tracing sample:
 - **prefill** (batch mode, offsets 0): a few feeds per graph of different batch/sequence sizes, one with
   padding; every graph output is recorded (logits, present keys/values, ``expert_counts.{l}``).
 - **streaming**: ``B`` prompts (one left-padded), prefill plus :data:`DECODE_STEPS` greedy decode steps
-  of the R&Q model in streaming mode (SPEC §4 offsets rotating per call); per step the logits and each
+  of the R&Q model in streaming mode (docs/spec.md §4 offsets rotating per call); per step the logits and each
   called layer's ``expert_counts``. The chosen tokens are saved so the ONNX Runtime generator can be
   teacher-forced along the same sequence.
 """

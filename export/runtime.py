@@ -3,7 +3,7 @@
 Dependency-light on purpose (numpy, onnxruntime, and tokenizers only for text), so a Triton Python backend
 can import it, or copy this one file next to ``model.py``. Everything it needs is in ``build/manifest.json``.
 
-Replica offsets follow SPEC §4: in streaming mode (default) each MoE layer's ``rq_offsets.{l}`` input starts
+Replica offsets follow docs/spec.md §4: in streaming mode (default) each MoE layer's ``rq_offsets.{l}`` input starts
 at zero and advances by that layer's ``expert_counts.{l}`` output after every call (prefill and each decode
 step), so replicas rotate across steps; ``streaming=False`` keeps them at zero (batch mode).
 Offsets persist across :meth:`OrtGenerator.generate` calls, like a long-running server; :meth:`reset` zeroes.
@@ -114,7 +114,7 @@ class OrtGenerator:
         names = [o["name"] for o in spec["outputs"]]
         outputs = dict(zip(names, self.sessions[graph].run(names, feed)))
         counts = {l: outputs[f"expert_counts.{l}"] for l in spec["moe_layers"]}
-        if self.streaming:  # SPEC §4: o_e += load_e after each call
+        if self.streaming:  # docs/spec.md §4: o_e += load_e after each call
             for l, c in counts.items():
                 self.offsets[l] = self.offsets[l] + c
         return outputs, counts, used

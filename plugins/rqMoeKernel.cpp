@@ -280,7 +280,7 @@ Status validateAttributes(MoeAttributes const& a, std::string& message) noexcept
         }
         if (anyInt4 && a.groupSize != 64 && a.groupSize != 128)
         {
-            message = concat("group_size must be 64 or 128 (SPEC §5), got ", a.groupSize);
+            message = concat("group_size must be 64 or 128 (the INT4 block sizes), got ", a.groupSize);
             return Status::kBAD_ATTRIBUTE;
         }
         return Status::kSUCCESS;

@@ -22,7 +22,7 @@ enum class Status : int32_t
 {
     kSUCCESS = 0,
     kBAD_ATTRIBUTE = 1,      // plugin fields / ONNX attributes are inconsistent
-    kBAD_SHAPE = 2,          // tensor shapes do not match docs/op.md
+    kBAD_SHAPE = 2,          // tensor shapes do not match docs/spec.md §8
     kUNSUPPORTED = 3,        // a dtype or size the compiled kernels do not cover
     kNO_DRIVER = 4,          // libcuda.so.1 could not be loaded
     kNO_KERNEL_FOR_ARCH = 5, // no embedded cubin for this GPU
@@ -42,11 +42,11 @@ enum class Activation : int32_t
     kRELU = 5,
 };
 
-//! -1 when `name` is not one of docs/op.md's activations.
+//! -1 when `name` is not one of docs/spec.md §8's activations.
 int32_t activationCode(std::string const& name) noexcept;
 bool isGlu(int32_t code) noexcept;
 
-//! The op attributes (docs/op.md), as the plugin creator receives them.
+//! The op attributes (docs/spec.md §8), as the plugin creator receives them.
 struct MoeAttributes
 {
     int32_t numExperts{0};
@@ -110,7 +110,7 @@ WorkspaceLayout workspaceLayout(MoeDims const& dims) noexcept;
 //! Checks the dims of a call against the attributes (shape errors say expected vs got).
 Status validateDims(MoeDims const& dims, MoeAttributes const& attrs, std::string& message) noexcept;
 
-//! Device pointers of one call, in docs/op.md input order, then the outputs.
+//! Device pointers of one call, in docs/spec.md §8 input order, then the outputs.
 struct MoeTensors
 {
     void const* hidden{nullptr};   // [T, H]

@@ -241,7 +241,7 @@ int32_t RQMoEPlugin::getOutputDataTypes(
     return guarded<int32_t>("getOutputDataTypes", -1, [&] {
         if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
         {
-            logError("expected 10 inputs and 2 outputs (docs/op.md), got " + std::to_string(nbInputs) + " and "
+            logError("expected 10 inputs and 2 outputs (docs/spec.md §8), got " + std::to_string(nbInputs) + " and "
                 + std::to_string(nbOutputs));
             return -1;
         }
@@ -289,7 +289,7 @@ bool RQMoEPlugin::supportsFormatCombination(
         case kTOPK_WEIGHTS:
         case kW_IN:
         case kW_OUT: return d.type == act;
-        // Packed INT4 bytes: UINT8 per docs/op.md; INT8 accepted too (same bytes) where a build stores them so.
+        // Packed INT4 bytes: UINT8 per docs/spec.md §8; INT8 accepted too (same bytes) where a build stores them so.
         case kW_IN_Q:
         case kW_OUT_Q: return d.type == DataType::kUINT8 || d.type == DataType::kINT8;
         case kW_IN_SCALES:
@@ -307,7 +307,7 @@ int32_t RQMoEPlugin::configurePlugin(
     return guarded<int32_t>("configurePlugin", -1, [&] {
         if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
         {
-            logError("expected 10 inputs and 2 outputs (docs/op.md)");
+            logError("expected 10 inputs and 2 outputs (docs/spec.md §8)");
             return -1;
         }
         auto expectRank = [&](int32_t i, int32_t rank, char const* what) {

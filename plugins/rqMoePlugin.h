@@ -1,8 +1,8 @@
 /*
- * TensorRT IPluginV3 for rq::RQMoE (namespace "rq", name "RQMoE", version "1"); semantics in docs/op.md.
+ * TensorRT IPluginV3 for rq::RQMoE (namespace "rq", name "RQMoE", version "1"); semantics in docs/spec.md §8.
  *
  * Plugin fields equal the ONNX node attributes: num_experts, top_k, group_size (INT32), activation (CHAR),
- * copies and precision (INT32 arrays). Inputs 0..9 and outputs 0..1 in docs/op.md order. The work is done
+ * copies and precision (INT32 arrays). Inputs 0..9 and outputs 0..1 in docs/spec.md §8 order. The work is done
  * by rq::MoeLauncher (rqMoeKernel.h); this file only adapts TensorRT's interfaces to it.
  */
 #pragma once
@@ -24,7 +24,7 @@ constexpr char const* kPLUGIN_NAMESPACE = "rq";
 constexpr int32_t kNB_INPUTS = 10;
 constexpr int32_t kNB_OUTPUTS = 2;
 
-//! Input positions (docs/op.md).
+//! Input positions (docs/spec.md §8).
 enum Input : int32_t
 {
     kHIDDEN = 0,

@@ -9,7 +9,7 @@ Per request: tokenize ``text_input`` (or take ``input_ids``) -> prefill -> one d
 through ONNX Runtime with the KV cache -> one streamed response per token (``token_id``, the UTF-8-safe
 ``text_output`` delta, and the ``expert_counts [layers, N]`` and replica offsets ``rq_offsets [layers, N]``
 of the forward call that produced the token), the last response flagged final. Replica offsets start at
-zero for each request and advance by each call's ``expert_counts`` (SPEC §4), so a request's tokens are
+zero for each request and advance by each call's ``expert_counts`` (docs/spec.md §4), so a request's tokens are
 exactly those of offline ``OrtGenerator.reset(); generate(...)``, whatever else the server is doing
 (``offsets_scope: request``); ``offsets_scope: instance`` keeps rotating across requests instead, like one
 long stream.

@@ -4,7 +4,7 @@ Copied next to ``model.py`` in the model repository (``rq.engines.tritonserver.w
 needs numpy only, and gets ``triton_python_backend_utils`` passed in (so it can be tested without Triton).
 
 Every forward call of the R&Q graph returns, per MoE layer, ``expert_counts [N]`` (the logical loads of the
-call) and used replica offsets ``o [N]``. By the replica rule (SPEC §4) the ``n``-th assignment routed to
+call) and used replica offsets ``o [N]``. By the replica rule (docs/spec.md §4) the ``n``-th assignment routed to
 expert ``e`` goes to copy ``(o_e + n) mod C_e``, so the load of each physical copy follows exactly from
 ``(count, offset, C_e)`` with no per-token data:
 
@@ -17,10 +17,10 @@ Metrics (Prometheus names; Triton serves them on ``/metrics`` of its metrics por
 - ``rq_moe_lis{model, instance, layer, units, scope}`` gauge, ``units`` = ``copies`` (after R&Q) or
   ``experts`` (the same tokens over logical experts: the no-R&Q view), ``scope`` =
   ``instantaneous`` (the latest call that could be balanced at all, i.e. with at least as many
-  assignments as units, SPEC §2), ``window`` (loads of the last ``window`` calls summed: the live view
+  assignments as units, docs/spec.md §2), ``window`` (loads of the last ``window`` calls summed: the live view
   when decode steps are too small to balance one by one) and ``cumulative`` (since the instance started).
 - ``rq_moe_unbalanceable_calls_total{model, layer, units}`` counter: calls with fewer assignments than
-  units (their instantaneous LIS is not reported, SPEC §2).
+  units (their instantaneous LIS is not reported, docs/spec.md §2).
 - ``rq_moe_calls_total{model}`` counter: forward calls (prefill + decode steps) of the graph.
 
 Counters are flushed every ``flush_every`` calls and by :meth:`LoadTelemetry.flush` (end of a request),
@@ -47,7 +47,7 @@ def copy_loads(counts: np.ndarray, offsets: np.ndarray, copies: np.ndarray) -> n
 
 
 def lis(loads: np.ndarray) -> float | None:
-    """``max / mean`` over units (SPEC §2); ``None`` when the total is 0 (no LIS, never 0 or 1)."""
+    """``max / mean`` over units (docs/spec.md §2); ``None`` when the total is 0 (no LIS, never 0 or 1)."""
     loads = np.asarray(loads, dtype=np.float64)
     total = loads.sum()
     if total <= 0:
@@ -77,9 +77,9 @@ class LoadTelemetry:
         family = pb_utils.MetricFamily
         # the families must outlive their metrics: keep references on self
         self.f_load = family(name="rq_moe_expert_load_total", kind=family.COUNTER,
-                             description="Assignments served per physical expert copy (R&Q replica rule, SPEC 4)")
+                             description="Assignments served per physical expert copy (R&Q replica rule)")
         self.f_lis = family(name="rq_moe_lis", kind=family.GAUGE,
-                            description="Load-Imbalance Score max/mean per MoE layer (SPEC 2); units=copies after "
+                            description="Load-Imbalance Score max/mean per MoE layer; units=copies after "
                                         "R&Q, units=experts the same tokens over logical experts")
         self.f_unb = family(name="rq_moe_unbalanceable_calls_total", kind=family.COUNTER,
                             description="Forward calls with fewer assignments than units (no instantaneous LIS)")

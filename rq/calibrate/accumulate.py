@@ -1,4 +1,4 @@
-"""Calibration (SPEC §3): run data through the unmodified model and accumulate, per MoE layer and
+"""Calibration (docs/spec.md §3): run data through the unmodified model and accumulate, per MoE layer and
 logical expert, load, gate mass, output contribution and INT4 sensitivity.
 
 Forward pre-hooks on each experts module see exactly what the router chose (the model is not
@@ -6,9 +6,6 @@ changed); accumulators are float64 ``[N]`` vectors, so memory does not grow with
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -18,14 +15,17 @@ from rq.models.adapters import Adapter, MoELayer
 from rq.calibrate.data import TokenData, batches
 from rq.core.experts import expert_forward
 from rq.models.fingerprint import model_fingerprint
+from rq.models.routing import record_calls
 from rq.progress import progress_bar
 from rq.plan.schema import CalibrationInfo, ModelInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
 
 
 class _LayerAccumulator:
-    """Streaming float64 sums for one layer; INT4 weights are dequantized once per expert and cached
-    only for the duration of calibration."""
+    """Streaming float64 sums for one layer. The INT4 version of an expert is quantized and dequantized when
+    the expert is called and dropped right after: holding one for every expert would add up to the model's
+    expert bytes again, while re-quantizing costs a few passes over one expert's weights per call (about 1 %
+    of the call's matrix products at calibration batch sizes)."""
 
     def __init__(self, adapter: Adapter, layer: MoELayer, group_size: int):
         self.adapter, self.layer, self.group_size = adapter, layer, group_size
@@ -34,16 +34,7 @@ class _LayerAccumulator:
         self.gate_mass = torch.zeros(n, dtype=torch.float64)
         self.contribution = torch.zeros(n, dtype=torch.float64)
         self.quant_sensitivity = torch.zeros(n, dtype=torch.float64)
-        self.quantizable = int4.can_quantize(layer.w_in_shape, group_size) and \
-            int4.can_quantize(layer.w_out_shape, group_size)
-        self._dequantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _int4_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if expert not in self._dequantized:
-            w_in, w_out = self.adapter.get_expert_weights(self.layer, expert)
-            self._dequantized[expert] = tuple(
-                int4.dequantize(int4.quantize(w, self.group_size), torch.float32) for w in (w_in, w_out))
-        return self._dequantized[expert]
+        self.quantizable = int4.can_quantize(layer.w_in_shape) and int4.can_quantize(layer.w_out_shape)
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -62,7 +53,7 @@ class _LayerAccumulator:
             y = expert_forward(x, w_in.to(torch.float32), w_out.to(torch.float32), self.layer.activation)
             self.contribution[expert] += (g * y.to(torch.float64).norm(dim=-1).cpu()).sum()
             if self.quantizable:
-                q_in, q_out = self._int4_weights(expert)
+                q_in, q_out = (int4.dequantize(int4.quantize(w, self.group_size)) for w in (w_in, w_out))
                 err = (y - expert_forward(x, q_in, q_out, self.layer.activation)).to(torch.float64)
                 self.quant_sensitivity[expert] += (g.square() * err.square().sum(-1).cpu()).sum()
 
@@ -77,18 +68,6 @@ class _LayerAccumulator:
                           quant_sensitivity=self.quant_sensitivity)
 
 
-@contextmanager
-def record_calls(model: nn.Module, adapter: Adapter, layers: list[MoELayer], callbacks) -> Iterator[None]:
-    """Attach ``callbacks[i](module, args, kwargs)`` as forward pre-hooks on each layer's experts."""
-    handles = [model.get_submodule(layer.path).register_forward_pre_hook(cb, with_kwargs=True)
-               for layer, cb in zip(layers, callbacks)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def model_info(model: nn.Module, adapter: Adapter, layers: list[MoELayer]) -> ModelInfo:
     first = layers[0]
     dtype = adapter.get_expert_weights(first, 0)[0].dtype
@@ -101,12 +80,12 @@ def model_info(model: nn.Module, adapter: Adapter, layers: list[MoELayer]) -> Mo
 @torch.no_grad()
 def calibrate(model: nn.Module, adapter: Adapter, data: TokenData, *, batch_size: int = 8,
               group_size: int = 128, seed: int = 0, show_progress: bool = True) -> CalibrationStats:
-    """Run ``data`` through ``model`` and return the SPEC §3 statistics of every MoE layer."""
+    """Run ``data`` through ``model`` and return the docs/spec.md §3 statistics of every MoE layer."""
     int4.check_group_size(group_size)
     layers = adapter.moe_layers(model)
     accumulators = [_LayerAccumulator(adapter, layer, group_size) for layer in layers]
     info = model_info(model, adapter, layers)
-    with record_calls(model, adapter, layers, accumulators), \
+    with record_calls(model, layers, accumulators), \
             progress_bar("calibrating", total=data.sequences.shape[0], enabled=show_progress) as advance:
         device = next(model.parameters()).device
         for batch in batches(data.sequences, batch_size):

@@ -1,6 +1,6 @@
 """Text data for calibration and evaluation: read local files, tokenize, cut into fixed-length sequences.
 
-Equal-length sequences without padding keep the token order of SPEC §1 simple (row-major over
+Equal-length sequences without padding keep the token order of docs/spec.md §1 simple (row-major over
 ``[batch, seq]``) and make batch LIS comparable across batch sizes.
 """
 

@@ -1,4 +1,4 @@
-"""Calibration statistics (SPEC §3) and their on-disk form: ``stats.json`` + ``stats.safetensors``.
+"""Calibration statistics (docs/spec.md §3) and their on-disk form: ``stats.json`` + ``stats.safetensors``.
 
 Per MoE layer and logical expert, float64: ``load`` (integer-valued counts), ``gate_mass``,
 ``contribution``, ``quant_sensitivity``; plus the real byte sizes the planner budgets with.

@@ -1,4 +1,4 @@
-"""Load-Imbalance Score (SPEC §2). Pure functions over load tensors.
+"""Load-Imbalance Score (docs/spec.md §2). Pure functions over load tensors.
 
 ``LIS = max_u L_u / (S / U)``; a layer with no load has no LIS and is returned as NaN (reports print it
 as "n/a", never as 0 or 1).
@@ -59,7 +59,7 @@ class InstantSummary:
 
 
 def model_lis(per_layer: list[float]) -> tuple[float, float]:
-    """Model LIS = mean over layers with a defined LIS, and the worst layer's LIS (SPEC §2)."""
+    """Model LIS = mean over layers with a defined LIS, and the worst layer's LIS (docs/spec.md §2)."""
     defined = [v for v in per_layer if not math.isnan(v)]
     if not defined:
         return math.nan, math.nan

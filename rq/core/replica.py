@@ -1,4 +1,4 @@
-"""Replica assignment rule of SPEC §4 and the copy bookkeeping around it. Pure functions over tensors.
+"""Replica assignment rule of docs/spec.md §4 and the copy bookkeeping around it. Pure functions over tensors.
 
 Vocabulary (shared with planner, placement, export and kernels, after DeepSeek EPLB):
 ``logcnt [N]`` copies per logical expert (C_e), ``phys_base [N]`` first physical id of each logical expert
@@ -21,7 +21,7 @@ def phy2log(logcnt: torch.Tensor) -> torch.Tensor:
 
 
 def assignment_ranks(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Rank ``n`` of each assignment among those routed to the same expert, token-major (SPEC §1, §4).
+    """Rank ``n`` of each assignment among those routed to the same expert, token-major (docs/spec.md §1, §4).
 
     ids: ``[T, K]`` logical expert ids; entries outside ``[0, N)`` are dropped assignments (Switch
     capacity overflow) and get rank -1. Returns int64 ``[T, K]``. Deterministic: a stable sort of the
@@ -46,7 +46,7 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def assign_copies(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy index ``c = (o_e + n) mod C_e`` of each assignment (SPEC §4, exact).
+    """Copy index ``c = (o_e + n) mod C_e`` of each assignment (docs/spec.md §4, exact).
 
     ids: ``[T, K]`` logical ids; logcnt: ``[N]`` copies per expert; offsets: ``[N]`` int64 or None (zeros).
     Returns int64 ``[T, K]``; dropped assignments get -1.

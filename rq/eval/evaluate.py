@@ -1,10 +1,10 @@
-"""Measure what R&Q changes (SPEC §2, §9): LIS before/after for batch inference at several batch sizes
+"""Measure what R&Q changes (docs/spec.md §2, §9): LIS before/after for batch inference at several batch sizes
 and for streaming generation, and accuracy parity against the original model.
 
 Routing of every evaluation sequence is recorded once per model (original, R&Q). Because routing of a
 token does not depend on which other sequences share its batch, batch LIS for any batch size ``B`` is
 then computed exactly from those traces: sequences are grouped ``B`` at a time in row-major token order
-(SPEC §1) and the replica rule (§4, offsets 0) maps the R&Q model's assignments to copies. Streaming
+(docs/spec.md §1) and the replica rule (§4, offsets 0) maps the R&Q model's assignments to copies. Streaming
 runs real greedy generation of ``B`` concurrent sequences with the KV cache; each decode step is one
 call with ``T = B`` tokens and the R&Q model's offsets rotate (§4).
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rq.models.adapters import Adapter, MoELayer
-from rq.calibrate.accumulate import record_calls
+from rq.models.routing import record_routing
 from rq.calibrate.data import batches
 from rq.core.lis import InstantSummary, lis_value, model_lis
 from rq.progress import progress_bar
@@ -89,24 +89,12 @@ class EvalReport:
 # ---------------------------------------------------------------------------------------------------
 # routing traces
 
-class _IdRecorder:
-    """Forward pre-hook that keeps the ids of every experts call of one layer."""
-
-    def __init__(self, adapter: Adapter, layer: MoELayer):
-        self.adapter, self.layer, self.calls = adapter, layer, []
-
-    def __call__(self, module, args, kwargs):
-        routing = self.adapter.routing_from_call(self.layer, args, kwargs)
-        self.calls.append(routing.ids.reshape(routing.hidden.shape[0], -1).detach().cpu())
-
-
 @torch.no_grad()
 def trace_batches(model: nn.Module, adapter: Adapter, layers: list[MoELayer], sequences: torch.Tensor,
                   batch_size: int, label: str, show_progress: bool = True):
     """Run ``sequences [n, S]``; returns (per-layer ids ``[n, S_layer, K]``, list of logits per batch)."""
-    recorders = [_IdRecorder(adapter, layer) for layer in layers]
     logits = []
-    with record_calls(model, adapter, layers, recorders), \
+    with record_routing(model, adapter, layers) as recorders, \
             progress_bar(label, total=sequences.shape[0], enabled=show_progress) as advance:
         device = next(model.parameters()).device
         for batch in batches(sequences, batch_size):
@@ -159,8 +147,7 @@ def streaming_lis(original: nn.Module, rq_model: nn.Module, adapter: Adapter, la
     prompts = prompts.to(next(original.parameters()).device)
     gen = dict(max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
                attention_mask=torch.ones_like(prompts), pad_token_id=original.config.pad_token_id or 0)
-    recorders = [_IdRecorder(adapter, layer) for layer in layers]
-    with record_calls(original, adapter, layers, recorders):
+    with record_routing(original, adapter, layers) as recorders:
         original.generate(prompts, **gen)
     rq_experts = rq_layers_of(rq_model)
     set_mode(rq_model, "streaming", record=True)
@@ -184,7 +171,7 @@ def streaming_lis(original: nn.Module, rq_model: nn.Module, adapter: Adapter, la
 
 
 # ---------------------------------------------------------------------------------------------------
-# accuracy (SPEC §9)
+# accuracy (docs/spec.md §9)
 
 def accuracy(adapter: Adapter, sequences: torch.Tensor, logits_original: list[torch.Tensor],
              logits_rq: list[torch.Tensor], batch_size: int) -> Accuracy:

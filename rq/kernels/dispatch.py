@@ -1,4 +1,4 @@
-"""Replica-aware dispatch (SPEC §4) in Triton: token->copy mapping, loads, and the copy-sorted permutation.
+"""Replica-aware dispatch (docs/spec.md §4) in Triton: token->copy mapping, loads, and the copy-sorted permutation.
 
 Four small launches, none with atomics, so the result is the same integers whatever the scheduling:
 
@@ -7,7 +7,7 @@ Four small launches, none with atomics, so the result is the same integers whate
    block's histogram ``hist [NB, N]``.
 2. ``dispatch_scan``: per expert, an exclusive prefix sum of ``hist`` over blocks (in place) and the
    loads ``expert_counts [N]``. Rank of an assignment = prefix of its block + its local rank, which is
-   exactly the token-major rank ``n`` of SPEC §4.
+   exactly the token-major rank ``n`` of docs/spec.md §4.
 3. ``dispatch_copies``: per physical copy, its load from the rule (``L // C`` plus one for the first
    ``L mod C`` copies counted from the offset, as :func:`rq.core.replica.split_load`), the exclusive prefix
    ``copy_start [P+1]``, and per precision class the prefix of GEMM row tiles ``tile_start [2, P+1]``.

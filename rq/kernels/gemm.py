@@ -1,4 +1,4 @@
-"""Grouped expert GEMMs over copy-sorted rows, original precision or SPEC §5 INT4, in Triton.
+"""Grouped expert GEMMs over copy-sorted rows, original precision or docs/spec.md §5 INT4, in Triton.
 
 One program computes a ``[BLOCK_M, BLOCK_N]`` output tile of one physical copy. Program axis 0 walks the
 row tiles of one precision class (``tile_start`` from :mod:`rq.kernels.dispatch`, found by binary search;
@@ -24,26 +24,24 @@ INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 
 @triton.jit
 def dequant_int4_tile(packed, scale):
-    """``packed [BN, BK/2]`` uint8, ``scale [BN]`` float16 -> ``[BN, BK]`` float16 (element 2j = low nibble).
+    """``packed [BN, BK/2]`` uint8, ``scale [BN]`` float16 -> ``[BN, BK]`` float32 (element 2j = low nibble).
 
-    The product of an int in [-8, 7] and a float16 is exact in float32, so rounding it once to float16
-    gives bit-for-bit the value of ``rq.core.int4.dequantize``.
+    The product of an int in [-8, 7] and a float16 is exact in float32: this is bit for bit the value of
+    ``rq.core.int4.dequantize`` (docs/spec.md §5). Callers that feed float16 tensor cores round it once.
     """
     low = (packed & 15).to(tl.int32)
     high = ((packed >> 4) & 15).to(tl.int32)
     low = low - 16 * (low >= 8).to(tl.int32)  # two's complement nibble -> [-8, 7]
     high = high - 16 * (high >= 8).to(tl.int32)
     s = scale.to(tl.float32)[:, None]
-    w_low = (low.to(tl.float32) * s).to(tl.float16)
-    w_high = (high.to(tl.float32) * s).to(tl.float16)
-    return tl.interleave(w_low, w_high)
+    return tl.interleave(low.to(tl.float32) * s, high.to(tl.float32) * s)
 
 
 @triton.jit
 def dequantize_int4_kernel(
-    q_ptr,  # [R, C/2] uint8
-    s_ptr,  # [R, C/G] float16
-    out_ptr,  # [R, C] float16
+    q_ptr,  # [R, ceil(C/2)] uint8
+    s_ptr,  # [R, ceil(C/G)] float16
+    out_ptr,  # [R, C] float16 or float32
     num_rows,
     num_cols,
     group_size,
@@ -54,12 +52,15 @@ def dequantize_int4_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    mask = (rows[:, None] < num_rows) & (half[None, :] < num_cols // 2)
-    packed = tl.load(q_ptr + rows[:, None] * (num_cols // 2) + half[None, :], mask=mask, other=0)
-    scale = tl.load(s_ptr + rows * (num_cols // group_size) + k0 // group_size, mask=rows < num_rows, other=1.0)
+    row_bytes = (num_cols + 1) // 2
+    mask = (rows[:, None] < num_rows) & (half[None, :] < row_bytes)
+    packed = tl.load(q_ptr + rows[:, None] * row_bytes + half[None, :], mask=mask, other=0)
+    num_groups = (num_cols + group_size - 1) // group_size
+    scale = tl.load(s_ptr + rows * num_groups + k0 // group_size, mask=rows < num_rows, other=1.0)
     w = dequant_int4_tile(packed, scale)
     cols = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * num_cols + cols[None, :], w, mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols))
+    tl.store(out_ptr + rows[:, None] * num_cols + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols))
 
 
 @triton.jit
@@ -98,15 +99,19 @@ def activation_fn(gate, act):
 @triton.jit
 def load_weight_tile(w_ptr, s_ptr, rows, k0, row_mask, in_features, group_size,
                      IS_INT4: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """``[BLOCK_K, BN]`` tile of ``W^T`` for one copy's ``W [R, in_features]`` (INT4: packed ``[R, in/2]``).
+    """``[BLOCK_K, BN]`` tile of ``W^T`` for one copy's ``W [R, in_features]`` (INT4: packed ``[R, ceil(in/2)]``,
+    scales ``[R, ceil(in/G)]``; the last block may be partial).
 
-    ``BLOCK_K`` divides the group size, so one scale per row covers the whole tile.
+    ``BLOCK_K`` divides the group size, so one scale per row covers the whole tile. Columns past
+    ``in_features`` read as 0 (the operand they meet is masked to 0 as well).
     """
     if IS_INT4:
+        row_bytes = (in_features + 1) // 2
         half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        mask = row_mask[:, None] & (half[None, :] < in_features // 2)
-        packed = tl.load(w_ptr + rows[:, None] * (in_features // 2) + half[None, :], mask=mask, other=0)
-        scale = tl.load(s_ptr + rows * (in_features // group_size) + k0 // group_size, mask=row_mask, other=0.0)
+        mask = row_mask[:, None] & (half[None, :] < row_bytes)
+        packed = tl.load(w_ptr + rows[:, None] * row_bytes + half[None, :], mask=mask, other=0)
+        num_groups = (in_features + group_size - 1) // group_size
+        scale = tl.load(s_ptr + rows * num_groups + k0 // group_size, mask=row_mask, other=0.0)
         w = dequant_int4_tile(packed, scale).to(DOT_DTYPE)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -154,8 +159,8 @@ def expert_in_kernel(
     if GLU:
         in_rows = 2 * inter_size
     if IS_INT4:
-        w_base = w_ptr + slot * in_rows * (hidden_size // 2)
-        s_base = s_ptr + slot * in_rows * (hidden_size // group_size)
+        w_base = w_ptr + slot * in_rows * ((hidden_size + 1) // 2)
+        s_base = s_ptr + slot * in_rows * ((hidden_size + group_size - 1) // group_size)
     else:
         w_base = w_ptr + slot * in_rows * hidden_size
         s_base = s_ptr
@@ -210,8 +215,8 @@ def expert_out_kernel(
     col_mask = cols < hidden_size
     slot = tl.load(slot_ptr + p).to(tl.int64)
     if IS_INT4:
-        w_base = w_ptr + slot * hidden_size * (inter_size // 2)
-        s_base = s_ptr + slot * hidden_size * (inter_size // group_size)
+        w_base = w_ptr + slot * hidden_size * ((inter_size + 1) // 2)
+        s_base = s_ptr + slot * hidden_size * ((inter_size + group_size - 1) // group_size)
     else:
         w_base = w_ptr + slot * hidden_size * inter_size
         s_base = s_ptr
@@ -232,7 +237,7 @@ def dot_config(dtype: torch.dtype, device: torch.device | None = None) -> tuple[
 
     float16/bfloat16 run on tensor cores; float32 uses IEEE products (no TF32) so an FP32 engine stays
     within FP32 rounding of the reference. INT4 weights are float16 values; with bfloat16 activations they
-    are rounded to bfloat16 for the tensor cores (within the float16 tolerance of SPEC §9). Triton's CPU
+    are rounded to bfloat16 for the tensor cores (within the float16 tolerance of docs/spec.md §9). Triton's CPU
     interpreter computes bfloat16 dots wrongly (Triton 3.9), so on CPU bfloat16 operands are upcast.
     """
     if dtype == torch.float16:
@@ -246,13 +251,17 @@ def dot_config(dtype: torch.dtype, device: torch.device | None = None) -> tuple[
     raise TypeError(f"hidden must be float16, bfloat16 or float32, got {dtype}")
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Triton twin of :func:`rq.core.int4.dequantize`: ``packed [R, C/2]`` uint8, ``scales [R, C/G]`` -> ``[R, C]`` fp16."""
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int, in_features: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triton twin of :func:`rq.core.int4.dequantize_values`: ``packed [R, ceil(C/2)]`` uint8, ``scales
+    [R, ceil(C/G)]`` -> ``[R, C]`` in ``dtype`` (float32: exact; float16: rounded once)."""
     num_rows, half = packed.shape
-    num_cols = half * 2
-    if tuple(scales.shape) != (num_rows, num_cols // group_size):
-        raise ValueError(f"scales must be [{num_rows}, {num_cols // group_size}], got {list(scales.shape)}")
-    out = torch.empty(num_rows, num_cols, dtype=torch.float16, device=packed.device)
+    num_cols = half * 2 if in_features is None else in_features
+    groups = -(-num_cols // group_size)
+    if tuple(scales.shape) != (num_rows, groups) or half != -(-num_cols // 2):
+        raise ValueError(f"packed {list(packed.shape)} / scales {list(scales.shape)} do not fit [{num_rows}, {num_cols}] "
+                         f"with group size {group_size}")
+    out = torch.empty(num_rows, num_cols, dtype=dtype, device=packed.device)
     block_k = min(64, group_size)
     grid = (triton.cdiv(num_rows, 32), triton.cdiv(num_cols, block_k))
     dequantize_int4_kernel[grid](packed.contiguous(), scales.contiguous(), out, num_rows, num_cols, group_size,

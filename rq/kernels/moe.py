@@ -1,4 +1,4 @@
-"""``rq::RQMoE`` on the GPU through the Triton kernels, plus the device-aware entry the PyTorch model uses.
+"""``rq::RQMoE`` on the GPU through the Triton kernels.
 
 Pipeline (docs/kernels.md): dispatch (4 small launches) -> ``expert_in`` per precision class (gate/up GEMM
 with the activation fused) -> ``expert_out`` per class (down projection, rows written back in assignment
@@ -9,16 +9,16 @@ TensorRT plugin share, so all three run the same compiled variants.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
 
+from rq.core.op import RQLayerWeights, activation_code, check_call, is_glu
+
 from . import combine as _combine
 from . import dispatch as _dispatch
 from . import gemm
-from rq.core.op import activation_code, check_inputs, is_glu, rq_moe_reference
 
 BLOCK_N = 64
 BLOCK_K = 64  # divides both group sizes (64, 128): one scale per row per weight tile
@@ -47,40 +47,19 @@ def _cached_tables(logcnt: tuple[int, ...], precision: tuple[int, ...], device: 
     return _dispatch.device_tables(torch.tensor(logcnt), torch.tensor(precision), torch.device(device))
 
 
-def _as_tuple(v: torch.Tensor | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(int(x) for x in (v.tolist() if isinstance(v, torch.Tensor) else v))
+def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: RQLayerWeights,
+           offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y [T, H]`` and ``expert_counts [N]`` int64 of ``rq::RQMoE`` with the Triton kernels (docs/spec.md §8).
 
-
-def rq_moe(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    offsets: torch.Tensor | None,
-    logcnt: torch.Tensor | list[int],
-    precision: torch.Tensor | list[int],
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    w_in_q: torch.Tensor,
-    w_in_scales: torch.Tensor,
-    w_out_q: torch.Tensor,
-    w_out_scales: torch.Tensor,
-    activation: str,
-    group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y [T, H]`` and ``expert_counts [N]`` int64 of ``rq::RQMoE`` with the Triton kernels (docs/op.md).
-
-    Same signature and semantics as :func:`rq.core.op.rq_moe_reference`. All tensors on one
-    device (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``logcnt``/``precision`` are the op attributes
-    and may be lists (their device copies are cached).
+    Same signature and semantics as :func:`rq.core.op.rq_moe_reference`. All tensors on one device (CUDA,
+    or CPU under ``TRITON_INTERPRET=1``); the layer's copy tables are cached per device.
     """
-    inter = check_inputs(hidden, topk_ids, topk_weights, offsets, torch.as_tensor(logcnt), torch.as_tensor(precision),
-                         w_in, w_out, w_in_q, w_in_scales, w_out_q, w_out_scales, activation, group_size)
+    hidden_size, inter = check_call(hidden, topk_ids, topk_weights, layer, offsets)
     device = hidden.device
-    tables = _cached_tables(_as_tuple(logcnt), _as_tuple(precision), str(device))
+    tables = _cached_tables(layer.logcnt, layer.precision, str(device))
     num_tokens, top_k = topk_ids.shape
-    hidden_size = hidden.shape[1]
-    num_experts = tables.logcnt.numel()
-    num_phys = tables.phy2log.numel()
+    num_experts = layer.num_experts
+    num_phys = layer.num_copies
     num_assign = num_tokens * top_k
     y = torch.empty_like(hidden)
     if num_assign == 0:
@@ -91,13 +70,12 @@ def rq_moe(
     h = torch.empty(num_assign, inter, dtype=hidden.dtype, device=device)  # [A, I] sorted rows
     out = torch.empty(num_assign, hidden_size, dtype=hidden.dtype, device=device)  # [A, H] assignment order
     dot_dtype, dot_precision = gemm.dot_config(hidden.dtype, device)
-    prec = _as_tuple(precision)
     classes = (
-        (0, prec.count(0), w_in, w_in, w_out, w_out),
-        (1, prec.count(1), w_in_q, w_in_scales, w_out_q, w_out_scales),
+        (0, layer.num_orig, layer.w_in, layer.w_in, layer.w_out, layer.w_out),
+        (1, layer.num_int4, layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales),
     )
-    act = activation_code(activation)
-    glu = is_glu(activation)
+    act = activation_code(layer.activation)
+    glu = is_glu(layer.activation)
     for cls, count, wi, si, wo, so in classes:
         if count == 0:
             continue
@@ -106,58 +84,9 @@ def rq_moe(
                       DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps)
         gemm.expert_in_kernel[(tiles, triton.cdiv(inter, cfg.block_n))](
             hidden, wi.contiguous(), si.contiguous(), h, d.sorted_assign, d.copy_start, d.tile_start[cls], tables.slot,
-            num_phys, hidden_size, inter, top_k, act, group_size, GLU=glu, **common)
+            num_phys, hidden_size, inter, top_k, act, layer.group_size, GLU=glu, **common)
         gemm.expert_out_kernel[(tiles, triton.cdiv(hidden_size, cfg.block_n))](
             h, wo.contiguous(), so.contiguous(), out, d.sorted_assign, d.copy_start, d.tile_start[cls], tables.slot,
-            num_phys, hidden_size, inter, group_size, **common)
+            num_phys, hidden_size, inter, layer.group_size, **common)
     _combine.combine(out, topk_weights, d.eid, num_experts, y)
     return y, d.expert_counts
-
-
-@dataclass(frozen=True)
-class RQLayerWeights:
-    """Everything of one R&Q MoE layer that is not per call (the op's weight inputs and attributes).
-
-    logcnt: ``[N]`` copies per logical expert; precision: ``[P]`` 0/1 per physical copy; weight shapes as
-    in docs/op.md (an empty class is a ``[0, ...]`` tensor).
-    """
-
-    logcnt: tuple[int, ...]
-    precision: tuple[int, ...]
-    w_in: torch.Tensor
-    w_out: torch.Tensor
-    w_in_q: torch.Tensor
-    w_in_scales: torch.Tensor
-    w_out_q: torch.Tensor
-    w_out_scales: torch.Tensor
-    activation: str
-    group_size: int
-
-
-MoEFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-EXPERT_BACKENDS: dict[str, MoEFn] = {"reference": rq_moe_reference, "triton": rq_moe}
-"""String-keyed implementations of one signature (the ``rq_moe`` argument list)."""
-
-
-def rq_experts_forward(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    layer: RQLayerWeights,
-    offsets: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed-expert output ``y [T, H]`` and loads ``[N]`` of one R&Q layer.
-
-    backend: ``"auto"`` runs the Triton kernels for CUDA tensors and the PyTorch reference otherwise;
-    ``"triton"`` / ``"reference"`` force one (see :data:`EXPERT_BACKENDS`).
-    """
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda else "reference"
-    if backend not in EXPERT_BACKENDS:
-        raise ValueError(f"unknown experts backend {backend!r}: expected 'auto' or one of {sorted(EXPERT_BACKENDS)}")
-    return EXPERT_BACKENDS[backend](
-        hidden, topk_ids, topk_weights, offsets, torch.tensor(layer.logcnt), torch.tensor(layer.precision),
-        layer.w_in, layer.w_out, layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales,
-        layer.activation, layer.group_size,
-    )

@@ -1,4 +1,4 @@
-"""Model fingerprint (SPEC §6): sha256 over the config and every router weight, so a plan or stats file
+"""Model fingerprint (docs/spec.md §6): sha256 over the config and every router weight, so a plan or stats file
 is never applied to another model. Bookkeeping keys of the config (versions, paths, dtype) are excluded;
 router weights are hashed as float32 values of the loaded tensors."""
 

@@ -406,7 +406,7 @@ def stats_from_loads(loads: torch.Tensor, shape: ModelShape, source: str, group_
         raise RQError(f"loads have shape {tuple(loads.shape)}, the config describes {num_layers} MoE layers x "
                       f"{shape.num_experts} experts: wrong --config or dump")
     loads = loads.to(torch.float64)
-    quantizable = can_quantize(shape.w_in_shape, group_size) and can_quantize(shape.w_out_shape, group_size)
+    quantizable = can_quantize(shape.w_in_shape) and can_quantize(shape.w_out_shape)
     layers = [LayerStats(index=i, path=f"model.layers.{d}.mlp.experts", num_experts=shape.num_experts,
                          top_k=shape.top_k, activation=shape.activation, w_in_shape=shape.w_in_shape,
                          w_out_shape=shape.w_out_shape, original_bytes=[shape.expert_bytes] * shape.num_experts,

@@ -1,4 +1,4 @@
-"""The R&Q planner (SPEC §6): which experts to quantize to INT4 and which to replicate, per layer,
+"""The R&Q planner (docs/spec.md §6): which experts to quantize to INT4 and which to replicate, per layer,
 within a memory budget. :func:`plan_layer` is a pure function over tensors; :func:`make_plan` turns
 calibration stats into the validated ``plan.json`` document (no I/O).
 
@@ -59,7 +59,7 @@ def plan_layer(load: torch.Tensor, importance: torch.Tensor, original_bytes: tor
 
     Runs in O((N + R) log N) for R replicas: the expert with the highest per-copy load comes off a heap,
     and the predicted LIS is tracked incrementally. With offsets 0 the busiest copy of expert ``e`` holds
-    ``ceil(L_e / C_e)`` assignments (SPEC §4), so ``LIS = max_e ceil(L_e / C_e) * P / S``.
+    ``ceil(L_e / C_e)`` assignments (docs/spec.md §4), so ``LIS = max_e ceil(L_e / C_e) * P / S``.
     """
     n = load.numel()
     assert importance.shape == original_bytes.shape == int4_bytes.shape == (n,), "per-expert vectors of length N"

@@ -1,4 +1,4 @@
-"""Versioned, validated documents: calibration stats metadata and ``plan.json`` (SPEC §3, §6).
+"""Versioned, validated documents: calibration stats metadata and ``plan.json`` (docs/spec.md §3, §6).
 
 Pydantic models with ``extra="forbid"`` so a foreign or hand-mangled file is refused with a message
 naming the field, and a ``format``/``version`` pair so future versions are refused, not misread.
@@ -92,7 +92,7 @@ class LayerPlan(_Strict):
 
     @property
     def precision(self) -> list[int]:
-        """Per physical copy, logical-major: 0 original, 1 INT4 (docs/op.md)."""
+        """Per physical copy, logical-major: 0 original, 1 INT4 (docs/spec.md §8)."""
         out = []
         for e in self.experts:
             out.append(0 if e.precision == "original" else 1)

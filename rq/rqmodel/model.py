@@ -2,9 +2,9 @@
 
 Each MoE layer's experts module is replaced by :class:`RQExperts`, which stores every physical copy
 (original-precision primaries, INT4 primaries, INT4 replicas) in the stacked layout of ``rq::RQMoE``
-(docs/op.md) and runs the replica rule of SPEC §4. The router is untouched. This plain PyTorch path is
-the *reference* that ONNX Runtime, the Triton kernels and the TensorRT plugin are checked against, so it
-is written to be obviously right rather than fast: each copy's weights are dequantized when it runs.
+(docs/spec.md §8) and runs the replica rule of §4. The router is untouched. With the ``reference`` backend
+this is the PyTorch reference that ONNX Runtime, the Triton kernels and the TensorRT plugin are checked
+against.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from rq.core import int4
 from rq.models.adapters import Adapter, MoELayer, replace_module
 from rq.errors import RQError
 from rq.models.fingerprint import model_fingerprint
-from rq.core.op import rq_moe_reference
+from rq.core.op import WEIGHT_INPUTS, RQLayerWeights
 from rq.core.replica import physical_ids
+from rq.rqmodel import backends
 from rq.plan.schema import LayerPlan, Plan
 
 Mode = Literal["batch", "streaming"]
@@ -28,47 +29,58 @@ Mode = Literal["batch", "streaming"]
 class RQExperts(nn.Module):
     """Replica-aware experts of one layer: ``forward(hidden [T, H], ids [T, K], weights [T, K]) -> [T, H]``.
 
-    Buffers (docs/op.md): ``w_in [P_orig, I_in, H]``, ``w_out [P_orig, H, I]`` original-precision copies;
-    ``w_in_q``/``w_in_scales``/``w_out_q``/``w_out_scales`` the INT4 copies (SPEC §5 bytes);
-    ``logcnt [N]`` copies per expert, ``precision [P]`` 0/1 per physical copy, ``offsets [N]`` replica
-    offsets (advanced after each call in streaming mode).
+    Buffers are the op's weight inputs (docs/spec.md §8): ``w_in [P_orig, I_in, H]``, ``w_out [P_orig, H, I]``
+    original-precision copies; ``w_in_q``/``w_in_scales``/``w_out_q``/``w_out_scales`` the INT4 copies (§5
+    bytes); ``offsets [N]`` replica offsets (advanced after each call in streaming mode). :attr:`layer` is
+    the :class:`~rq.core.op.RQLayerWeights` bundle every implementation takes; :attr:`backend` names the one
+    that runs (:mod:`rq.rqmodel.backends`).
     Telemetry: ``last_counts [N]`` of the latest call, ``total_copy_loads [P]`` since the last reset, and,
     when ``record`` is on, ``history`` (one ``[P]`` copy-load vector per call).
     """
 
-    def __init__(self, *, num_experts: int, top_k: int, activation: str, group_size: int, logcnt: torch.Tensor,
-                 precision: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, w_in_q: torch.Tensor,
-                 w_in_scales: torch.Tensor, w_out_q: torch.Tensor, w_out_scales: torch.Tensor):
+    def __init__(self, layer: RQLayerWeights):
         super().__init__()
-        self.num_experts, self.top_k, self.activation, self.group_size = num_experts, top_k, activation, group_size
-        assert logcnt.shape == (num_experts,), f"logcnt must be [N={num_experts}], got {tuple(logcnt.shape)}"
-        assert precision.numel() == int(logcnt.sum()), "precision needs one entry per physical copy"
-        self.register_buffer("logcnt", logcnt.to(torch.int64))
-        self.register_buffer("precision", precision.to(torch.int64))
-        self.register_buffer("offsets", torch.zeros(num_experts, dtype=torch.int64))
-        for name, value in (("w_in", w_in), ("w_out", w_out), ("w_in_q", w_in_q), ("w_in_scales", w_in_scales),
-                            ("w_out_q", w_out_q), ("w_out_scales", w_out_scales)):
+        layer.sizes  # validates attributes and shapes once
+        self.top_k, self.activation, self.group_size = layer.top_k, layer.activation, layer.group_size
+        self.copies, self.copy_precision = tuple(layer.logcnt), tuple(layer.precision)
+        self.register_buffer("logcnt", torch.tensor(layer.logcnt, dtype=torch.int64))
+        self.register_buffer("offsets", torch.zeros(layer.num_experts, dtype=torch.int64))
+        for name, value in zip(WEIGHT_INPUTS, layer.tensors()):
             self.register_buffer(name, value)
         self.mode: Mode = "batch"
-        self.backend = "auto"  # "auto": Triton kernels on CUDA, the PyTorch reference elsewhere
+        self.backend = "auto"  # see rq.rqmodel.backends
         self.record = False
         self.reset_telemetry()
 
     def _apply(self, fn, recurse=True):
-        """``model.to(dtype)`` must not change the SPEC §5 bytes: INT4 scales stay float16, packed stays uint8."""
+        """``model.to(dtype)`` must not change the §5 bytes: INT4 scales stay float16, packed stays uint8."""
         super()._apply(fn, recurse)
         for name in ("w_in_scales", "w_out_scales"):
             setattr(self, name, getattr(self, name).to(torch.float16))
         return self
 
     @property
+    def num_experts(self) -> int:
+        return len(self.copies)
+
+    @property
     def num_copies(self) -> int:
-        return self.precision.numel()
+        return len(self.copy_precision)
+
+    @property
+    def precision(self) -> torch.Tensor:
+        """``[P]`` 0 original / 1 INT4 per physical copy."""
+        return torch.tensor(self.copy_precision, dtype=torch.int64)
+
+    @property
+    def layer(self) -> RQLayerWeights:
+        """The op's view of this layer (current buffers; shapes were validated at construction)."""
+        return RQLayerWeights(self.top_k, self.activation, self.group_size, self.copies, self.copy_precision,
+                              *(getattr(self, name) for name in WEIGHT_INPUTS))
 
     def weight_nbytes(self) -> int:
         """Bytes of all stored expert weights (what the plan's budget bounds)."""
-        return sum(b.numel() * b.element_size() for b in
-                   (self.w_in, self.w_out, self.w_in_q, self.w_in_scales, self.w_out_q, self.w_out_scales))
+        return sum(t.numel() * t.element_size() for t in self.layer.tensors())
 
     def reset_telemetry(self) -> None:
         self.offsets.zero_()
@@ -76,19 +88,11 @@ class RQExperts(nn.Module):
         self.total_copy_loads = torch.zeros(self.num_copies, dtype=torch.int64)
         self.history: list[torch.Tensor] = []
 
-    def _implementation(self, hidden: torch.Tensor):
-        if self.backend == "triton" or (self.backend == "auto" and hidden.is_cuda):
-            from rq.kernels.moe import rq_moe  # needs the `triton` package
-
-            return rq_moe
-        return rq_moe_reference
-
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         offsets = self.offsets if self.mode == "streaming" else None
-        y, counts = self._implementation(hidden)(
-            hidden, ids, weights.to(hidden.dtype), offsets, self.logcnt, self.precision, self.w_in, self.w_out,
-            self.w_in_q, self.w_in_scales, self.w_out_q, self.w_out_scales, self.activation, self.group_size)
+        run = backends.resolve(self.backend, hidden.device)
+        y, counts = run(hidden, ids, weights.to(hidden.dtype), self.layer, offsets)
         self._record(counts, physical_ids(ids, self.logcnt, offsets))
         return y
 
@@ -107,33 +111,30 @@ def build_rq_experts(adapter: Adapter, layer: MoELayer, layer_plan: LayerPlan, g
     orig_in, orig_out, q_in, q_out = [], [], [], []
     for expert in layer_plan.experts:
         w_in, w_out = (w.detach() for w in adapter.get_expert_weights(layer, expert.expert))
-        quantized = None
-        if expert.precision == "int4" or expert.replicas:
-            quantized = (int4.quantize(w_in, group_size), int4.quantize(w_out, group_size))
         if expert.precision == "original":
             orig_in.append(w_in.clone())
             orig_out.append(w_out.clone())
-        else:
-            q_in.append(quantized[0])
-            q_out.append(quantized[1])
-        q_in.extend([quantized[0]] * expert.replicas) if expert.replicas else None
-        q_out.extend([quantized[1]] * expert.replicas) if expert.replicas else None
-    dtype = layer.experts.parameters().__next__().dtype if list(layer.experts.parameters()) else torch.float32
+        if expert.precision == "int4" or expert.replicas:
+            quantized = int4.quantize(w_in, group_size), int4.quantize(w_out, group_size)
+            copies = expert.replicas + (expert.precision == "int4")
+            q_in.extend([quantized[0]] * copies)
+            q_out.extend([quantized[1]] * copies)
+    dtype = next(layer.experts.parameters()).dtype if list(layer.experts.parameters()) else torch.float32
     i_in, hidden = layer.w_in_shape
     inter = layer.intermediate_size
 
     def stack(items, empty_shape, dt):
         return torch.stack(items) if items else torch.zeros((0, *empty_shape), dtype=dt)
 
-    return RQExperts(
-        num_experts=layer.num_experts, top_k=layer.top_k, activation=layer.activation, group_size=group_size,
-        logcnt=torch.tensor(layer_plan.logcnt), precision=torch.tensor(layer_plan.precision),
+    return RQExperts(RQLayerWeights(
+        top_k=layer.top_k, activation=layer.activation, group_size=group_size, logcnt=tuple(layer_plan.logcnt),
+        precision=tuple(layer_plan.precision),
         w_in=stack(orig_in, (i_in, hidden), dtype), w_out=stack(orig_out, (hidden, inter), dtype),
-        w_in_q=stack([q.packed for q in q_in], (i_in, hidden // 2), torch.uint8),
-        w_in_scales=stack([q.scales for q in q_in], (i_in, hidden // group_size), torch.float16),
-        w_out_q=stack([q.packed for q in q_out], (hidden, inter // 2), torch.uint8),
-        w_out_scales=stack([q.scales for q in q_out], (hidden, inter // group_size), torch.float16),
-    )
+        w_in_q=stack([q.packed for q in q_in], (i_in, int4.packed_width(hidden)), torch.uint8),
+        w_in_scales=stack([q.scales for q in q_in], (i_in, int4.num_blocks(hidden, group_size)), torch.float16),
+        w_out_q=stack([q.packed for q in q_out], (hidden, int4.packed_width(inter)), torch.uint8),
+        w_out_scales=stack([q.scales for q in q_out], (hidden, int4.num_blocks(inter, group_size)), torch.float16),
+    ))
 
 
 def check_plan_matches(model: nn.Module, adapter: Adapter, plan: Plan) -> list[MoELayer]:
@@ -163,7 +164,7 @@ def rq_layers_of(model: nn.Module) -> list[RQExperts]:
 
 
 def set_mode(model: nn.Module, mode: Mode, record: bool = False) -> None:
-    """Batch mode (offsets stay 0) or streaming mode (offsets rotate per call, SPEC §4); resets telemetry."""
+    """Batch mode (offsets stay 0) or streaming mode (offsets rotate per call, docs/spec.md §4); resets telemetry."""
     for layer in rq_layers_of(model):
         layer.mode, layer.record = mode, record
         layer.reset_telemetry()

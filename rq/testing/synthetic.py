@@ -1,7 +1,7 @@
 """Synthetic calibration statistics at real model shapes, for planner/placement scale tests and benchmarks.
 
 No model is loaded: per-expert loads are drawn from a seeded Zipf-skewed distribution and every other
-SPEC §3 metric is derived from them with seeded noise, while the shapes and byte sizes are those of the
+docs/spec.md §3 metric is derived from them with seeded noise, while the shapes and byte sizes are those of the
 named model (bf16 experts). Two shapes are built in:
 
 * ``deepseek_v3`` -- 58 MoE layers (decoder layers 3..60) x 256 routed experts, top-8, hidden 7168,
@@ -92,7 +92,7 @@ def synthetic_stats(shape: str = "deepseek_v3", *, seed: int = 0, tokens: int = 
         layers.append(LayerStats(
             index=li, path=f"model.layers.{s.first_moe_layer + li}.mlp.experts", num_experts=n, top_k=k,
             activation="silu_glu", w_in_shape=w_in, w_out_shape=w_out, original_bytes=[per_expert_bytes] * n,
-            quantizable=can_quantize(w_in, group_size) and can_quantize(w_out, group_size),
+            quantizable=can_quantize(w_in) and can_quantize(w_out),
             load=load, gate_mass=gate_mass, contribution=gate_mass * norms,
             quant_sensitivity=gate_mass.square() / load.clamp(min=1) * q_err))
     model = ModelInfo(architecture=s.architecture, num_moe_layers=num_layers, num_experts=n, top_k=k,

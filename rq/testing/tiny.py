@@ -75,8 +75,11 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def save_tiny_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight checkpoint of ``arch`` to ``out_dir`` and return the path."""
+def save_tiny_checkpoint(arch: str, out_dir: str | Path, seed: int = 0, router_std: float = 0.2) -> Path:
+    """Write a tiny random-weight checkpoint of ``arch`` to ``out_dir`` and return the path.
+
+    ``router_std``: spread of the router weights. Wider routers make fewer near-ties between the router's
+    logits, which float16 arithmetic (about 3 significant digits) can otherwise resolve either way."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
@@ -85,8 +88,10 @@ def save_tiny_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     model = auto.from_config(config)
     with torch.no_grad():  # routers initialised at zero would tie every token; give them a spread
         for name, param in model.named_parameters():
-            if param.dim() >= 2 and ("gate" in name or "router" in name or "experts" in name):
+            if param.dim() >= 2 and "experts" in name:
                 param.normal_(0, 0.2)
+            elif param.dim() >= 2 and ("gate" in name or "router" in name):
+                param.normal_(0, router_std)
     out = Path(out_dir)
     model.save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)

@@ -1,4 +1,4 @@
-"""SPEC §5 exactness: hand-computed bytes, scales, rounding and round trips."""
+"""docs/spec.md §5 exactness: hand-computed bytes, scales, rounding, partial blocks and round trips."""
 
 import pytest
 import torch
@@ -44,19 +44,55 @@ def test_round_trip_error_bounded_by_half_scale(group):
     assert torch.equal(int4.quantize(deq, group).packed, q.packed)
 
 
-def test_values_stay_in_range_and_dequantize_is_float16_exact():
+def test_dequantize_is_the_exact_product():
+    """q * scale_f16 without rounding in float32; float16 rounds that product once (docs/spec.md §5)."""
     torch.manual_seed(1)
     w = torch.randn(8, 128)
     q = int4.quantize(w, 128)
     v = int4.unpack(q.packed)
     assert v.min() >= -8 and v.max() <= 7
-    half = int4.dequantize(q, torch.float16)
-    assert torch.equal(half.float(), (v.float() * q.scales.float().repeat_interleave(128, 1)).half().float())
+    exact = v.double() * q.scales.double().repeat_interleave(128, 1)  # float64: certainly exact
+    assert torch.equal(int4.dequantize(q).double(), exact)
+    assert torch.equal(int4.dequantize(q, torch.float16), exact.float().half())
+
+
+def test_partial_last_block_hand_computed():
+    """in = 70, G = 64: two scales per row, the second over the 6 trailing inputs only."""
+    w = torch.zeros(1, 70)
+    w[0, 0], w[0, 63] = 7.0, -1.0  # block 0: max 7 -> scale 1
+    w[0, 64], w[0, 69] = 0.35, -0.7  # block 1 (6 inputs): max 0.7 -> scale 0.1 in float16
+    q = int4.quantize(w, 64)
+    assert q.packed.shape == (1, 35) and q.scales.shape == (1, 2)
+    assert q.scales[0, 0].item() == 1.0 and q.scales[0, 1].item() == torch.tensor(0.1).half().item()
+    values = int4.unpack(q.packed, 70)[0]
+    assert values[0].item() == 7 and values[63].item() == -1 and values[64].item() == 4 and values[69].item() == -7
+    assert q.nbytes == int4.int4_nbytes((1, 70), 64) == 35 + 2 * 2
+
+
+def test_odd_width_pads_the_last_high_nibble_with_zero():
+    values = torch.tensor([[1, -2, 3]], dtype=torch.int8)
+    packed = int4.pack(values)
+    assert packed.tolist() == [[0xE1, 0x03]]
+    assert int4.unpack(packed, 3).tolist() == values.tolist()
+    q = int4.quantize(torch.tensor([[1.0, -2.0, 3.0]]), 64)
+    assert q.shape == (1, 3) and int4.dequantize(q).shape == (1, 3)
+
+
+@pytest.mark.parametrize("shape", [(3, 688), (5, 1376), (2, 65), (4, 1)])
+def test_any_width_round_trips(shape):
+    torch.manual_seed(2)
+    w = torch.randn(*shape)
+    for group in (64, 128):
+        q = int4.quantize(w, group)
+        assert q.scales.shape == (shape[0], -(-shape[1] // group)) and q.packed.shape == (shape[0], -(-shape[1] // 2))
+        deq = int4.dequantize(q)
+        assert torch.equal(int4.quantize(deq, group).packed, q.packed)
+        assert q.nbytes == int4.int4_nbytes(shape, group)
 
 
 def test_bad_group_size_and_shape():
     with pytest.raises(ValueError, match="group size"):
         int4.quantize(torch.zeros(2, 96), 32)
-    with pytest.raises(ValueError, match="multiple"):
-        int4.quantize(torch.zeros(2, 96), 64)
-    assert not int4.can_quantize((2, 96), 64) and int4.can_quantize((2, 128), 64)
+    with pytest.raises(ValueError, match="non-empty"):
+        int4.quantize(torch.zeros(2, 0), 64)
+    assert int4.can_quantize((2, 96)) and not int4.can_quantize((2, 0)) and not int4.can_quantize((96,))

@@ -1,4 +1,4 @@
-"""SPEC §4 replica rule and §2 LIS on hand-computed cases, plus properties on random routing."""
+"""docs/spec.md §4 replica rule and §2 LIS on hand-computed cases, plus properties on random routing."""
 
 import math
 

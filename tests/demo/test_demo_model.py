@@ -115,7 +115,7 @@ def test_tokenizer_round_trip(tokenizer):
 
 def test_calibration_split_has_default_calibration_tokens(tokenizer):
     enc = tokenizer.backend_tokenizer.encode(corpus.load_split("calibration"), add_special_tokens=False)
-    assert len(enc.ids) >= 128 * 512  # SPEC §3 default: 128 sequences x 512 tokens
+    assert len(enc.ids) >= 128 * 512  # docs/spec.md §3 default: 128 sequences x 512 tokens
 
 
 def test_logits_finite_and_routing_imbalanced(model, tokenizer):

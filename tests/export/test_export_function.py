@@ -10,7 +10,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from rq.core import int4, replica
-from rq.export.function import ACTIVATIONS, DOMAIN, INPUTS, MAP_NAME, OP_NAME, node_attributes, rq_functions
+from rq.core.experts import ACTIVATIONS
+from rq.core.op import CALL_INPUTS, INPUTS, WEIGHT_INPUTS, RQLayerWeights
+from rq.export.function import DOMAIN, MAP_NAME, OP_NAME, node_attributes, rq_functions
 from rq.rqmodel.model import RQExperts
 
 
@@ -45,8 +47,8 @@ def test_replica_map_matches_rq_replica(seed):
 def _random_experts(activation: str, seed: int, num_experts=6, hidden=64, inter=64, group=64) -> RQExperts:
     gen = torch.Generator().manual_seed(seed)
     i_in = 2 * inter if activation.endswith("_glu") else inter
-    logcnt = torch.tensor([1, 3, 2, 1, 1, 2][:num_experts])
-    precision = torch.randint(0, 2, (int(logcnt.sum()),), generator=gen)
+    logcnt = [1, 3, 2, 1, 1, 2][:num_experts]
+    precision = torch.randint(0, 2, (sum(logcnt),), generator=gen)
     precision[0], precision[1] = 0, 1  # both classes present
 
     def weight(*shape):
@@ -55,20 +57,28 @@ def _random_experts(activation: str, seed: int, num_experts=6, hidden=64, inter=
     n_orig, n_q = int((precision == 0).sum()), int(precision.sum())
     q_in = [int4.quantize(weight(i_in, hidden), group) for _ in range(n_q)]
     q_out = [int4.quantize(weight(hidden, inter), group) for _ in range(n_q)]
-    return RQExperts(num_experts=num_experts, top_k=2, activation=activation, group_size=group, logcnt=logcnt,
-                     precision=precision, w_in=weight(n_orig, i_in, hidden), w_out=weight(n_orig, hidden, inter),
-                     w_in_q=torch.stack([q.packed for q in q_in]), w_in_scales=torch.stack([q.scales for q in q_in]),
-                     w_out_q=torch.stack([q.packed for q in q_out]),
-                     w_out_scales=torch.stack([q.scales for q in q_out]))
+    return RQExperts(RQLayerWeights(
+        top_k=2, activation=activation, group_size=group, logcnt=tuple(logcnt), precision=tuple(precision.tolist()),
+        w_in=weight(n_orig, i_in, hidden), w_out=weight(n_orig, hidden, inter),
+        w_in_q=torch.stack([q.packed for q in q_in]), w_in_scales=torch.stack([q.scales for q in q_in]),
+        w_out_q=torch.stack([q.packed for q in q_out]), w_out_scales=torch.stack([q.scales for q in q_out])))
+
+
+def _initializer(experts: RQExperts, name: str) -> onnx.TensorProto:
+    """The weight input as rq-export stores it: packed INT4 bytes INT8-typed (docs/spec.md §5)."""
+    array = getattr(experts, name).numpy()
+    return numpy_helper.from_array(array.view(np.int8) if name.endswith("_q") else array, name)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("dtype, ids_dtype", [(torch.float32, torch.int64), (torch.float16, torch.int32)])
-def test_rqmoe_function_matches_rq_experts(activation, dtype, ids_dtype):
-    experts = _random_experts(activation, seed=ACTIVATIONS.index(activation))
+@pytest.mark.parametrize("dtype, ids_dtype, width", [(torch.float32, torch.int64, 64), (torch.float16, torch.int32, 64),
+                                                    (torch.float32, torch.int64, 70), (torch.float32, torch.int64, 69)])
+def test_rqmoe_function_matches_rq_experts(activation, dtype, ids_dtype, width):
+    """Also at widths no group size divides: 70 (partial last block) and 69 (odd rows: a padding nibble)."""
+    experts = _random_experts(activation, seed=ACTIVATIONS.index(activation), hidden=width, inter=width - 6)
     n, tokens = experts.num_experts, 29
     gen = torch.Generator().manual_seed(1)
-    hidden = torch.randn(tokens, 64, generator=gen).to(dtype)
+    hidden = torch.randn(tokens, width, generator=gen).to(dtype)
     ids = torch.randint(0, n, (tokens, 2), generator=gen)
     ids[3, 1], ids[5, 0] = -1, n + 2  # dropped assignments
     weights = torch.rand(tokens, 2, generator=gen).to(dtype)
@@ -80,15 +90,14 @@ def test_rqmoe_function_matches_rq_experts(activation, dtype, ids_dtype):
 
     onnx_float = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
     onnx_ids = TensorProto.INT64 if ids_dtype == torch.int64 else TensorProto.INT32
-    node = helper.make_node(OP_NAME, list(INPUTS), ["y", "expert_counts"], domain=DOMAIN, **node_attributes(
-        num_experts=n, top_k=2, activation=activation, copies=experts.logcnt.tolist(),
-        precision=experts.precision.tolist(), group_size=64))
-    weights_init = [numpy_helper.from_array(getattr(experts, name).numpy(), name) for name in INPUTS[4:]]
-    sess = _session([node], [helper.make_tensor_value_info("hidden", onnx_float, ["T", 64]),
+    node = helper.make_node(OP_NAME, list(INPUTS), ["y", "expert_counts"], domain=DOMAIN,
+                            **node_attributes(experts.layer))
+    weights_init = [_initializer(experts, name) for name in WEIGHT_INPUTS]
+    sess = _session([node], [helper.make_tensor_value_info("hidden", onnx_float, ["T", width]),
                              helper.make_tensor_value_info("topk_ids", onnx_ids, ["T", 2]),
                              helper.make_tensor_value_info("topk_weights", onnx_float, ["T", 2]),
                              helper.make_tensor_value_info("offsets", TensorProto.INT64, [n])],
-                    [helper.make_tensor_value_info("y", onnx_float, ["T", 64]),
+                    [helper.make_tensor_value_info("y", onnx_float, ["T", width]),
                      helper.make_tensor_value_info("expert_counts", TensorProto.INT64, [n])],
                     weights_init, activation)
     feed = {"hidden": hidden.numpy(), "topk_ids": ids.to(ids_dtype).numpy(), "topk_weights": weights.numpy(),
@@ -100,7 +109,7 @@ def test_rqmoe_function_matches_rq_experts(activation, dtype, ids_dtype):
     # no tokens at all: zero rows, zero loads
     empty = {k: (v[:0] if k != "offsets" else v) for k, v in feed.items()}
     y0, c0 = sess.run(None, empty)
-    assert y0.shape == (0, 64) and not c0.any()
+    assert y0.shape == (0, width) and not c0.any()
 
 
 def test_functions_are_valid_onnx():

@@ -10,7 +10,8 @@ import pytest
 from onnx import numpy_helper
 
 from rq.models.adapters import load_model
-from rq.export.function import DOMAIN, INPUTS, MAP_NAME, OP_NAME
+from rq.core.op import CALL_INPUTS, INPUTS, WEIGHT_INPUTS
+from rq.export.function import DOMAIN, MAP_NAME, OP_NAME
 from rq.export.onnx_file import rq_nodes
 from rq.export.runtime import OrtGenerator
 from rq.rqmodel.model import apply_plan
@@ -65,11 +66,12 @@ def test_rqmoe_node_structure(exported, tiny):
         assert node.output[1] == f"expert_counts.{layer}" and f"expert_counts.{layer}" in graph_outputs
         assert all(name in initializers for name in node.input[4:]), "expert weights must be initializers"
         assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in (initializers[n] for n in node.input[6:]))
-        assert result.manifest["moe_layers"][layer]["weights"] == dict(zip(INPUTS[4:], node.input[4:]))
+        assert result.manifest["moe_layers"][layer]["weights"] == dict(zip(WEIGHT_INPUTS, node.input[len(CALL_INPUTS):]))
 
 
 def test_int4_bytes_are_the_reference_buffers(exported, tiny):
-    """The exported INT4 data and scales are RQExperts' SPEC §5 bytes, never re-quantized."""
+    """The exported INT4 data and scales are RQExperts' docs/spec.md §5 bytes, never re-quantized; the packed
+    bytes are INT8-typed initializers (so TensorRT's parser passes them to the plugin unchanged)."""
     result = exported("qwen3_moe")
     model_dir, plan_path = tiny("qwen3_moe")
     model, adapter = load_model(model_dir)
@@ -77,9 +79,12 @@ def test_int4_bytes_are_the_reference_buffers(exported, tiny):
     proto = onnx.load(result.out_dir / "model.onnx")
     initializers = {t.name: t for t in proto.graph.initializer}
     for layer, node in zip(layers, rq_nodes(proto)):
-        for name, init_name in zip(INPUTS[4:], node.input[4:]):
+        for name, init_name in zip(WEIGHT_INPUTS, node.input[len(CALL_INPUTS):]):
             exported_array = numpy_helper.to_array(initializers[init_name])
             expected = getattr(layer, name).numpy()
+            if name in ("w_in_q", "w_out_q"):
+                assert initializers[init_name].data_type == onnx.TensorProto.INT8, name
+                exported_array = exported_array.view(np.uint8)
             assert exported_array.dtype == expected.dtype, name
             np.testing.assert_array_equal(exported_array, expected, err_msg=name)
 
@@ -102,7 +107,7 @@ def test_generator_offsets_rotate_and_counts(exported):
     assert out.tokens.shape == (2, 5) and len(out.steps) == 5  # prefill + 4 decode steps
     total = {l: sum(s.expert_counts[l] for s in out.steps) for l in gen.offsets}
     for layer, offsets in gen.offsets.items():
-        np.testing.assert_array_equal(offsets, total[layer])  # SPEC §4: o_e += load_e after every call
+        np.testing.assert_array_equal(offsets, total[layer])  # docs/spec.md §4: o_e += load_e after every call
         assert int(out.steps[0].expert_counts[layer].sum()) == ids.size * 2  # T*K assignments, pads included
         assert int(out.steps[1].expert_counts[layer].sum()) == 2 * 2
         np.testing.assert_array_equal(out.steps[1].offsets[layer], out.steps[0].expert_counts[layer])

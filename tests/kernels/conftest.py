@@ -51,7 +51,7 @@ def make_layer(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, object]:
-    """Random weights of one R&Q layer in the op's layout (docs/op.md); INT4 copies via rq.core.int4.quantize."""
+    """Random weights of one R&Q layer in the op's layout (docs/spec.md §8); INT4 copies via rq.core.int4.quantize."""
     gen = torch.Generator().manual_seed(seed)
     glu = activation.endswith("_glu")
     in_rows = 2 * inter_size if glu else inter_size
@@ -69,10 +69,10 @@ def make_layer(
         precision=torch.tensor(precision),
         w_in=w_in,
         w_out=w_out,
-        w_in_q=stack(q_in, "packed", in_rows, hidden_size // 2, dt=torch.uint8),
-        w_in_scales=stack(q_in, "scales", in_rows, hidden_size // group_size, dt=torch.float16),
-        w_out_q=stack(q_out, "packed", hidden_size, inter_size // 2, dt=torch.uint8),
-        w_out_scales=stack(q_out, "scales", hidden_size, inter_size // group_size, dt=torch.float16),
+        w_in_q=stack(q_in, "packed", in_rows, int4.packed_width(hidden_size), dt=torch.uint8),
+        w_in_scales=stack(q_in, "scales", in_rows, int4.num_blocks(hidden_size, group_size), dt=torch.float16),
+        w_out_q=stack(q_out, "packed", hidden_size, int4.packed_width(inter_size), dt=torch.uint8),
+        w_out_scales=stack(q_out, "scales", hidden_size, int4.num_blocks(inter_size, group_size), dt=torch.float16),
         activation=activation,
         group_size=group_size,
     )

@@ -1,16 +1,19 @@
-"""Whole ``rq::RQMoE`` on the Triton kernels vs the float32 PyTorch reference (SPEC §9 tolerances)."""
+"""Whole ``rq::RQMoE`` on the Triton kernels vs the float32 PyTorch reference (docs/spec.md §9 tolerances)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rq.kernels import ACTIVATIONS, RQLayerWeights, rq_experts_forward, rq_moe, rq_moe_reference
+from rq.core.experts import ACTIVATIONS
+from rq.core.op import WEIGHT_INPUTS, RQLayerWeights, rq_moe_reference
+from rq.kernels import rq_moe
+from rq.rqmodel import backends
 
-TOLERANCE = {  # SPEC §9: (atol, rtol)
+TOLERANCE = {  # docs/spec.md §9: (atol, rtol)
     torch.float32: (1e-4, 1e-3),
     torch.float16: (2e-2, 1e-2),
-    torch.bfloat16: (2e-2, 1e-2),  # bf16 is not in SPEC §9; held to the float16 bar here
+    torch.bfloat16: (2e-2, 1e-2),  # bf16 is not in docs/spec.md §9; held to the float16 bar here
 }
 
 LAYOUTS = [
@@ -21,10 +24,14 @@ LAYOUTS = [
 ]
 
 
+def bundle(layer: dict, top_k: int) -> RQLayerWeights:
+    """The op's layer bundle of a :func:`make_layer` dict."""
+    return RQLayerWeights(top_k, layer["activation"], layer["group_size"], tuple(layer["logcnt"].tolist()),
+                          tuple(layer["precision"].tolist()), *(layer[name] for name in WEIGHT_INPUTS))
+
+
 def _run(fn, hidden, ids, weights, offsets, layer):
-    return fn(hidden, ids, weights, offsets, layer["logcnt"], layer["precision"], layer["w_in"], layer["w_out"],
-              layer["w_in_q"], layer["w_in_scales"], layer["w_out_q"], layer["w_out_scales"],
-              layer["activation"], layer["group_size"])
+    return fn(hidden, ids, weights, bundle(layer, ids.shape[1]), offsets)
 
 
 def _check(y, counts, y_ref, counts_ref, dtype):
@@ -110,19 +117,28 @@ def test_shape_errors_name_expected_and_got(device, make_layer, random_routing):
         _run(rq_moe, x, ids, w, None, {**layer, "activation": "swish"})
 
 
-def test_experts_forward_backends(device, make_layer, random_routing):
+def test_experts_backend_registry(device, make_layer, random_routing):
     raw = make_layer([1, 2], [0, 1, 1], 64, 64, "silu_glu", 64, torch.float32, device)
-    layer = RQLayerWeights(logcnt=(1, 2), precision=(0, 1, 1), **{k: raw[k] for k in (
-        "w_in", "w_out", "w_in_q", "w_in_scales", "w_out_q", "w_out_scales", "activation", "group_size")})
     ids, w = random_routing(4, 2, 2, torch.float32, torch.int64, device)
+    layer = bundle(raw, 2)
     x = torch.randn(4, 64, device=device)
-    y_ref, c_ref = rq_experts_forward(x, ids, w, layer, backend="reference")
-    y, c = rq_experts_forward(x, ids, w, layer, backend="triton")
+    y_ref, c_ref = backends.resolve("reference", x.device)(x, ids, w, layer, None)
+    y, c = backends.resolve("triton", x.device)(x, ids, w, layer, None)
     _check(y, c, y_ref, c_ref, torch.float32)
-    y_auto, _ = rq_experts_forward(x, ids, w, layer)  # CPU -> reference, CUDA -> Triton
+    y_auto, _ = backends.resolve("auto", x.device)(x, ids, w, layer, None)  # CPU -> reference, CUDA -> Triton
     _check(y_auto, c, y_ref, c_ref, torch.float32)
     with pytest.raises(ValueError, match="unknown experts backend"):
-        rq_experts_forward(x, ids, w, layer, backend="cuda")
+        backends.resolve("cuda", x.device)
+
+
+@pytest.mark.parametrize("hidden,inter,group_size", [(80, 48, 64), (176, 144, 128)])
+def test_partial_last_block(device, make_layer, random_routing, hidden, inter, group_size):
+    """Widths no group size divides (LLaMA-MoE v1's 688): ``ceil(in/G)`` scales, the last block partial."""
+    copies, precision = LAYOUTS[2]
+    layer = make_layer(copies, precision, hidden, inter, "silu_glu", group_size, torch.float32, device, seed=7)
+    ids, w = random_routing(19, 2, len(copies), torch.float32, torch.int64, device, seed=8)
+    x = torch.randn(19, hidden, generator=torch.Generator().manual_seed(9)).to(device)
+    _check(*_run(rq_moe, x, ids, w, None, layer), *_run(rq_moe_reference, x, ids, w, None, layer), torch.float32)
 
 
 @pytest.mark.gpu

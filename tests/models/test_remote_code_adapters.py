@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from rq.core import int4
 from rq.models.adapters import adapter_for, load_model
 from rq.models.adapters.deepseek_moe import SEAM, DeepseekExpertsCall
-from rq.calibrate.accumulate import calibrate, record_calls
+from rq.calibrate.accumulate import calibrate
+from rq.models.routing import record_calls
 from rq.calibrate.data import TokenData
 from rq.errors import RQError
 from rq.core.experts import expert_forward
@@ -150,7 +151,7 @@ def test_routing_is_what_the_gate_computed(arch, ckpt):
                  for sink, layer in zip(calls, layers)]
     gates, handles = _gate_outputs(model, arch)
     tokens = _tokens(3, 24, seed=2)
-    with record_calls(model, adapter, layers, recorders):
+    with record_calls(model, layers, recorders):
         _logits(model, adapter, tokens)
     for h in handles:
         h.remove()
@@ -209,7 +210,7 @@ def test_noop_plan_gives_original_logits(ckpt, stats):
         ids = [[] for _ in layers]
         cbs = [lambda m, a, k, sink=sink, layer=layer: sink.append(adapter.routing_from_call(layer, a, k).ids)
                for sink, layer in zip(ids, layers)]
-        with record_calls(model, adapter, layers, cbs):
+        with record_calls(model, layers, cbs):
             _logits(model, adapter, tokens)
         traces.append(ids)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(*traces))

@@ -1,4 +1,4 @@
-"""Planner (SPEC §6): budget invariant, determinism, tie-breaking, error cases."""
+"""Planner (docs/spec.md §6): budget invariant, determinism, tie-breaking, error cases."""
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ from torch import nn
 
 from rq.errors import RQError
 
-# Hugging Face ``hidden_act`` -> the op's activation names (docs/op.md), for gated and plain MLPs.
+# Hugging Face ``hidden_act`` -> the op's activation names (docs/spec.md §8), for gated and plain MLPs.
 GATED_ACTIVATIONS = {"silu": "silu_glu", "swish": "silu_glu", "gelu": "gelu_glu",
                      "gelu_new": "gelu_tanh_glu", "gelu_pytorch_tanh": "gelu_tanh_glu"}
 PLAIN_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -46,7 +46,7 @@ class MoELayer:
     top_k: int
     hidden_size: int
     intermediate_size: int
-    activation: str  # docs/op.md names
+    activation: str  # docs/spec.md §8 names
 
     @property
     def gated(self) -> bool:

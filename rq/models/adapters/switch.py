@@ -3,7 +3,7 @@
 The experts are called as ``experts(hidden [T, H], dispatch_mask [T, 1, E], router_probs [T, 1])``,
 where the router has already zeroed the mask of tokens over an expert's capacity. Those tokens are
 *dropped* (no expert runs, the residual carries them); we keep them out of the loads by giving them
-the id -1, which every R&Q implementation treats as a dropped assignment (docs/op.md).
+the id -1, which every R&Q implementation treats as a dropped assignment (docs/spec.md §8).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def test_forward_equals_offline_onnxruntime(triton_server, offline, protocol):
             else:
                 np.testing.assert_allclose(served[name], reference[name], rtol=1e-5, atol=1e-5, err_msg=name)
         past = [served[n] for n in offline.manifest["kv_cache"]["present_names"]]
-        offsets = {l: offsets[l] + served[f"expert_counts.{l}"] for l in layers}  # SPEC 4 streaming update
+        offsets = {l: offsets[l] + served[f"expert_counts.{l}"] for l in layers}  # docs/spec.md §4 streaming update
 
 
 def test_stream_equals_offline_generation(triton_server, offline):
@@ -242,7 +242,7 @@ def test_stream_equals_offline_generation(triton_server, offline):
         gen = _expected(offline, _ids(offline, prompt))
         _check_stream(result, gen, layers)
         assert result.text == offline.tokenizer.decode(gen.tokens[0].tolist())
-    # offsets really rotate: each call's offsets = previous offsets + previous counts (SPEC 4)
+    # offsets really rotate: each call's offsets = previous offsets + previous counts (docs/spec.md §4)
     for prev_c, prev_o, o in zip(result.expert_counts, result.offsets, result.offsets[1:]):
         np.testing.assert_array_equal(o, prev_o + prev_c)
     assert np.all(result.offsets[0] == 0)

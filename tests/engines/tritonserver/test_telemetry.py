@@ -1,7 +1,7 @@
 """The Triton models' load telemetry (engines/tritonserver_models/rq_telemetry.py) without a server.
 
 Per-copy loads from ``(expert_counts, offsets)`` must equal the replica rule applied assignment by assignment
-(``rq.core.replica.assign_copies``), and the LIS gauges must follow SPEC §2 (no instantaneous LIS for calls with
+(``rq.core.replica.assign_copies``), and the LIS gauges must follow docs/spec.md §2 (no instantaneous LIS for calls with
 fewer assignments than units, none for empty layers).
 """
 
