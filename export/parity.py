@@ -71,6 +71,7 @@ class ParityReport:
     greedy_tokens_agree: int = 0
     greedy_tokens_total: int = 0
     notes: list[str] = field(default_factory=list)
+    runtime: str = "ONNX Runtime"  # what ran the exported model
 
     def failures(self) -> list[OutputParity]:
         return [o for o in self.outputs if not o.passed]
@@ -79,7 +80,7 @@ class ParityReport:
         """One screen: a header, a line per output (the present.* keys/values folded into one line per
         graph), and the verdict."""
         atol, rtol = TOLERANCES[self.dtype]
-        lines = [f"rq check {self.build_dir}: ONNX Runtime vs PyTorch R&Q, {self.dtype} "
+        lines = [f"rq check {self.build_dir}: {self.runtime} vs PyTorch R&Q, {self.dtype} "
                  f"(atol {atol:g}, rtol {rtol:g}; expert_counts exact)"]
         for row in _fold_present(self.outputs)[:max_lines]:
             lines.append(row.line())
@@ -100,7 +101,7 @@ class ParityReport:
         from rich.table import Table
 
         atol, rtol = TOLERANCES[self.dtype]
-        table = Table(title=f"ONNX Runtime vs PyTorch R&Q ({self.dtype}: atol {atol:g}, rtol {rtol:g})")
+        table = Table(title=f"{self.runtime} vs PyTorch R&Q ({self.dtype}: atol {atol:g}, rtol {rtol:g})")
         for col in ("", "phase", "graph", "output", "iters", "max abs", "max rel"):
             table.add_column(col)
         for row in _fold_present(self.outputs):
@@ -157,8 +158,10 @@ def polygraphy_quiet():
         G_LOGGER.module_severity, G_LOGGER.colors = saved
 
 
-def _compare(reference, candidate, output_names: list[str], dtype: str, phase: str, graph: str) -> list[OutputParity]:
-    """Polygraphy comparison of two ``RunResults`` (one runner each), aggregated per output."""
+def compare_run_results(reference, candidate, output_names: list[str], dtype: str, phase: str,
+                        graph: str) -> list[OutputParity]:
+    """Polygraphy comparison of two ``RunResults`` (one runner each), aggregated per output: the one comparison
+    every runtime's check uses (ONNX Runtime here, TensorRT in :mod:`rq.engines.tensorrt`)."""
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
 
     atol, rtol = TOLERANCES[dtype]
@@ -198,7 +201,7 @@ def _prefill(build_dir: Path, manifest: dict) -> list[OutputParity]:
             reference = RunResults.load(str(build_dir / entry["reference"]))
             ours = Comparator.run([runner], data_loader=feeds)
         names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
-        rows.extend(_compare(reference, ours, names, manifest["dtype"], "prefill", graph))
+        rows.extend(compare_run_results(reference, ours, names, manifest["dtype"], "prefill", graph))
     return rows
 
 
@@ -219,7 +222,7 @@ def _streaming(build_dir: Path, manifest: dict) -> tuple[list[OutputParity], int
     ours.append((GENERATOR_RUNNER, steps))
     ref_steps = reference[0][1]
     names = list(dict.fromkeys(n for it in ref_steps for n in it.keys()))
-    rows = _compare(reference, ours, names, manifest["dtype"], "streaming", "generator")
+    rows = compare_run_results(reference, ours, names, manifest["dtype"], "streaming", "generator")
     # greedy choice of ONNX Runtime at each step vs the reference's tokens (informational)
     greedy = np.stack([s.logits[:, -1, :].argmax(-1) for s in generation.steps[:-1]], axis=1)
     return rows, int((greedy == forced).sum()), int(forced.size)
