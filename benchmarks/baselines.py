@@ -64,9 +64,14 @@ def equal_memory_replicas(budget_factor: float, original_bytes: list[int]) -> in
     return max(0, math.floor((budget_factor * reference - reference) / per_copy + 1e-9))
 
 
-def with_bytes_per_param(stats: CalibrationStats, bytes_per_param: float | None) -> CalibrationStats:
+ACCOUNTING_DTYPES = {1: "float8_e4m3fn", 2: "bfloat16", 4: "float32"}
+
+
+def with_bytes_per_param(stats: CalibrationStats, bytes_per_param: int | None) -> CalibrationStats:
     """Stats whose ``original_bytes`` count ``bytes_per_param`` per weight (e.g. 2 = bf16 accounting for a
-    checkpoint stored in float32); ``None`` keeps the real tensor sizes. Only the budget arithmetic changes."""
+    checkpoint stored in float32); ``None`` keeps the real tensor sizes. Only the budget arithmetic changes, and
+    the model info names the accounting dtype, so plans made from these stats validate against the model
+    (:mod:`rq.plan.validate` recomputes bytes with it)."""
     if bytes_per_param is None:
         return stats
 
@@ -74,7 +79,8 @@ def with_bytes_per_param(stats: CalibrationStats, bytes_per_param: float | None)
         params = s.w_in_shape[0] * s.w_in_shape[1] + s.w_out_shape[0] * s.w_out_shape[1]
         return dataclasses.replace(s, original_bytes=[int(params * bytes_per_param)] * s.num_experts)
 
-    return dataclasses.replace(stats, layers=[relabel(s) for s in stats.layers])
+    model = stats.model.model_copy(update={"dtype": ACCOUNTING_DTYPES[bytes_per_param]})
+    return dataclasses.replace(stats, model=model, layers=[relabel(s) for s in stats.layers])
 
 
 def sum_stats(parts: list[CalibrationStats]) -> CalibrationStats:

@@ -125,6 +125,13 @@ def validate_model_config(text_or_path: str | Path):
         raise RQError(f"invalid Triton model config ({err})") from None
 
 
+def graph_files(graph: dict) -> list[str]:
+    """Every file of one exported graph: the portable ``model.onnx``, ONNX Runtime's fused ``model.ort.onnx``
+    (which reads the shared weights from ``model.onnx.data``), and their data files."""
+    keys = ("file", "data", "ort_file", "ort_data")
+    return [graph[k] for k in keys if k in graph]
+
+
 def _onnx_config(name: str, graph: dict, filename: str, instances: int) -> str:
     config = {
         "name": name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 0,
@@ -134,9 +141,9 @@ def _onnx_config(name: str, graph: dict, filename: str, instances: int) -> str:
         # KIND_AUTO-like default: one instance per visible GPU, or CPU without one
         "instance_group": [{"count": instances}],
     }
-    return ("# rq: the R&Q ONNX graph for Triton's ONNX Runtime backend. rq::RQMoE nodes run through the\n"
-            "# model-local function in the file (standard ops); the external weights file sits next to it.\n"
-            + _pbtxt(config))
+    return ("# rq: the R&Q ONNX graph for Triton's ONNX Runtime backend: the fused route (ONNX Runtime's own MoE\n"
+            "# kernels) where the export has one, else rq::RQMoE nodes through their model-local function; the\n"
+            "# external weights files sit next to it.\n" + _pbtxt(config))
 
 
 def _forward_config(name: str, graph_name: str, graph: dict, build_rel: str, opts: "_Options") -> str:
@@ -269,7 +276,7 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
     ``rq_forward``; metrics: export load telemetry. The folder is assembled next to ``repo_dir`` and renamed
     into place; an existing non-empty ``repo_dir`` is refused without ``force``. Returns ``repo_dir``.
     """
-    from rq.export.runtime import load_manifest
+    from rq.export.runtime import graph_file, load_manifest
 
     build_dir, repo_dir = Path(build_dir), Path(repo_dir)
     manifest = load_manifest(build_dir)
@@ -291,7 +298,7 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
     graphs = manifest["graphs"]
     payload = ["manifest.json"]
     for graph in graphs.values():
-        payload += [graph["file"], graph["data"]]
+        payload += graph_files(graph)
     if (build_dir / "plan.json").is_file():
         payload.append("plan.json")
     missing = [f for f in payload if not (build_dir / f).is_file()]
@@ -328,9 +335,9 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
         models = {}
         for g, graph in graphs.items():
             if g != home_graph:
-                for name in (graph["file"], graph["data"]):
+                for name in graph_files(graph):
                     _place(build_dir / name, tmp / onnx_names[g] / "1" / name)
-            models[onnx_names[g]] = _onnx_config(onnx_names[g], graph, graph["file"], 1)
+            models[onnx_names[g]] = _onnx_config(onnx_names[g], graph, graph_file(graph), 1)
             if forward_model:
                 models[forward_names[g]] = _forward_config(forward_names[g], g, graph, build_rel, opts)
                 version = tmp / forward_names[g] / "1"

@@ -7,6 +7,7 @@ failure never leaves a half-written export behind.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import json
 import shutil
@@ -18,10 +19,10 @@ import torch
 
 from rq import __version__
 from rq.models.adapters import load_model
-from rq.atomic import staged_dir
+from rq.atomic import failed_dir, staged_dir
 from rq.calibrate.data import load_tokenizer
 from rq.errors import RQError
-from rq.export import function, graphs, onnx_file, reference
+from rq.export import function, graphs, onnx_file, ort_fused, reference
 from rq.export.attention import use_rq_attention
 from rq.export.parity import ParityReport, check_export, tolerances
 from rq.export.patches import export_patches
@@ -73,7 +74,8 @@ def _generation_ids(model, tokenizer) -> dict:
             "decoder_start_token_id": start if start is not None else pad}
 
 
-def _manifest(model, adapter, specs: list[graphs.GraphSpec], kv: list[graphs.KVSpec], moe, rq_layers, dtype: str,
+def _manifest(model, adapter, specs: list[graphs.GraphSpec], kv: list[graphs.KVSpec], moe_paths: list[str],
+              rq_layers, dtype: str,
               opset: int, tokenizer, plan=None, plan_path: Path | None = None) -> dict:
     """Everything a runtime needs, written before the graphs are traced (I/O names come from the specs).
     ``plan=None`` describes a baseline export of the original model (no R&Q, no ``rq::RQMoE`` nodes)."""
@@ -90,15 +92,15 @@ def _manifest(model, adapter, specs: list[graphs.GraphSpec], kv: list[graphs.KVS
         "dtype": dtype, "opset": opset, "vocab_size": int(config.vocab_size),
         "num_layers": int(num_layers),
         "num_decoder_layers": int(getattr(config, "num_decoder_layers", None) or num_layers),
-        "num_moe_layers": len(moe), "rq": plan is not None, "plan": plan_info,
+        "num_moe_layers": len(moe_paths), "rq": plan is not None, "plan": plan_info,
         "op": {"domain": function.DOMAIN, "name": function.OP_NAME, "version": function.VERSION,
                "function": True, "plugin_namespace": function.DOMAIN, "plugin_version": str(function.VERSION)},
         "graphs": {spec.name: {"file": spec.file, "data": spec.file + ".data", "moe_layers": spec.moe_layers,
                                "inputs": [], "outputs": []} for spec in specs},
         "moe_layers": [{
-            "index": l, "module": layer.path, "graph": layer_graph[l], "node": f"rq_moe_{l}", **rq.layer.attributes(),
+            "index": l, "module": path, "graph": layer_graph[l], "node": f"rq_moe_{l}", **rq.layer.attributes(),
             "offsets_input": f"rq_offsets.{l}", "counts_output": f"expert_counts.{l}",
-        } for l, (layer, rq) in enumerate(zip(moe, rq_layers))],
+        } for l, (path, rq) in enumerate(zip(moe_paths, rq_layers))],
         "kv_cache": {
             "num_layers": len(kv), "seq_axis": 2, "layout": "[batch, heads, seq, dim]",
             "layers": [{"key_heads": s.key_heads, "key_dim": s.key_dim, "value_heads": s.value_heads,
@@ -153,44 +155,111 @@ def _result(out_dir: Path, manifest: dict, start: float, parity: ParityReport | 
     return ExportResult(out_dir, manifest, files, time.perf_counter() - start, parity, sizes)
 
 
-def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Path, *, force: bool = False,
-                 dtype: str = "float32", check: bool = True, trust_remote_code: bool = False,
-                 show_progress: bool = True, opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
+class ExportCheckFailed(RQError):
+    """The export ran but does not match the PyTorch reference; ``report`` holds the comparison."""
 
-    Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models),
-    ``manifest.json``, ``plan.json``, ``tokenizer/`` and ``parity/`` (reference outputs), then, when
-    ``check``, runs :func:`rq.export.check_export` (writes ``parity.json``). Raises :class:`RQError` on bad
-    input (plan for another model, unsupported dtype/opset, non-empty ``out_dir`` without ``force``);
-    nothing is left in ``out_dir``'s parent when it does.
-    """
-    start = time.perf_counter()
-    model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
-    _validate_options(dtype, opset)
-    _check_out_dir(out_dir, force)
-    plan = load_plan(plan_path)
+    def __init__(self, message: str, report: ParityReport):
+        super().__init__(message)
+        self.report = report
+
+
+def _fused_routes(tmp: Path, specs: list[graphs.GraphSpec], rq_layers, manifest: dict) -> None:
+    """Write ``<graph>.ort.onnx`` (ONNX Runtime's fused route, :mod:`rq.export.ort_fused`) for every graph with
+    MoE layers and record the route of each layer in the manifest."""
+    shapes = {l: rq.layer.sizes for l, rq in enumerate(rq_layers)}
+    for spec in specs:
+        if not spec.moe_layers:
+            continue
+        path, routes = ort_fused.write_ort_file(tmp / spec.file, shapes, manifest["dtype"])
+        manifest["graphs"][spec.name].update({"ort_file": path.name, "ort_data": path.name + ".data"})
+        for route in routes:
+            manifest["moe_layers"][route.layer]["onnxruntime"] = route.to_json()
+
+
+def _route_notes(manifest: dict) -> list[str]:
+    """What a user should know about the export: the plan's effect and the ONNX Runtime route of each layer."""
+    notes = []
+    layers = manifest["moe_layers"]
+    if layers and all(set(l["copies"]) == {1} and set(l["precision"]) == {0} for l in layers):
+        notes.append("the plan changes nothing (no INT4 copy, no replica): the export computes the original model")
+    portable = [(l["index"], l["onnxruntime"]["reason"]) for l in layers if l.get("onnxruntime", {}).get("route") ==
+                "portable"]
+    if layers:
+        fused = len(layers) - len(portable)
+        line = f"ONNX Runtime route (model.ort.onnx): {fused} of {len(layers)} MoE layers on its fused MoE kernels"
+        if portable:
+            reasons = sorted({r for _, r in portable})
+            line += f"; layers {', '.join(str(i) for i, _ in portable)} keep the portable body ({'; '.join(reasons)})"
+        notes.append(line)
+    return notes
+
+
+def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: str, opset: int,
+                     trust_remote_code: bool, show_progress: bool) -> dict:
+    """Load, apply the plan, trace and write every file of the export into ``tmp``; returns the manifest.
+
+    Everything that holds the model lives in this function, so its memory is released before the parity
+    check opens ONNX Runtime sessions on the files."""
     model, adapter = load_model(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     attention = use_rq_attention(model)  # reference and graph agree on fully padded rows too
-    moe = adapter.moe_layers(model)
+    moe_paths = [layer.path for layer in adapter.moe_layers(model)]
     rq_layers = apply_plan(model, adapter, plan)  # quantizes from the float32 weights the plan was made on
     _to_dtype(model, rq_layers, dtype)
-
-    with staged_dir(out_dir) as tmp, progress_bar("exporting", total=3, enabled=show_progress) as advance:
+    with progress_bar("exporting", total=3, enabled=show_progress) as advance:
         kv = graphs.kv_specs(model, adapter.encoder_decoder)
         with graphs.export_experts(model) as wrappers:
-            specs = graphs.graph_specs(model, wrappers, [layer.path for layer in moe], adapter.encoder_decoder,
-                                       DTYPES[dtype])
-        manifest = _manifest(model, adapter, specs, kv, moe, rq_layers, dtype, opset, tokenizer, plan, plan_path)
+            specs = graphs.graph_specs(model, wrappers, moe_paths, adapter.encoder_decoder, DTYPES[dtype])
+        manifest = _manifest(model, adapter, specs, kv, moe_paths, rq_layers, dtype, opset, tokenizer, plan, plan_path)
         manifest["attention"] = attention
         manifest["parity"] = reference.write_parity_data(model, rq_layers, manifest, tmp / "parity")
         advance(1)
         meta = {"rq.tool_version": __version__, "rq.plan_sha256": manifest["plan"]["sha256"],
                 "rq.model_fingerprint": plan.model.fingerprint, "rq.architecture": manifest["architecture"]}
         _write_graphs(model, specs, wrappers, manifest, tmp, opset, meta, advance)
+        _fused_routes(tmp, specs, rq_layers, manifest)
+        manifest["notes"] = _route_notes(manifest)
         _write_rest(tokenizer, manifest, tmp, plan_path)
         advance(1)
-    return _result(out_dir, manifest, start, check_export(out_dir) if check else None)
+    return manifest
+
+
+def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Path, *, force: bool = False,
+                 dtype: str = "float32", check: bool = True, trust_remote_code: bool = False,
+                 show_progress: bool = True, opset: int = DEFAULT_OPSET, keep_failed: bool = False) -> ExportResult:
+    """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
+
+    Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models) with
+    ``rq::RQMoE`` nodes and their portable body (TensorRT and any ONNX runtime), ``model.ort.onnx`` (+ ``.data``,
+    ONNX Runtime's fused route), ``manifest.json``, ``plan.json``, ``tokenizer/`` and ``parity/`` (reference
+    outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files (writes ``parity.json``).
+    All of it is assembled in a staged folder and renamed to ``out_dir`` only when it succeeded: a failure
+    (bad input, an export or ONNX Runtime error, a failed parity check: :class:`ExportCheckFailed`) raises
+    :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed`` keeps the attempt at
+    ``<out_dir>.failed`` for debugging.
+    """
+    start = time.perf_counter()
+    model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
+    _validate_options(dtype, opset)
+    _check_out_dir(out_dir, force)
+    plan = load_plan(plan_path)
+    kept = f"; the attempt is kept at {failed_dir(out_dir)}" if keep_failed else \
+        f"; nothing was written to {out_dir} (--keep-failed keeps the attempt for debugging)"
+    try:
+        with staged_dir(out_dir, keep_failed=keep_failed) as tmp:
+            manifest = _write_rq_export(model_dir, plan, plan_path, tmp, dtype, opset, trust_remote_code,
+                                        show_progress)
+            gc.collect()  # the model's reference cycles, before ONNX Runtime sessions open
+            parity = check_export(tmp, label=out_dir) if check else None
+            if parity is not None and not parity.passed:
+                failed = len(parity.failures())
+                raise ExportCheckFailed(f"the export does not match the PyTorch reference ({failed} of "
+                                        f"{len(parity.outputs)} outputs out of tolerance){kept}", parity)
+    except ExportCheckFailed:
+        raise
+    except RQError as err:
+        raise RQError(f"{err}{kept if keep_failed else ''}") from None
+    return _result(out_dir, manifest, start, parity)
 
 
 def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str = "float32",
@@ -203,6 +272,13 @@ def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool =
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _validate_options(dtype, opset)
     _check_out_dir(out_dir, force)
+    with staged_dir(out_dir) as tmp:
+        manifest = _write_baseline(model_dir, tmp, dtype, opset, trust_remote_code, show_progress)
+    return _result(out_dir, manifest, start, None)
+
+
+def _write_baseline(model_dir: Path, tmp: Path, dtype: str, opset: int, trust_remote_code: bool,
+                    show_progress: bool) -> dict:
     model, adapter = load_model(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if adapter.encoder_decoder:
         raise RQError(f"baseline export supports decoder-only models, not {model.config.model_type}")
@@ -213,7 +289,7 @@ def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool =
     except (ValueError, AttributeError) as err:
         raise RQError(f"{model.config.model_type} has no exportable experts implementation ({err})") from None
     _to_dtype(model, [], dtype)
-    with staged_dir(out_dir) as tmp, progress_bar("exporting", total=2, enabled=show_progress) as advance:
+    with progress_bar("exporting", total=2, enabled=show_progress) as advance:
         kv = graphs.kv_specs(model, False)
         specs = graphs.graph_specs(model, [], [], False, DTYPES[dtype])
         manifest = _manifest(model, adapter, specs, kv, [], [], dtype, opset, tokenizer)
@@ -222,4 +298,4 @@ def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool =
         _write_graphs(model, specs, [], manifest, tmp, opset, meta, advance)
         _write_rest(tokenizer, manifest, tmp, None)
         advance(1)
-    return _result(out_dir, manifest, start, None)
+    return manifest

@@ -137,7 +137,8 @@ def _unpack_int4(b: _Nodes, packed: str, width: str) -> str:
     low = b.op("BitwiseAnd", as_bytes, b.const(15, TensorProto.UINT8, dims=[]))
     high = b.op("BitShift", as_bytes, b.const(4, TensorProto.UINT8, dims=[]), direction="RIGHT")
     nibbles = b.op("Concat", b.op("Unsqueeze", low, b.const([-1])), b.op("Unsqueeze", high, b.const([-1])), axis=-1)
-    shape = b.op("Concat", b.op("Shape", packed, end=2), b.const([-1]), axis=0)
+    # explicit last dimension (2 * packed width), not -1: an empty precision class has P = 0 copies
+    shape = b.op("Concat", b.op("Shape", packed, end=2), b.op("Mul", b.op("Shape", packed, start=2), b.const([2])), axis=0)
     unsigned = b.op("Cast", b.op("Reshape", nibbles, shape), to=TensorProto.INT8)  # (P, O, 2*ceil(W/2)) in 0..15
     signed = b.op("Sub", b.op("BitwiseXor", unsigned, b.const(8, TensorProto.INT8, dims=[])),
                   b.const(8, TensorProto.INT8, dims=[]))  # two's-complement nibble -> -8..7

@@ -6,6 +6,9 @@
 - **streaming**: :class:`rq.export.runtime.OrtGenerator` (streaming offsets) is teacher-forced along the
   reference's greedy tokens; its per-step logits and ``expert_counts`` are compared the same way.
 
+Both of an export's files are checked, one ONNX Runtime session at a time: the fused route
+(``model.ort.onnx``) and the portable ``model.onnx``.
+
 Tolerances: float32 ``atol 1e-4, rtol 1e-3``; float16 ``atol 2e-2, rtol 1e-2`` (an element passes when
 within either, Polygraphy's ``SimpleCompareFunc`` ``elemwise`` rule); ``expert_counts`` exactly. The result is a
 :class:`ParityReport` written to ``build/parity.json`` and printable as one screen of
@@ -50,6 +53,7 @@ class OutputParity:
     atol: float
     rtol: float
     exact: bool = False
+    file: str = ""  # which file of the export ran (model.ort.onnx, model.onnx, engine.plan)
 
     def line(self) -> str:
         status = "PASSED" if self.passed else "FAILED"
@@ -57,7 +61,7 @@ class OutputParity:
             err = "exact" if self.passed else f"mismatch (max abs diff {self.max_abs:g})"
         else:
             err = f"max abs {self.max_abs:.3e} (atol {self.atol:g})  max rel {self.max_rel:.3e} (rtol {self.rtol:g})"
-        return f"{status} | {self.phase:<9} {self.graph:<9} {self.output:<26} x{self.iterations:<3} {err}"
+        return f"{status} | {self.file:<15} {self.phase:<9} {self.graph:<9} {self.output:<26} x{self.iterations:<3} {err}"
 
 
 @dataclass
@@ -68,8 +72,7 @@ class ParityReport:
     dtype: str
     passed: bool
     outputs: list[OutputParity] = field(default_factory=list)
-    greedy_tokens_agree: int = 0
-    greedy_tokens_total: int = 0
+    greedy_tokens: dict[str, list[int]] = field(default_factory=dict)  # file -> [agree, total], informational
     notes: list[str] = field(default_factory=list)
     runtime: str = "ONNX Runtime"  # what ran the exported model
 
@@ -87,9 +90,8 @@ class ParityReport:
         hidden = len(_fold_present(self.outputs)) - max_lines
         if hidden > 0:
             lines.append(f"... {hidden} more outputs in parity.json")
-        if self.greedy_tokens_total:
-            lines.append(f"greedy tokens of the reference reproduced by ONNX Runtime: "
-                         f"{self.greedy_tokens_agree}/{self.greedy_tokens_total}")
+        for file, (agree, total) in self.greedy_tokens.items():
+            lines.append(f"greedy tokens of the reference reproduced by {file}: {agree}/{total}")
         lines.extend(self.notes)
         n_fail = len(self.failures())
         lines.append(("PASSED" if self.passed else "FAILED") + f" | {len(self.outputs) - n_fail}/{len(self.outputs)} "
@@ -125,10 +127,11 @@ def _fold_present(rows: list[OutputParity]) -> list[OutputParity]:
     out, groups = [], {}
     for row in rows:
         if row.output.startswith("present."):
-            if (row.phase, row.graph) not in groups:
-                groups[(row.phase, row.graph)] = []
-                out.append((row.phase, row.graph))
-            groups[(row.phase, row.graph)].append(row)
+            key = (row.file, row.phase, row.graph)
+            if key not in groups:
+                groups[key] = []
+                out.append(key)
+            groups[key].append(row)
         else:
             out.append(row)
     folded = []
@@ -137,9 +140,9 @@ def _fold_present(rows: list[OutputParity]) -> list[OutputParity]:
             folded.append(item)
             continue
         group = groups[item]
-        folded.append(OutputParity(item[0], item[1], f"present.* ({len(group)} tensors)", all(r.passed for r in group),
+        folded.append(OutputParity(item[1], item[2], f"present.* ({len(group)} tensors)", all(r.passed for r in group),
                                    group[0].iterations, max(r.max_abs for r in group), max(r.max_rel for r in group),
-                                   group[0].atol, group[0].rtol))
+                                   group[0].atol, group[0].rtol, file=item[0]))
     return folded
 
 
@@ -159,7 +162,7 @@ def polygraphy_quiet():
 
 
 def compare_run_results(reference, candidate, output_names: list[str], dtype: str, phase: str,
-                        graph: str) -> list[OutputParity]:
+                        graph: str, file: str = "") -> list[OutputParity]:
     """Polygraphy comparison of two ``RunResults`` (one runner each), aggregated per output: the one comparison
     every runtime's check uses (ONNX Runtime here, TensorRT in :mod:`rq.engines.tensorrt`)."""
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
@@ -183,29 +186,33 @@ def compare_run_results(reference, candidate, output_names: list[str], dtype: st
         max_abs = max((r.max_absdiff for r in per_iter if r.max_absdiff is not None), default=math.inf)
         max_rel = max((r.max_reldiff for r in per_iter if r.max_reldiff is not None), default=math.inf)
         rows.append(OutputParity(phase, graph, name, passed, expected, float(max_abs), float(max_rel),
-                                 atols.get(name, atol), rtols.get(name, rtol), exact=name in exact))
+                                 atols.get(name, atol), rtols.get(name, rtol), exact=name in exact, file=file))
     return rows
 
 
-def _prefill(build_dir: Path, manifest: dict) -> list[OutputParity]:
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+FLAVOURS = {"onnxruntime": "ort_file", "portable": "file"}
+"""The files an export has for ONNX Runtime: its fused route (``model.ort.onnx``) and the portable ``model.onnx``."""
+
+
+def _prefill(build_dir: Path, manifest: dict, generator: OrtGenerator, file: str) -> list[OutputParity]:
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.json import load_json
 
     rows = []
     for graph, entry in manifest["parity"]["prefill"].items():
-        path = build_dir / manifest["graphs"][graph]["file"]
-        runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=ORT_RUNNER)
+        runner = OnnxrtRunner(generator.sessions[graph], name=ORT_RUNNER)
         with polygraphy_quiet():
             feeds = load_json(str(build_dir / entry["inputs"]))
             reference = RunResults.load(str(build_dir / entry["reference"]))
             ours = Comparator.run([runner], data_loader=feeds)
         names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
-        rows.extend(compare_run_results(reference, ours, names, manifest["dtype"], "prefill", graph))
+        rows.extend(compare_run_results(reference, ours, names, manifest["dtype"], "prefill", graph, file))
     return rows
 
 
-def _streaming(build_dir: Path, manifest: dict) -> tuple[list[OutputParity], int, int]:
+def _streaming(build_dir: Path, manifest: dict, generator: OrtGenerator,
+               file: str) -> tuple[list[OutputParity], int, int]:
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import load_json
 
@@ -213,7 +220,7 @@ def _streaming(build_dir: Path, manifest: dict) -> tuple[list[OutputParity], int
     with polygraphy_quiet():
         inputs = load_json(str(build_dir / entry["inputs"]))[0]
         reference = RunResults.load(str(build_dir / entry["reference"]))
-    generator = OrtGenerator(build_dir, streaming=True)
+    generator.reset()
     forced = np.asarray(inputs["forced_tokens"])
     generation = generator.generate(inputs["input_ids"], inputs["attention_mask"], forced_tokens=forced)
     steps = [IterationResult(outputs={"logits": s.logits, **s.counts_by_name()}, runtime=0.0,
@@ -222,31 +229,42 @@ def _streaming(build_dir: Path, manifest: dict) -> tuple[list[OutputParity], int
     ours.append((GENERATOR_RUNNER, steps))
     ref_steps = reference[0][1]
     names = list(dict.fromkeys(n for it in ref_steps for n in it.keys()))
-    rows = compare_run_results(reference, ours, names, manifest["dtype"], "streaming", "generator")
+    rows = compare_run_results(reference, ours, names, manifest["dtype"], "streaming", "generator", file)
     # greedy choice of ONNX Runtime at each step vs the reference's tokens (informational)
     greedy = np.stack([s.logits[:, -1, :].argmax(-1) for s in generation.steps[:-1]], axis=1)
     return rows, int((greedy == forced).sum()), int(forced.size)
 
 
-def check_export(build_dir: str | Path, write: bool = True) -> ParityReport:
-    """Compare ONNX Runtime on ``build_dir`` with the saved PyTorch reference; writes ``parity.json``."""
+def check_export(build_dir: str | Path, write: bool = True, label: str | Path | None = None) -> ParityReport:
+    """Compare ONNX Runtime on ``build_dir`` with the saved PyTorch reference, for both of the export's files
+    (the fused route ``model.ort.onnx`` first, then the portable ``model.onnx``), one ONNX Runtime session per
+    file at a time; writes ``parity.json``. ``label`` names the export in the report (default: ``build_dir``)."""
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     if "parity" not in manifest:
         raise RQError(f"{build_dir} has no parity data; re-run rq-export (it saves the reference outputs)")
+    flavours = [f for f, key in FLAVOURS.items() if all(key in g for g in manifest["graphs"].values())]
     for graph in manifest["graphs"].values():
-        if not (build_dir / graph["file"]).is_file():
-            raise RQError(f"{build_dir / graph['file']} is missing; re-run rq-export")
-    try:
-        rows = _prefill(build_dir, manifest)
-        stream_rows, agree, total = _streaming(build_dir, manifest)
-    except Exception as err:  # a corrupted file, or an ONNX Runtime that cannot run the graph
-        if isinstance(err, RQError):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RQError(f"ONNX Runtime could not run {build_dir} ({first}); re-run rq-export") from err
-    rows.extend(stream_rows)
-    report = ParityReport(str(build_dir), manifest["dtype"], all(r.passed for r in rows), rows, agree, total)
+        for key in (FLAVOURS[f] for f in flavours):
+            if not (build_dir / graph[key]).is_file():
+                raise RQError(f"{build_dir / graph[key]} is missing; re-run rq-export")
+    rows, greedy = [], {}
+    for flavour in flavours:
+        file = "+".join(sorted({g[FLAVOURS[flavour]] for g in manifest["graphs"].values()}))
+        try:
+            generator = OrtGenerator(build_dir, streaming=True, flavour=flavour)
+            rows += _prefill(build_dir, manifest, generator, file)
+            stream_rows, agree, total = _streaming(build_dir, manifest, generator, file)
+            del generator
+        except Exception as err:  # a corrupted file, or an ONNX Runtime that cannot run the graph
+            if isinstance(err, RQError):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RQError(f"ONNX Runtime could not run {file} of {label or build_dir} ({first}); re-run rq-export") \
+                from err
+        rows.extend(stream_rows)
+        greedy[file] = [agree, total]
+    report = ParityReport(str(label or build_dir), manifest["dtype"], all(r.passed for r in rows), rows, greedy)
     if write:
         (build_dir / "parity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report

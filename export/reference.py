@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rq.export.runtime import position_ids_from_mask
-from rq.rqmodel.model import RQExperts, set_mode
+from rq.rqmodel.model import RQExperts, set_backend, set_mode
 
 PREFILL_SHAPES = ((2, 7), (1, 5), (3, 4))  # (batch, seq) of the prefill feeds
 DECODE_BATCH, DECODE_PROMPT, DECODE_STEPS = 2, 6, 16
@@ -204,6 +204,7 @@ def write_parity_data(model: nn.Module, rq_layers: list[RQExperts], manifest: di
                       seed: int = 0) -> dict:
     """Run the reference and write ``parity_dir``; returns the manifest's ``parity`` entry (relative paths)."""
     parity_dir.mkdir(parents=True, exist_ok=True)
+    set_backend(model, "reference")  # the op's definition (docs/spec.md §8), not a fast path
     runner = ReferenceRunner(model, rq_layers, manifest, seed)
     entry = {"seed": seed, "prefill": {}, "streaming": {}}
     for graph, (feeds, outputs) in runner.prefill().items():

@@ -2,6 +2,8 @@
 
 Dependency-light on purpose (numpy, onnxruntime, and tokenizers only for text), so a Triton Python backend
 can import it, or copy this one file next to ``model.py``. Everything it needs is in ``build/manifest.json``.
+By default it runs the export's fused route (``model.ort.onnx``: ONNX Runtime's own MoE kernels);
+``flavour="portable"`` runs ``model.onnx`` (the ``rq::RQMoE`` function body).
 
 Replica offsets follow docs/spec.md §4: in streaming mode (default) each MoE layer's ``rq_offsets.{l}`` input starts
 at zero and advances by that layer's ``expert_counts.{l}`` output after every call (prefill and each decode
@@ -46,6 +48,12 @@ def load_manifest(build_dir: str | Path) -> dict:
     return manifest
 
 
+def graph_file(graph: dict, flavour: str = "onnxruntime") -> str:
+    """The file of one exported graph that ONNX Runtime runs: its fused route (``model.ort.onnx``) when the
+    export has one and ``flavour`` is ``"onnxruntime"``, else the portable ``model.onnx``."""
+    return graph.get("ort_file", graph["file"]) if flavour == "onnxruntime" else graph["file"]
+
+
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Positions of left-padded rows, as Hugging Face ``generate`` makes them: ``cumsum(mask) - 1``, pads 1."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
@@ -80,18 +88,22 @@ class OrtGenerator:
     """
 
     def __init__(self, build_dir: str | Path, *, streaming: bool = True, providers: list | None = None,
-                 session_options: ort.SessionOptions | None = None, intra_op_num_threads: int | None = None):
+                 session_options: ort.SessionOptions | None = None, intra_op_num_threads: int | None = None,
+                 flavour: str = "onnxruntime"):
         self.build_dir = Path(build_dir)
         self.manifest = load_manifest(self.build_dir)
         self.streaming = streaming
+        if flavour not in ("onnxruntime", "portable"):
+            raise ValueError(f"flavour must be 'onnxruntime' (the fused route) or 'portable', got {flavour!r}")
+        self.flavour = flavour
         self.encoder_decoder = bool(self.manifest["encoder_decoder"])
         options = session_options or ort.SessionOptions()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
         providers = providers or ["CPUExecutionProvider"]
-        self.sessions = {name: ort.InferenceSession(str(self.build_dir / graph["file"]), sess_options=options,
-                                                    providers=providers)
-                         for name, graph in self.manifest["graphs"].items()}
+        self.files = {name: graph_file(graph, flavour) for name, graph in self.manifest["graphs"].items()}
+        self.sessions = {name: ort.InferenceSession(str(self.build_dir / file), sess_options=options,
+                                                    providers=providers) for name, file in self.files.items()}
         self.dtype = _NP_DTYPES[self.manifest["dtype"]]
         self.kv = self.manifest["kv_cache"]
         self.moe_layers = {layer["index"]: layer for layer in self.manifest["moe_layers"]}

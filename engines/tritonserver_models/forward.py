@@ -40,7 +40,8 @@ class TritonPythonModel:
         if threads > 0:
             options.intra_op_num_threads = threads
         providers = [p.strip() for p in _param(config, "providers", "CPUExecutionProvider").split(",") if p.strip()]
-        self.session = ort.InferenceSession(str(build / graph["file"]), sess_options=options, providers=providers)
+        file = graph.get("ort_file", graph["file"])  # ONNX Runtime's fused route where the export has one
+        self.session = ort.InferenceSession(str(build / file), sess_options=options, providers=providers)
         self.inputs = [i["name"] for i in graph["inputs"]]
         self.outputs = [o["name"] for o in graph["outputs"]]
         self.moe_layers = [int(l) for l in graph["moe_layers"]]

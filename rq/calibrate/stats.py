@@ -11,17 +11,68 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Annotated, Literal
+
 import torch
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rq import __version__
 from rq.atomic import staged_dir
+from rq.core.experts import ACTIVATIONS
 from rq.errors import RQError
-from rq.plan.schema import STATS_VERSION, CalibrationInfo, ModelInfo, StatsMeta
+from rq.plan.schema import STATS_VERSION, CalibrationInfo, ModelInfo, PositiveInt, _Strict, first_error
 
 METRICS = ("load", "gate_mass", "contribution", "quant_sensitivity")
 IMPORTANCE_METRICS = ("frequency", "gate_mass", "contribution", "quant_sensitivity")
+
+
+RECALIBRATE = "rerun `rq calibrate`"
+Shape = tuple[PositiveInt, PositiveInt]
+
+
+class StatsLayerMeta(_Strict):
+    """One MoE layer's entry in ``stats.json`` (its metrics are in ``stats.safetensors``)."""
+
+    index: Annotated[int, Field(ge=0)]
+    path: str
+    num_experts: PositiveInt
+    top_k: PositiveInt
+    activation: Literal[ACTIVATIONS]
+    w_in_shape: Shape
+    w_out_shape: Shape
+    original_bytes: list[PositiveInt]
+    quantizable: bool
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StatsLayerMeta":
+        if len(self.original_bytes) != self.num_experts:
+            raise ValueError(f"original_bytes lists {len(self.original_bytes)} experts, num_experts is {self.num_experts}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        return self
+
+
+class StatsMeta(_Strict):
+    """``stats.json``: what was calibrated, on which data, and the layers' shapes and byte sizes."""
+
+    format: Literal["rq-stats"] = "rq-stats"
+    version: int
+    tool_version: str
+    created: str
+    model: ModelInfo
+    calibration: CalibrationInfo
+    group_size: Literal[64, 128]
+    layers: list[StatsLayerMeta]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StatsMeta":
+        if [layer.index for layer in self.layers] != list(range(self.model.num_moe_layers)):
+            raise ValueError(f"layers must be listed 0..{self.model.num_moe_layers - 1} in order")
+        if any(layer.num_experts != self.model.num_experts for layer in self.layers):
+            raise ValueError(f"every layer must have the model's {self.model.num_experts} experts")
+        return self
 
 
 @dataclass
@@ -60,10 +111,9 @@ class CalibrationStats:
         meta = StatsMeta(
             version=STATS_VERSION, tool_version=__version__, created=dt.datetime.now(dt.timezone.utc).isoformat(),
             model=self.model, calibration=self.calibration, group_size=self.group_size,
-            layers=[{"index": s.index, "path": s.path, "num_experts": s.num_experts, "top_k": s.top_k,
-                     "activation": s.activation, "w_in_shape": list(s.w_in_shape),
-                     "w_out_shape": list(s.w_out_shape), "original_bytes": s.original_bytes,
-                     "quantizable": s.quantizable} for s in self.layers],
+            layers=[StatsLayerMeta(index=s.index, path=s.path, num_experts=s.num_experts, top_k=s.top_k,
+                                   activation=s.activation, w_in_shape=s.w_in_shape, w_out_shape=s.w_out_shape,
+                                   original_bytes=s.original_bytes, quantizable=s.quantizable) for s in self.layers],
         )
         tensors = {f"layer{s.index}.{m}": getattr(s, m).to(torch.float64).contiguous()
                    for s in self.layers for m in METRICS}
@@ -73,6 +123,7 @@ class CalibrationStats:
 
     @staticmethod
     def load(stats_dir: str | Path) -> "CalibrationStats":
+        """Read and validate both files; every failure is a one-line :class:`RQError` naming the field."""
         stats_dir = Path(stats_dir)
         meta_path, tensor_path = stats_dir / "stats.json", stats_dir / "stats.safetensors"
         if not meta_path.is_file() or not tensor_path.is_file():
@@ -80,22 +131,40 @@ class CalibrationStats:
                           f"`rq calibrate MODEL_DIR --data FILE --out {stats_dir}`")
         try:
             raw = json.loads(meta_path.read_text())
-            if raw.get("format") != "rq-stats" or raw.get("version") != STATS_VERSION:
-                raise RQError(f"{meta_path} is not rq stats version {STATS_VERSION}; rerun `rq calibrate`")
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise RQError(f"{meta_path} is not readable JSON ({str(err).splitlines()[0]}); {RECALIBRATE}") from None
+        if not isinstance(raw, dict) or raw.get("format") != "rq-stats" or raw.get("version") != STATS_VERSION:
+            raise RQError(f"{meta_path} is not rq stats version {STATS_VERSION}; {RECALIBRATE}")
+        try:
             meta = StatsMeta.model_validate(raw)
+        except ValidationError as err:
+            raise RQError(f"{meta_path} is malformed {first_error(err)}; {RECALIBRATE}") from None
+        try:
             tensors = load_file(str(tensor_path))
-        except (json.JSONDecodeError, ValidationError, OSError) as err:
-            raise RQError(f"{stats_dir} holds unreadable stats ({str(err).splitlines()[0]}); rerun `rq calibrate`") from None
-        layers = []
-        for entry in meta.layers:
-            i = int(entry["index"])
-            try:
-                metrics = {m: tensors[f"layer{i}.{m}"] for m in METRICS}
-            except KeyError as err:
-                raise RQError(f"{tensor_path} lacks {err}; rerun `rq calibrate`") from None
-            layers.append(LayerStats(
-                index=i, path=str(entry["path"]), num_experts=int(entry["num_experts"]), top_k=int(entry["top_k"]),
-                activation=str(entry["activation"]), w_in_shape=tuple(entry["w_in_shape"]),
-                w_out_shape=tuple(entry["w_out_shape"]), original_bytes=list(entry["original_bytes"]),
-                quantizable=bool(entry["quantizable"]), **metrics))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise RQError(f"{tensor_path} is not readable ({str(err).splitlines()[0]}); {RECALIBRATE}") from None
+        layers = [LayerStats(index=e.index, path=e.path, num_experts=e.num_experts, top_k=e.top_k,
+                             activation=e.activation, w_in_shape=e.w_in_shape, w_out_shape=e.w_out_shape,
+                             original_bytes=e.original_bytes, quantizable=e.quantizable,
+                             **_layer_metrics(tensors, e, tensor_path)) for e in meta.layers]
         return CalibrationStats(meta.model, meta.calibration, meta.group_size, layers)
+
+
+def _layer_metrics(tensors: dict[str, torch.Tensor], entry: StatsLayerMeta, path: Path) -> dict[str, torch.Tensor]:
+    """The four ``[N]`` float64 metrics of one layer, checked: present, shaped, finite and non-negative."""
+    metrics = {}
+    for metric in METRICS:
+        key = f"layer{entry.index}.{metric}"
+        value = tensors.get(key)
+        if value is None:
+            raise RQError(f"{path} lacks '{key}'; {RECALIBRATE}")
+        if tuple(value.shape) != (entry.num_experts,) or not value.is_floating_point():
+            raise RQError(f"{path}: '{key}' must be a float [{entry.num_experts}] vector, got {value.dtype} "
+                          f"{list(value.shape)}; {RECALIBRATE}")
+        value = value.to(torch.float64)
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise RQError(f"{path}: '{key}' holds negative or non-finite values; {RECALIBRATE}")
+        metrics[metric] = value
+    if not bool((metrics["load"] == metrics["load"].round()).all()):
+        raise RQError(f"{path}: 'layer{entry.index}.load' must hold whole assignment counts; {RECALIBRATE}")
+    return metrics

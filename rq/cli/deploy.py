@@ -18,30 +18,37 @@ export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, n
 def export(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint the plan was made for."),
     plan: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
-    out: Path = typer.Option(Path("build"), "--out", help="Build folder: model.onnx (+ data), manifest, parity."),
+    out: Path = typer.Option(Path("build"), "--out", help="Build folder: model.onnx, model.ort.onnx, manifest, parity."),
     force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
     dtype: str = typer.Option("float32", help="Activation dtype of the exported graphs: float32 or float16."),
     check: bool = typer.Option(True, help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export."),
-    triton: Optional[Path] = typer.Option(None, help="Also write a Triton model repository to this folder."),
+    keep_failed: bool = typer.Option(False, help="On failure keep the attempt at OUT.failed for debugging."),
+    triton: Optional[Path] = typer.Option(None, help="Also write a Triton Inference Server model repository here."),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
 ) -> None:
-    """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer, and check it against PyTorch."""
+    """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer (plus ONNX Runtime's fused route), and
+    check both files against PyTorch; nothing is written to OUT unless all of it succeeds."""
     from rq.export import export_model
+    from rq.export.api import ExportCheckFailed
 
     quiet_transformers()
-    result = export_model(model_dir, plan, out, force=force, dtype=dtype, check=check,
-                          trust_remote_code=trust_remote_code)
+    try:
+        result = export_model(model_dir, plan, out, force=force, dtype=dtype, check=check,
+                              trust_remote_code=trust_remote_code, keep_failed=keep_failed)
+    except ExportCheckFailed as err:
+        typer.echo(err.report.summary())
+        raise
     size = sum(result.sizes.values())
     typer.echo(f"exported {len(result.files)} files ({size / 2**20:.1f} MiB) to {out} in {result.seconds:.0f} s")
+    for note in result.manifest.get("notes", []):
+        typer.echo(note)
     if result.parity is not None:
         typer.echo(result.parity.summary())
     if triton is not None:
         from rq.engines.tritonserver import write_model_repository
 
         write_model_repository(out, triton, force=force)
-        typer.echo(f"Triton model repository written to {triton}")
-    if check and not result.passed:
-        raise typer.Exit(1)
+        typer.echo(f"Triton Inference Server model repository written to {triton}")
 
 
 @command()

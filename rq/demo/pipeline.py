@@ -143,7 +143,8 @@ def calibration_size_sweep(original, adapter, tokenizer, heldout: dict[str, Toke
     how much of the largest plan's replica allocation it shares. ``full_stats`` (the main run's, on the
     same first ``calibration_sequences`` sequences) is reused rather than recomputed."""
     layers = adapter.moe_layers(original)
-    traces = {name: trace_batches(original, adapter, layers, data.sequences, 8, f"routing {name}", show_progress)[0]
+    traces = {name: trace_batches(original, adapter, layers, data.sequences, 8, f"routing {name}", show_progress,
+                                  keep_logits=False)[0]
               for name, data in heldout.items()}
     largest = max(settings.calibration_sizes)
     pool = _sequences(tokenizer, "calibration", largest, settings)

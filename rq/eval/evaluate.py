@@ -91,19 +91,53 @@ class EvalReport:
 
 @torch.no_grad()
 def trace_batches(model: nn.Module, adapter: Adapter, layers: list[MoELayer], sequences: torch.Tensor,
-                  batch_size: int, label: str, show_progress: bool = True):
-    """Run ``sequences [n, S]``; returns (per-layer ids ``[n, S_layer, K]``, list of logits per batch)."""
+                  batch_size: int, label: str, show_progress: bool = True, keep_logits: bool = True):
+    """Run ``sequences [n, S]``; returns (per-layer ids ``[n, S_layer, K]``, list of logits per batch, or
+    an empty list without ``keep_logits``: logits are ``[B, S, V]`` floats, the largest thing in a pass)."""
     logits = []
     with record_routing(model, adapter, layers) as recorders, \
             progress_bar(label, total=sequences.shape[0], enabled=show_progress) as advance:
         device = next(model.parameters()).device
         for batch in batches(sequences, batch_size):
             batch = batch.to(device)
-            logits.append(adapter.forward_logits(model, batch, torch.ones_like(batch)).float().cpu())
+            out = adapter.forward_logits(model, batch, torch.ones_like(batch))
+            if keep_logits:
+                logits.append(out.float().cpu())
             advance(batch.shape[0])
     n = sequences.shape[0]
     traces = [torch.cat(r.calls).reshape(n, -1, r.calls[0].shape[-1]) for r in recorders]
     return traces, logits
+
+
+def _drain_loads(recorder, batch_size: int, num_experts: int) -> torch.Tensor:
+    """``[B, N]`` per-sequence loads of the calls ``recorder`` saw for one batch of ``B`` sequences; forgets them."""
+    ids = torch.cat(recorder.calls).reshape(batch_size, -1, recorder.calls[0].shape[-1])
+    recorder.calls.clear()
+    return sequence_loads(ids, num_experts)
+
+
+@torch.no_grad()
+def paired_pass(original: nn.Module, rq_model: nn.Module, adapter: Adapter, layers: list[MoELayer],
+                sequences: torch.Tensor, batch_size: int, show_progress: bool = True):
+    """Both models on the same batches, one batch at a time: per-layer per-sequence loads ``[n, N]`` of each
+    model and the accuracy metrics, accumulated as the batches go — logits live one batch at a time, so
+    memory does not grow with the data size or the vocabulary beyond ``n x N`` load counts."""
+    accuracy = AccuracyAccumulator(adapter.encoder_decoder)
+    loads_o: list[list[torch.Tensor]] = [[] for _ in layers]
+    loads_r: list[list[torch.Tensor]] = [[] for _ in layers]
+    device = next(original.parameters()).device
+    with record_routing(original, adapter, layers) as rec_o, record_routing(rq_model, adapter, layers) as rec_r, \
+            progress_bar("original and R&Q", total=sequences.shape[0], enabled=show_progress) as advance:
+        for batch in batches(sequences, batch_size):
+            batch = batch.to(device)
+            mask = torch.ones_like(batch)
+            accuracy.add(batch.cpu(), adapter.forward_logits(original, batch, mask).cpu(),
+                         adapter.forward_logits(rq_model, batch, mask).cpu())
+            for i, layer in enumerate(layers):
+                loads_o[i].append(_drain_loads(rec_o[i], batch.shape[0], layer.num_experts))
+                loads_r[i].append(_drain_loads(rec_r[i], batch.shape[0], layer.num_experts))
+            advance(batch.shape[0])
+    return [torch.cat(x) for x in loads_o], [torch.cat(x) for x in loads_r], accuracy.result()
 
 
 def sequence_loads(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -126,12 +160,18 @@ def group_calls(loads: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def batch_lis(before_ids: torch.Tensor, after_ids: torch.Tensor, num_experts: int, logcnt: torch.Tensor,
               batch_size: int) -> LISPoint:
-    """Pure: LIS of one layer when sequences run ``batch_size`` at a time. ids: ``[n, S, K]``.
+    """Pure: LIS of one layer when sequences run ``batch_size`` at a time. ids: ``[n, S, K]``."""
+    return batch_lis_from_loads(sequence_loads(before_ids, num_experts), sequence_loads(after_ids, num_experts),
+                                logcnt, batch_size)
+
+
+def batch_lis_from_loads(before: torch.Tensor, after: torch.Tensor, logcnt: torch.Tensor, batch_size: int) -> LISPoint:
+    """Pure: :func:`batch_lis` from per-sequence loads ``[n, N]``.
 
     In batch mode offsets are 0, so a call's copy loads follow from its per-expert loads
     (:func:`rq.core.replica.split_load`), exactly as the replica rule assigns them."""
-    pre = group_calls(sequence_loads(before_ids, num_experts), batch_size)
-    post = split_load(group_calls(sequence_loads(after_ids, num_experts), batch_size), logcnt)
+    pre = group_calls(before, batch_size)
+    post = split_load(group_calls(after, batch_size), logcnt)
     return LISPoint(lis_value(pre.sum(0)), lis_value(post.sum(0)), InstantSummary.of(pre), InstantSummary.of(post))
 
 
@@ -173,24 +213,41 @@ def streaming_lis(original: nn.Module, rq_model: nn.Module, adapter: Adapter, la
 # ---------------------------------------------------------------------------------------------------
 # accuracy (docs/spec.md §9)
 
-def accuracy(adapter: Adapter, sequences: torch.Tensor, logits_original: list[torch.Tensor],
-             logits_rq: list[torch.Tensor], batch_size: int) -> Accuracy:
-    """Perplexity of both models, next-token top-1 agreement and mean KL(original || R&Q), in float64."""
-    nll_o = nll_r = kl = agree = 0.0
-    count = 0
-    for batch, lo, lr in zip(batches(sequences, batch_size), logits_original, logits_rq):
-        if adapter.encoder_decoder:  # teacher-forced decoder: position t predicts token t
+class AccuracyAccumulator:
+    """Perplexity of both models, next-token top-1 agreement and mean KL(original || R&Q), in float64 sums that
+    batches are added to one at a time (nothing is kept of a batch's logits)."""
+
+    def __init__(self, encoder_decoder: bool):
+        self.encoder_decoder = encoder_decoder
+        self.nll_o = self.nll_r = self.kl = self.agree = 0.0
+        self.count = 0
+
+    def add(self, batch: torch.Tensor, lo: torch.Tensor, lr: torch.Tensor) -> None:
+        """``batch [B, S]`` tokens and both models' logits ``[B, S, V]`` for it."""
+        if self.encoder_decoder:  # teacher-forced decoder: position t predicts token t
             targets = batch
         else:
             lo, lr, targets = lo[:, :-1], lr[:, :-1], batch[:, 1:]
         log_po = torch.log_softmax(lo.double(), -1)
         log_pr = torch.log_softmax(lr.double(), -1)
-        nll_o += -log_po.gather(-1, targets.unsqueeze(-1)).sum().item()
-        nll_r += -log_pr.gather(-1, targets.unsqueeze(-1)).sum().item()
-        kl += (log_po.exp() * (log_po - log_pr)).sum().item()
-        agree += (lo.argmax(-1) == lr.argmax(-1)).sum().item()
-        count += targets.numel()
-    return Accuracy(math.exp(nll_o / count), math.exp(nll_r / count), agree / count, kl / count, count)
+        self.nll_o += -log_po.gather(-1, targets.unsqueeze(-1)).sum().item()
+        self.nll_r += -log_pr.gather(-1, targets.unsqueeze(-1)).sum().item()
+        self.kl += (log_po.exp() * (log_po - log_pr)).sum().item()
+        self.agree += (lo.argmax(-1) == lr.argmax(-1)).sum().item()
+        self.count += targets.numel()
+
+    def result(self) -> Accuracy:
+        c = self.count
+        return Accuracy(math.exp(self.nll_o / c), math.exp(self.nll_r / c), self.agree / c, self.kl / c, c)
+
+
+def accuracy(adapter: Adapter, sequences: torch.Tensor, logits_original: list[torch.Tensor],
+             logits_rq: list[torch.Tensor], batch_size: int) -> Accuracy:
+    """:class:`AccuracyAccumulator` over logits computed elsewhere, one list entry per batch."""
+    acc = AccuracyAccumulator(adapter.encoder_decoder)
+    for batch, lo, lr in zip(batches(sequences, batch_size), logits_original, logits_rq):
+        acc.add(batch, lo, lr)
+    return acc.result()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,15 +260,13 @@ def evaluate(original: nn.Module, rq_model: nn.Module, adapter: Adapter, sequenc
     rq_experts: list[RQExperts] = rq_layers_of(rq_model)
     assert len(rq_experts) == len(layers), "the R&Q model must be the same checkpoint with a plan applied"
     set_mode(rq_model, "batch")
-    before, logits_o = trace_batches(original, adapter, layers, sequences, run_batch, "original", show_progress)
-    after, logits_r = trace_batches(rq_model, adapter, layers, sequences, run_batch, "R&Q", show_progress)
-    batch = {b: [batch_lis(bi, ai, layer.num_experts, rq.logcnt, b)
-                 for bi, ai, layer, rq in zip(before, after, layers, rq_experts)] for b in batch_sizes}
+    before, after, acc = paired_pass(original, rq_model, adapter, layers, sequences, run_batch, show_progress)
+    batch = {b: [batch_lis_from_loads(bi, ai, rq.logcnt, b) for bi, ai, rq in zip(before, after, rq_experts)]
+             for b in batch_sizes}
     streaming = None
     if stream_steps > 0:
         prompts = sequences[:stream_batch, :prompt_len]
         streaming = streaming_lis(original, rq_model, adapter, layers, prompts, stream_steps)
-    acc = accuracy(adapter, sequences, logits_o, logits_r, run_batch)
     bytes_before = sum(sum(w.numel() * w.element_size() for w in adapter.get_expert_weights(layer, e))
                        for layer in layers for e in range(layer.num_experts))
     bytes_after = sum(rq.weight_nbytes() for rq in rq_experts)

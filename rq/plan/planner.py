@@ -19,11 +19,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 
 from rq import __version__
-from rq.errors import RQError
 from rq.core.int4 import int4_nbytes
-from rq.plan.schema import PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo
+from rq.errors import RQError
+from rq.plan.schema import (MAX_REPLICAS, PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo,
+                            first_error)
 from rq.calibrate.stats import CalibrationStats, LayerStats
 
 
@@ -139,13 +141,43 @@ def _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before) -
         if copies[e] <= max_replicas:
             heapq.heappush(heap, (-loads[e] / copies[e], e))
     logcnt = torch.tensor(copies, dtype=torch.int64)
-    size = sum(q if quantized[e] else o for e, (o, q) in enumerate(zip(orig, q_bytes)))
-    size += sum((c - 1) * q for c, q in zip(copies, q_bytes))
+    size = layer_bytes(orig, q_bytes, quantized.tolist(), [c - 1 for c in copies])
     return LayerDecision(quantized, logcnt, size, lis_before, best_lis)
+
+
+def layer_bytes(original_bytes: list[int], int4_bytes: list[int], int4_primary: list[bool], replicas: list[int]) -> int:
+    """Bytes of one layer's copies: each primary at its precision, every replica INT4 (docs/spec.md §6)."""
+    primaries = sum(q if quantized else o for o, q, quantized in zip(original_bytes, int4_bytes, int4_primary))
+    return primaries + sum(r * q for r, q in zip(replicas, int4_bytes))
 
 
 def expert_int4_bytes(stats: LayerStats, group_size: int) -> int:
     return int4_nbytes(stats.w_in_shape, group_size) + int4_nbytes(stats.w_out_shape, group_size)
+
+
+def plan_from_decisions(template: Plan, stats: CalibrationStats, decisions: list[tuple[torch.Tensor, torch.Tensor]],
+                        label: str | None = None) -> Plan:
+    """A valid plan with per-layer decisions ``(quantized [N] bool, logcnt [N] int64)`` made elsewhere (a
+    baseline, a test) and ``template``'s metadata. Bytes are recomputed from ``stats``, the accounting the
+    template used, so the plan passes :mod:`rq.plan.validate`; predicted LIS is dropped (``None``) since the
+    decisions did not come from the planner, and the budget factor grows to what they take if needed."""
+    layers = []
+    group = template.quantization.group_size
+    for layer, s, (quantized, logcnt) in zip(template.layers, stats.layers, decisions):
+        q_bytes = [expert_int4_bytes(s, group)] * s.num_experts
+        planned = layer_bytes(s.original_bytes, q_bytes, quantized.tolist(), (logcnt - 1).tolist())
+        experts = [e.model_copy(update={"precision": "int4" if bool(quantized[e.expert]) else "original",
+                                        "replicas": int(logcnt[e.expert]) - 1}) for e in layer.experts]
+        layers.append(layer.model_copy(update={"experts": experts, "planned_bytes": planned,
+                                               "lis_before": None, "lis_after": None}))
+    planned = sum(layer.planned_bytes for layer in layers)
+    factor = max(template.budget.budget_factor, planned / template.budget.reference_bytes)
+    budget = BudgetInfo(reference_bytes=template.budget.reference_bytes, planned_bytes=planned, budget_factor=factor)
+    options = {**template.options, "max_replicas": max(int(template.options.get("max_replicas", 0)),
+                                                      *(int(d[1].max()) - 1 for d in decisions))}
+    update = {"layers": layers, "budget": budget, "options": options}
+    return Plan.model_validate(template.model_copy(update=update | ({"importance_metric": label} if label else {}))
+                               .model_dump())
 
 
 def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> Plan:
@@ -154,6 +186,8 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
         raise RQError(f"--budget must be positive, got {options.budget_factor}")
     if not 0 <= options.max_quantized_fraction <= 1:
         raise RQError(f"--max-quantized-fraction must be in [0, 1], got {options.max_quantized_fraction}")
+    if not 0 <= options.max_replicas <= MAX_REPLICAS:
+        raise RQError(f"--max-replicas must be in 0..{MAX_REPLICAS}, got {options.max_replicas}")
     if stats.calibration.tokens == 0 or all(float(s.load.sum()) == 0 for s in stats.layers):
         raise RQError("the calibration stats hold no routed tokens; calibrate on more data")
     group = stats.group_size
@@ -179,6 +213,14 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
                                 precision="int4" if bool(decision.quantized[e]) else "original",
                                 replicas=int(decision.logcnt[e]) - 1) for e in range(s.num_experts)]))
     reference = sum(sum(s.original_bytes) for s in stats.layers)
+    try:
+        return _plan_document(stats, options, layers, reference)
+    except ValidationError as err:  # stats that passed their own checks but do not make a consistent plan
+        raise RQError(f"these stats do not make a valid plan {first_error(err)}; rerun `rq calibrate`") from None
+
+
+def _plan_document(stats: CalibrationStats, options: PlanOptions, layers: list[LayerPlan], reference: int) -> Plan:
+    group = stats.group_size
     return Plan(
         version=PLAN_VERSION, tool_version=__version__, created=dt.datetime.now(dt.timezone.utc).isoformat(),
         model=stats.model, calibration=stats.calibration, quantization=QuantizationInfo(group_size=group),

@@ -1,4 +1,5 @@
-"""Versioned, validated documents: calibration stats metadata and ``plan.json`` (docs/spec.md §3, §6).
+"""Versioned, validated documents: ``plan.json`` (docs/spec.md §6) and the model and calibration descriptions
+it shares with the stats files (:mod:`rq.calibrate.stats`).
 
 Pydantic models with ``extra="forbid"`` so a foreign or hand-mangled file is refused with a message
 naming the field, and a ``format``/``version`` pair so future versions are refused, not misread.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -19,28 +20,34 @@ __all__ = ["atomic_write_text", "load_plan", "save_plan"]
 
 PLAN_VERSION = 1
 STATS_VERSION = 1
+MAX_REPLICAS = 63
+"""Replicas per expert a plan may hold (64 copies): more never balances a layer (a copy per device of the
+largest expert-parallel deployments) and would only multiply memory; hand-edited plans are refused above it."""
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
 class ModelInfo(_Strict):
     architecture: str  # Hugging Face model_type
-    num_moe_layers: int
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    intermediate_size: int
+    num_moe_layers: PositiveInt
+    num_experts: PositiveInt
+    top_k: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
     dtype: str  # dtype of the original expert weights
     fingerprint: str  # sha256 over config and router weights
 
 
 class CalibrationInfo(_Strict):
     data: str  # description of the calibration data (paths, sizes)
-    sequences: int
-    seq_len: int
-    tokens: int
+    sequences: int = Field(ge=0)
+    seq_len: int = Field(ge=0)
+    tokens: int = Field(ge=0)
     seed: int
 
 
@@ -68,7 +75,7 @@ class ExpertPlan(_Strict):
     load_share: float
     importance: float
     precision: Literal["original", "int4"]  # of the primary copy
-    replicas: int = Field(ge=0)  # all replicas are INT4
+    replicas: int = Field(ge=0, le=MAX_REPLICAS)  # all replicas are INT4
 
 
 class LayerPlan(_Strict):
@@ -117,20 +124,19 @@ class Plan(_Strict):
     def _consistent(self) -> "Plan":
         if len(self.layers) != self.model.num_moe_layers:
             raise ValueError(f"{len(self.layers)} layers listed, model has {self.model.num_moe_layers}")
+        for layer in self.layers:
+            if len(layer.experts) != self.model.num_experts:
+                raise ValueError(f"layer {layer.layer} lists {len(layer.experts)} experts, the model has "
+                                 f"{self.model.num_experts}")
+        cap = self.options.get("max_replicas")
+        if isinstance(cap, int):
+            over = [(l.layer, e.expert, e.replicas) for l in self.layers for e in l.experts if e.replicas > cap]
+            if over:
+                raise ValueError(f"layer {over[0][0]} expert {over[0][1]} has {over[0][2]} replicas, more than the "
+                                 f"plan's max_replicas {cap}")
         if sum(layer.planned_bytes for layer in self.layers) != self.budget.planned_bytes:
             raise ValueError("budget.planned_bytes is not the sum of the layers' planned_bytes")
         return self
-
-
-class StatsMeta(_Strict):
-    format: Literal["rq-stats"] = "rq-stats"
-    version: int
-    tool_version: str
-    created: str
-    model: ModelInfo
-    calibration: CalibrationInfo
-    group_size: Literal[64, 128]
-    layers: list[dict[str, str | int | bool | list[int]]]
 
 
 def save_plan(plan: Plan, path: Path) -> None:
@@ -154,6 +160,11 @@ def load_plan(path: str | Path) -> Plan:
     try:
         return Plan.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RQError(f"{path} is malformed at '{where}': {first['msg']}; regenerate it with `rq plan`") from None
+        raise RQError(f"{path} is malformed {first_error(err)}; regenerate it with `rq plan`") from None
+
+
+def first_error(err: ValidationError) -> str:
+    """``at 'layers.0.experts.3.replicas': <message>`` of a pydantic error: one line naming the field."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"at '{where}': {first['msg']}" if where else f"({first['msg']})"

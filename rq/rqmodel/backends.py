@@ -3,10 +3,12 @@
 (docs/spec.md §8), after transformers' ``ExpertsInterface``.
 
 - ``reference``: :func:`rq.core.op.rq_moe_reference`, plain PyTorch, the semantics every other one is tested
-  against;
+  against (and what export parity data is computed with);
+- ``fast``: :func:`rq.rqmodel.fast.rq_moe_fast`, weights materialized once per distinct version and grouped
+  matrix products, as fast as the original model's experts;
 - ``triton``: :func:`rq.kernels.moe.rq_moe`, the Triton kernels (CUDA; CPU only under the interpreter).
 
-``auto`` picks ``triton`` for CUDA tensors and ``reference`` elsewhere. Implementations are imported when
+``auto`` picks ``triton`` for CUDA tensors and ``fast`` elsewhere. Implementations are imported when
 first resolved, so the registry itself needs neither Triton nor a GPU.
 """
 
@@ -24,6 +26,7 @@ ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RQLayerWeights, 
 
 _IMPLEMENTATIONS: dict[str, str] = {
     "reference": "rq.core.op:rq_moe_reference",
+    "fast": "rq.rqmodel.fast:rq_moe_fast",
     "triton": "rq.kernels.moe:rq_moe",
 }
 
@@ -40,7 +43,7 @@ def names() -> list[str]:
 def resolve(name: str, device: torch.device) -> ExpertsFn:
     """The implementation called ``name`` (``auto``: by device, see the module doc)."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "reference"
+        name = "triton" if device.type == "cuda" else "fast"
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"unknown experts backend {name!r}: expected 'auto' or one of {names()}")
     module, _, function = _IMPLEMENTATIONS[name].partition(":")

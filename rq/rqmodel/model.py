@@ -16,12 +16,11 @@ from torch import nn
 
 from rq.core import int4
 from rq.models.adapters import Adapter, MoELayer, replace_module
-from rq.errors import RQError
-from rq.models.fingerprint import model_fingerprint
 from rq.core.op import WEIGHT_INPUTS, RQLayerWeights
 from rq.core.replica import physical_ids
 from rq.rqmodel import backends
 from rq.plan.schema import LayerPlan, Plan
+from rq.plan.validate import check_plan_matches
 
 Mode = Literal["batch", "streaming"]
 
@@ -137,25 +136,20 @@ def build_rq_experts(adapter: Adapter, layer: MoELayer, layer_plan: LayerPlan, g
     ))
 
 
-def check_plan_matches(model: nn.Module, adapter: Adapter, plan: Plan) -> list[MoELayer]:
-    layers = adapter.moe_layers(model)
-    fingerprint = model_fingerprint(model, adapter)
-    if fingerprint != plan.model.fingerprint:
-        raise RQError(f"the plan was made for another model (fingerprint {plan.model.fingerprint[:19]}..., this model "
-                      f"{fingerprint[:19]}...); calibrate and plan on this model")
-    if [l.path for l in layers] != [l.module for l in plan.layers]:
-        raise RQError("the plan's MoE layers do not match this model's; calibrate and plan on this model")
-    return layers
-
-
 def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan) -> list[RQExperts]:
-    """Replace every MoE layer's experts by :class:`RQExperts` built from ``plan``; returns them in layer order."""
+    """Replace every MoE layer's experts by :class:`RQExperts` built from ``plan``; returns them in layer order.
+
+    The plan is checked against the model first (:func:`rq.plan.validate.check_plan_matches`). Layers are
+    replaced one at a time and each original experts module is released as soon as its copies exist, so the
+    peak is the model plus one layer, not two models."""
     layers = check_plan_matches(model, adapter, plan)
     rq_layers = []
-    for layer, layer_plan in zip(layers, plan.layers):
+    for i, layer_plan in enumerate(plan.layers):
+        layer, layers[i] = layers[i], None
         rq_experts = build_rq_experts(adapter, layer, layer_plan, plan.quantization.group_size)
         replace_module(model, layer.path, adapter.wrap_experts(layer, rq_experts))
         rq_layers.append(rq_experts)
+        del layer
     return rq_layers
 
 
@@ -168,3 +162,11 @@ def set_mode(model: nn.Module, mode: Mode, record: bool = False) -> None:
     for layer in rq_layers_of(model):
         layer.mode, layer.record = mode, record
         layer.reset_telemetry()
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Run every R&Q layer of ``model`` on ``backend`` (a name of :mod:`rq.rqmodel.backends`, or ``auto``)."""
+    if backend != "auto" and backend not in backends.names():
+        raise ValueError(f"unknown experts backend {backend!r}: expected 'auto' or one of {backends.names()}")
+    for layer in rq_layers_of(model):
+        layer.backend = backend

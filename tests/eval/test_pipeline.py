@@ -9,7 +9,7 @@ from rq.calibrate.accumulate import calibrate
 from rq.calibrate.data import load_token_data, load_tokenizer
 from rq.errors import RQError
 from rq.eval.evaluate import evaluate
-from rq.plan.planner import PlanOptions, make_plan
+from rq.plan.planner import PlanOptions, make_plan, plan_from_decisions
 from rq.rqmodel.model import apply_plan, rq_layers_of, set_mode
 from rq.testing.tiny import TINY_ARCHS
 
@@ -27,9 +27,11 @@ def _logits(adapter, model, x):
     return adapter.forward_logits(model, x, torch.ones_like(x))
 
 
-def _unchanged(plan):
-    return plan.model_copy(update={"layers": [layer.model_copy(update={"experts": [
-        e.model_copy(update={"precision": "original", "replicas": 0}) for e in layer.experts]}) for layer in plan.layers]})
+def _unchanged(plan, stats):
+    """The plan that changes nothing: every expert at original precision, one copy each."""
+    n = plan.model.num_experts
+    return plan_from_decisions(plan, stats, [(torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.int64))
+                                             for _ in plan.layers])
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -49,12 +51,12 @@ def test_pipeline_every_architecture(arch, tiny_checkpoints, text_file):
 
     # a plan that changes nothing reproduces the original model
     unchanged, _ = load_model(ckpt)
-    apply_plan(unchanged, adapter, _unchanged(plan))
+    apply_plan(unchanged, adapter, _unchanged(plan, stats))
     torch.testing.assert_close(_logits(adapter, unchanged, x), reference, atol=1e-5, rtol=1e-5)
 
     # within tolerance otherwise: with every replicated expert's primary in INT4 too, all copies of an expert
     # hold the same bytes, so R&Q equals the original model with those experts' weights dequantized
-    _assert_matches_dequantized(ckpt, adapter, plan, x)
+    _assert_matches_dequantized(ckpt, adapter, plan, stats, x)
 
     rq_model, _ = load_model(ckpt)
     rq_experts = apply_plan(rq_model, adapter, plan)
@@ -68,10 +70,10 @@ def test_pipeline_every_architecture(arch, tiny_checkpoints, text_file):
     assert report.bytes_after == measured
 
 
-def _assert_matches_dequantized(ckpt, adapter, plan, x):
-    forced = plan.model_copy(update={"layers": [layer.model_copy(update={"experts": [
-        e.model_copy(update={"precision": "int4" if e.replicas or e.precision == "int4" else "original"})
-        for e in layer.experts]}) for layer in plan.layers]})
+def _assert_matches_dequantized(ckpt, adapter, plan, stats, x):
+    forced = plan_from_decisions(plan, stats, [
+        (torch.tensor([e.replicas > 0 or e.precision == "int4" for e in layer.experts]), torch.tensor(layer.logcnt))
+        for layer in plan.layers])
     rq_model, _ = load_model(ckpt)
     apply_plan(rq_model, adapter, forced)
     dequantized, _ = load_model(ckpt)

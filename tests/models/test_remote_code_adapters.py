@@ -20,7 +20,7 @@ from rq.models.routing import record_calls
 from rq.calibrate.data import TokenData
 from rq.errors import RQError
 from rq.core.experts import expert_forward
-from rq.plan.planner import PlanOptions, make_plan
+from rq.plan.planner import PlanOptions, make_plan, plan_from_decisions
 from rq.rqmodel.model import RQExperts, apply_plan, rq_layers_of
 
 _spec = importlib.util.spec_from_file_location("rq_remote_checkpoints",
@@ -220,9 +220,9 @@ def test_int4_replicas_match_dequantized_model(ckpt, stats):
     plan = make_plan(stats, PlanOptions(budget_factor=1.0, max_quantized_fraction=0.5, max_replicas=1))
     assert sum(e.replicas for l in plan.layers for e in l.experts) > 0
     # every copy of a replicated expert INT4 (primary too), so the R&Q model equals a dequantized model exactly
-    plan = plan.model_copy(update={"layers": [
-        l.model_copy(update={"experts": [e.model_copy(update={"precision": "int4"}) if e.replicas else e
-                                         for e in l.experts]}) for l in plan.layers]})
+    plan = plan_from_decisions(plan, stats, [
+        (torch.tensor([e.replicas > 0 or e.precision == "int4" for e in l.experts]), torch.tensor(l.logcnt))
+        for l in plan.layers])
     assert any(e.precision == "original" for l in plan.layers for e in l.experts)
 
     rq_model, adapter = _load(ckpt)

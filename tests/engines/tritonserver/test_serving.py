@@ -68,12 +68,14 @@ def test_repository_layout_and_configs(model_repo, rq_build):
 
     onnx_cfg = configs[ONNX_MODEL]
     assert onnx_cfg.platform == "onnxruntime_onnx" and onnx_cfg.backend == "onnxruntime"
-    assert onnx_cfg.max_batch_size == 0 and onnx_cfg.default_model_filename == "model.onnx"
+    # the served file is ONNX Runtime's fused route, which reads its shared weights from model.onnx.data
+    assert onnx_cfg.max_batch_size == 0 and onnx_cfg.default_model_filename == "model.ort.onnx"
     version = model_repo / ONNX_MODEL / "1"
-    for f in ("model.onnx", "model.onnx.data", "manifest.json", "plan.json", "tokenizer/tokenizer.json"):
+    for f in ("model.onnx", "model.onnx.data", "model.ort.onnx", "model.ort.onnx.data", "manifest.json", "plan.json",
+              "tokenizer/tokenizer.json"):
         assert (version / f).is_file(), f
     # the config's tensors are exactly the ONNX graph's (names, element types, ranks; fixed dims kept)
-    proto = onnx.load(version / "model.onnx", load_external_data=False)
+    proto = onnx.load(version / "model.ort.onnx", load_external_data=False)
     from tritonclient.grpc import model_config_pb2 as mc
 
     elem = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
@@ -84,9 +86,11 @@ def test_repository_layout_and_configs(model_repo, rq_build):
             assert elem[v.type.tensor_type.elem_type] == t.data_type, v.name
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
             assert dims == list(t.dims), v.name
-    # the custom-domain node runs through its model-local function: stock ONNX Runtime executes the file
-    assert any(n.domain == "rq" and n.op_type == "RQMoE" for n in proto.graph.node)
-    assert any(f.domain == "rq" and f.name == "RQMoE" for f in proto.functions)
+    # the fused route runs ONNX Runtime's MoE kernels; the portable file keeps rq::RQMoE with its function body
+    assert any(n.domain == "com.microsoft" and n.op_type in ("QMoE", "MoE") for n in proto.graph.node)
+    portable = onnx.load(version / "model.onnx", load_external_data=False)
+    assert any(n.domain == "rq" and n.op_type == "RQMoE" for n in portable.graph.node)
+    assert any(f.domain == "rq" and f.name == "RQMoE" for f in portable.functions)
 
     forward = configs[FORWARD_MODEL]
     assert forward.backend == "python" and list(forward.input) == list(onnx_cfg.input)

@@ -1,0 +1,376 @@
+"""Speed and peak memory of R&Q against the original model, measured in the same run (ratios, medians).
+
+    python -m benchmarks.bench_speed                 # demo model + a mid-size MoE the benchmark builds (~15 min)
+    python -m benchmarks.bench_speed --quick         # a tiny model, for a smoke test (~1 min)
+    python -m benchmarks.bench_speed --models demo   # one model
+
+Engines, each on one thread, run round-robin so a busy machine slows them alike; medians of ``--repeats``:
+
+* PyTorch eager, original (Hugging Face's own ``grouped_mm`` experts) and R&Q (``fast`` backend; the
+  ``reference`` backend too on small models);
+* ONNX Runtime (CPU), original (rq's baseline export, Hugging Face ``batched_mm`` experts in plain ops) and
+  R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``.
+
+Workloads: prefill of 4 x 128 tokens; greedy decode at batch 1 and 8 (16 steps after a 16-token prompt).
+Memory, each in a fresh process (peak resident set size): ``rq-export`` (with its parity check) against the
+checkpoint's size, an ONNX Runtime session (one prefill) against the bytes of the weights its file reads,
+calibration against the model's own size, and ``rq eval`` at two data sizes.
+
+The mid-size model is a random-weight Qwen3-MoE (hidden 1024, 4 layers, 64 experts, top-8, expert width 512:
+about 420M parameters, 1.7 GB in float32) whose routers are skewed (a Zipf-like bias per expert), so R&Q has
+heavy hitters to replicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/bench_speed.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WORKLOADS = {"prefill 4x128": (4, 128, 0), "decode B=1": (1, 16, 16), "decode B=8": (8, 16, 16)}
+"""name -> (batch, prompt tokens, decode steps); tokens/s counts the prefill tokens or the decoded ones."""
+
+MID = dict(hidden_size=1024, num_hidden_layers=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
+           intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=8192)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def build_mid_size(out: Path, seed: int = 0, quick: bool = False) -> Path:
+    """The mid-size random Qwen3-MoE (``quick``: a small one) with skewed routers, saved as a checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from rq.testing.tiny import tiny_tokenizer
+
+    sizes = dict(MID) if not quick else dict(MID, hidden_size=128, num_experts=16, num_experts_per_tok=4,
+                                             moe_intermediate_size=128, intermediate_size=128, head_dim=32,
+                                             vocab_size=512, num_attention_heads=4, num_key_value_heads=2)
+    config = Qwen3MoeConfig(**sizes, max_position_embeddings=1024, decoder_sparse_step=1, mlp_only_layers=[],
+                            pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = config.num_experts
+    with torch.no_grad():
+        popularity = torch.arange(1, n + 1, dtype=torch.float32).pow(-0.6)  # rank^-0.6, shuffled per layer
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                scale = popularity[torch.randperm(n)] / popularity.mean()
+                param.normal_(0, 0.02).mul_(scale.unsqueeze(1))
+                param.add_(scale.unsqueeze(1) * 0.02)  # a shared direction: heavy hitters win for most tokens
+    model.save_pretrained(out)
+    tiny_tokenizer(sizes["vocab_size"]).save_pretrained(out)
+    return out
+
+
+def make_plan(model_dir: Path, out: Path, group_size: int, sequences: int = 16, seq_len: int = 128) -> Path:
+    """Calibrate on seeded random tokens (the demo uses its own calibration split) and plan at budget 1.0."""
+    import torch
+
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import TokenData, load_tokenizer, tokenize_sequences
+    from rq.demo.corpus import demo_checkpoint_dir, load_split
+    from rq.models.adapters import load_model
+    from rq.plan.planner import PlanOptions
+    from rq.plan.planner import make_plan as plan_stats
+    from rq.plan.schema import save_plan
+
+    model, adapter = load_model(model_dir)
+    if model_dir.resolve() == demo_checkpoint_dir().resolve():
+        data = tokenize_sequences(load_tokenizer(model_dir), [load_split("calibration")], seq_len=seq_len,
+                                  max_sequences=sequences, description="demo calibration split")
+    else:
+        tokens = torch.randint(2, model.config.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(0))
+        data = TokenData(tokens, "seeded random tokens")
+    stats = calibrate(model, adapter, data, group_size=group_size, show_progress=False)
+    save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0)), out)
+    return out
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+_CHILD = """\
+import json, resource, sys, time
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+start = rss()
+marks = {{}}
+t0 = time.perf_counter()
+{body}
+print(json.dumps({{"start": start, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "seconds": time.perf_counter() - t0, **marks}}))
+"""
+
+
+def measure(body: str, threads: int = 1) -> dict:
+    """Run ``body`` (Python, may set ``marks[...]``) in a fresh interpreter; its peak RSS, start RSS and marks."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    script = _CHILD.format(body=textwrap.dedent(body))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory(model_dir: Path, plan: Path, work: Path, quick: bool) -> dict:
+    """Peak memory of export, an ONNX Runtime session, calibration and eval, each in its own process."""
+    build = work / "mem-build"
+    out = {"checkpoint_bytes": checkpoint_bytes(model_dir)}
+    out["export"] = measure(f"""
+        from rq.export import export_model
+        r = export_model({str(model_dir)!r}, {str(plan)!r}, {str(build)!r}, force=True, show_progress=False)
+        marks["passed"] = r.passed
+    """)
+    for flavour in ("onnxruntime", "portable"):
+        out[f"session_{flavour}"] = measure(f"""
+            import numpy as np
+            from rq.export.runtime import OrtGenerator
+            marks["before"] = rss()
+            g = OrtGenerator({str(build)!r}, flavour={flavour!r}, intra_op_num_threads=1)
+            g.prefill(np.full((1, 16), 2, dtype=np.int64))
+            marks["after"] = rss()
+        """)
+        out[f"session_{flavour}"]["weights_bytes"] = referenced_bytes(build, flavour)
+    sequences = (4, 8) if quick else (8, 32)
+    out["calibrate"] = measure(f"""
+        import torch
+        from rq.calibrate.accumulate import calibrate
+        from rq.calibrate.data import TokenData
+        from rq.models.adapters import load_model
+        model, adapter = load_model({str(model_dir)!r})
+        marks["loaded"] = rss()
+        marks["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        tokens = torch.randint(2, model.config.vocab_size, ({sequences[1]}, 128), generator=torch.Generator().manual_seed(0))
+        calibrate(model, adapter, TokenData(tokens, "random"), group_size=128, show_progress=False)
+    """)
+    for n in sequences:
+        out[f"eval_{n}"] = measure(f"""
+            import torch
+            from rq.eval.evaluate import evaluate
+            from rq.models.adapters import load_model
+            from rq.plan.schema import load_plan
+            from rq.rqmodel.model import apply_plan
+            original, adapter = load_model({str(model_dir)!r})
+            rq_model, _ = load_model({str(model_dir)!r})
+            apply_plan(rq_model, adapter, load_plan({str(plan)!r}))
+            marks["loaded"] = rss()
+            tokens = torch.randint(2, original.config.vocab_size, ({n}, 128), generator=torch.Generator().manual_seed(0))
+            evaluate(original, rq_model, adapter, tokens, batch_sizes=[1, 4], stream_steps=0, show_progress=False)
+        """)
+    return out
+
+
+def referenced_bytes(build: Path, flavour: str) -> int:
+    """Bytes of the initializers an export's file (``flavour``) reads, wherever they are stored."""
+    import onnx
+
+    from rq.export.runtime import graph_file, load_manifest
+
+    total = 0
+    for graph in load_manifest(build)["graphs"].values():
+        proto = onnx.load(build / graph_file(graph, flavour), load_external_data=False)
+        for tensor in proto.graph.initializer:
+            length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
+            total += length if length is not None else len(tensor.raw_data)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ speed
+
+def engines(model_dir: Path, plan: Path, rq_build: Path, base_build: Path, reference: bool) -> dict:
+    """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps)."""
+    import numpy as np
+    import torch
+
+    from rq.export.runtime import OrtGenerator, position_ids_from_mask
+    from rq.models.adapters import load_model
+    from rq.plan.schema import load_plan
+    from rq.rqmodel.model import apply_plan, set_backend, set_mode
+
+    def torch_engine(model):
+        @torch.no_grad()
+        def run(ids: np.ndarray, steps: int) -> float:
+            mask = torch.ones(ids.shape, dtype=torch.int64)
+            pos = torch.from_numpy(position_ids_from_mask(mask.numpy()))
+            start = time.perf_counter()
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=mask, position_ids=pos, use_cache=True)
+            if not steps:
+                return time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = out.logits[:, -1, :].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                pos = pos[:, -1:] + 1
+                out = model(input_ids=token, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
+            return time.perf_counter() - start
+        return run
+
+    def ort_engine(build: Path, flavour: str):
+        gen = OrtGenerator(build, streaming=True, intra_op_num_threads=1, flavour=flavour)
+
+        def run(ids: np.ndarray, steps: int) -> float:
+            gen.reset()
+            start = time.perf_counter()
+            out = gen.prefill(ids)
+            if not steps:
+                return time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = gen.step(out.logits[:, -1, :].argmax(-1))
+            return time.perf_counter() - start
+        return run
+
+    original, _ = load_model(model_dir)
+    rq_model, adapter = load_model(model_dir)
+    apply_plan(rq_model, adapter, load_plan(plan))
+    set_mode(rq_model, "streaming")
+    out = {"PyTorch, original": torch_engine(original), "PyTorch, R&Q (fast)": torch_engine(rq_model)}
+    if reference:
+        ref_model, _ = load_model(model_dir)
+        apply_plan(ref_model, adapter, load_plan(plan))
+        set_mode(ref_model, "streaming")
+        set_backend(ref_model, "reference")
+        out["PyTorch, R&Q (reference)"] = torch_engine(ref_model)
+    out["ONNX Runtime, original"] = ort_engine(base_build, "portable")
+    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_engine(rq_build, "onnxruntime")
+    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_engine(rq_build, "portable")
+    return out
+
+
+def speed(model_dir: Path, plan: Path, work: Path, repeats: int, reference: bool) -> dict:
+    """tokens/s of every engine and workload (medians), engines interleaved."""
+    import numpy as np
+    import torch
+
+    from rq.export import export_model
+    from rq.export.api import export_baseline
+
+    torch.set_num_threads(1)
+    rq_build = export_model(model_dir, plan, work / "rq-build", force=True, check=False, show_progress=False).out_dir
+    base_build = export_baseline(model_dir, work / "base-build", force=True, show_progress=False).out_dir
+    runs = engines(model_dir, plan, rq_build, base_build, reference)
+    vocab = json.loads((rq_build / "manifest.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(0)
+    results = {}
+    for workload, (batch, prompt, steps) in WORKLOADS.items():
+        ids = rng.integers(2, vocab, size=(batch, prompt), dtype=np.int64)
+        samples = {name: [] for name in runs}
+        for name, run in runs.items():
+            run(ids, min(steps, 2))  # warm-up
+        for _ in range(repeats):
+            for name, run in runs.items():
+                samples[name].append(run(ids, steps))
+        tokens = batch * (steps if steps else prompt)
+        results[workload] = {name: tokens / statistics.median(s) for name, s in samples.items()}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def ratios(speeds: dict) -> dict:
+    """The ratios the targets are stated in, per workload."""
+    out = {}
+    for workload, s in speeds.items():
+        out[workload] = {
+            "ORT R&Q fused / ORT original": s["ONNX Runtime, R&Q fused (model.ort.onnx)"] / s["ONNX Runtime, original"],
+            "ORT R&Q fused / PyTorch original": s["ONNX Runtime, R&Q fused (model.ort.onnx)"] / s["PyTorch, original"],
+            "PyTorch R&Q (fast) / PyTorch original": s["PyTorch, R&Q (fast)"] / s["PyTorch, original"],
+            "ORT R&Q portable / ORT original": s["ONNX Runtime, R&Q portable (model.onnx)"] / s["ONNX Runtime, original"],
+        }
+        if "PyTorch, R&Q (reference)" in s:
+            out[workload]["PyTorch R&Q (reference) / PyTorch original"] = s["PyTorch, R&Q (reference)"] / s["PyTorch, original"]
+    return out
+
+
+def memory_ratios(mem: dict) -> dict:
+    """Peak memory against what each target compares it with."""
+    ckpt = mem["checkpoint_bytes"]
+    out = {"rq-export peak / checkpoint": mem["export"]["peak"] / ckpt}
+    for flavour in ("onnxruntime", "portable"):
+        s = mem[f"session_{flavour}"]
+        out[f"ORT session ({flavour}) / its weights"] = (s["after"] - s["before"]) / s["weights_bytes"]
+    c = mem["calibrate"]
+    out["calibration peak above the loaded model / model bytes"] = (c["peak"] - c["loaded"]) / c["model_bytes"]
+    evals = sorted(k for k in mem if k.startswith("eval_"))
+    out["rq eval peak: " + " vs ".join(f"{k[5:]} seqs" for k in evals)] = " vs ".join(
+        f"{mem[k]['peak'] / 2**20:.0f} MiB" for k in evals)
+    return out
+
+
+def markdown(name: str, speeds: dict, mem: dict) -> str:
+    lines = [f"#### {name}", "", "| tokens/s | " + " | ".join(speeds) + " |", "|---|" + "---:|" * len(speeds)]
+    for engine in next(iter(speeds.values())):
+        lines.append(f"| {engine} | " + " | ".join(f"{speeds[w][engine]:.1f}" for w in speeds) + " |")
+    lines += ["", "| ratio | " + " | ".join(speeds) + " |", "|---|" + "---:|" * len(speeds)]
+    r = ratios(speeds)
+    for key in next(iter(r.values())):
+        lines.append(f"| {key} | " + " | ".join(f"{r[w][key]:.2f}x" for w in speeds) + " |")
+    lines += ["", "| memory | value |", "|---|---:|"]
+    for key, value in memory_ratios(mem).items():
+        lines.append(f"| {key} | {value if isinstance(value, str) else f'{value:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model and two repeats (smoke test)")
+    parser.add_argument("--models", default="demo,mid", help="comma-separated: demo, mid")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="where results.json goes (default: print only)")
+    parser.add_argument("--workdir", type=Path, help="where builds go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    from rq.demo.corpus import demo_checkpoint_dir
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="rq-bench-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    repeats = 2 if args.quick else args.repeats
+    results = {"machine": {"platform": platform.platform(), "cores": len(os.sched_getaffinity(0)),
+                           "loadavg_start": list(os.getloadavg()), "threads": 1}, "models": {}}
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        folder = work / name
+        folder.mkdir(exist_ok=True)
+        if name == "demo":
+            model_dir, group = demo_checkpoint_dir(), 128
+        elif name == "mid":
+            model_dir = folder / "checkpoint"
+            if not (model_dir / "config.json").is_file():
+                build_mid_size(model_dir, quick=args.quick)
+            group = 128
+        else:
+            parser.error(f"unknown model {name!r}; choose demo or mid")
+        plan = make_plan(model_dir, folder / "plan.json", group, sequences=4 if args.quick else 16,
+                         seq_len=32 if args.quick else 128)
+        started = time.perf_counter()
+        speeds = speed(model_dir, plan, folder, repeats, reference=name == "demo" or args.quick)
+        mem = memory(model_dir, plan, folder, args.quick)
+        results["models"][name] = {"speeds": speeds, "ratios": ratios(speeds), "memory": mem,
+                                   "memory_ratios": memory_ratios(mem), "seconds": time.perf_counter() - started}
+        print(markdown(f"{name} ({model_dir})", speeds, mem), flush=True)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed_memory.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

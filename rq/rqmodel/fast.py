@@ -1,0 +1,117 @@
+"""The ``fast`` experts backend: the op of docs/spec.md §8 as two grouped matrix products, like the original model.
+
+The reference (:func:`rq.core.op.rq_moe_reference`) dequantizes every INT4 copy it runs, on every call, which is
+most of its time. Here each layer's weights are turned once into the compute dtype and grouped by *weight
+version*: a version is one distinct ``(w_in, w_out)`` pair — each original-precision copy is one, and all the
+INT4 copies of a logical expert (its INT4 primary and its replicas, which hold the same §5 bytes) share one,
+dequantized exactly (``q * scale``). Assignments are mapped to copies by the replica rule (§4, exact) and then
+to versions; since copies of one version compute the same function, their rows are multiplied together with
+``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
+
+Memory: one float copy per version, i.e. the original experts' size plus one expert for every original-precision
+expert that has INT4 replicas, kept until the layer's weights change (a weak reference to them). The reference
+stays the definition the tests compare this backend with (within the §9 tolerances).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from rq.core import replica
+from rq.core.experts import apply_activation
+from rq.core.op import RQLayerWeights, check_call, copy_weights
+
+
+class Versions(NamedTuple):
+    """The distinct weight versions of one layer in the compute dtype, and which version each copy uses."""
+
+    w_in_t: torch.Tensor  # [U, H, I_in]: transposed for grouped_mm (input @ weight)
+    w_out_t: torch.Tensor  # [U, I, H]
+    version: torch.Tensor  # [P + 1] int64: version of each physical copy; entry P (dropped ids) = U
+
+
+_CACHE: dict[int, tuple[weakref.ref, tuple, Versions]] = {}
+
+
+def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
+    """Whether INT4 copies ``a`` and ``b`` (physical ids) hold identical bytes and scales."""
+    sa, sb = int(layer.tables.slot[a]), int(layer.tables.slot[b])
+    return all(torch.equal(t[sa], t[sb]) for t in (layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales))
+
+
+def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
+    """Group the copies of ``layer`` by identical weights and materialize each group once in ``dtype``."""
+    phy2log = layer.tables.phy2log.tolist()
+    owner_of_version: list[int] = []  # a representative physical copy per version
+    version = []
+    first_int4_of: dict[int, list[int]] = {}  # logical expert -> versions of its INT4 copies
+    for p, precision in enumerate(layer.precision):
+        if precision == 1:
+            candidates = first_int4_of.setdefault(phy2log[p], [])
+            match = next((v for v in candidates if _same_bytes(layer, owner_of_version[v], p)), None)
+            if match is not None:
+                version.append(match)
+                continue
+            candidates.append(len(owner_of_version))
+        version.append(len(owner_of_version))
+        owner_of_version.append(p)
+    weights = [copy_weights(layer, p, dtype) for p in owner_of_version]
+    w_in_t = torch.stack([w.T for w, _ in weights]).contiguous().to(device)  # [U, H, I_in]
+    w_out_t = torch.stack([w.T for _, w in weights]).contiguous().to(device)  # [U, I, H]
+    version.append(len(owner_of_version))
+    return Versions(w_in_t, w_out_t, torch.tensor(version, dtype=torch.int64, device=device))
+
+
+def versions_of(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
+    """:func:`build_versions`, cached while the layer's weight tensors live and are not modified in place."""
+    anchor = layer.w_in_q if layer.num_int4 else layer.w_in
+    key = (dtype, device, layer.logcnt, layer.precision, layer.activation,
+           tuple(t.data_ptr() for t in layer.tensors()), tuple(t._version for t in layer.tensors()))
+    entry = _CACHE.get(id(anchor))
+    if entry is not None and entry[0]() is anchor and entry[1] == key:
+        return entry[2]
+    versions = build_versions(layer, dtype, device)
+    ident = id(anchor)
+    _CACHE[ident] = (weakref.ref(anchor, lambda _, ident=ident: _CACHE.pop(ident, None)), key, versions)
+    return versions
+
+
+def _grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` rows grouped by version (``ends [U]`` cumulative row counts) times ``weight [U, K, N]``:
+    one ``grouped_mm`` where its kernel takes the shapes (rows of 16-byte multiples), else a loop of matmuls."""
+    size = x.element_size()
+    if hasattr(F, "grouped_mm") and (x.shape[1] * size) % 16 == 0 and (weight.shape[-1] * size) % 16 == 0:
+        return F.grouped_mm(x.contiguous(), weight, offs=ends.to(torch.int32))
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    for u, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if b > a:
+            out[a:b] = x[a:b] @ weight[u]
+    return out
+
+
+def rq_moe_fast(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: RQLayerWeights,
+                offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and semantics as :func:`rq.core.op.rq_moe_reference`; computes in ``hidden``'s dtype."""
+    check_call(hidden, topk_ids, topk_weights, layer, offsets)
+    num_tokens, top_k = topk_ids.shape
+    counts = replica.expert_counts(topk_ids, layer.num_experts)
+    y = torch.zeros_like(hidden)
+    if num_tokens == 0 or layer.num_copies == 0:
+        return y, counts
+    v = versions_of(layer, hidden.dtype, hidden.device)
+    logcnt = torch.tensor(layer.logcnt, dtype=torch.int64, device=hidden.device)
+    phys = replica.physical_ids(topk_ids, logcnt, offsets).reshape(-1)  # [A], -1 = dropped
+    version = v.version[torch.where(phys >= 0, phys, layer.num_copies)]  # [A], U = dropped
+    order = torch.argsort(version, stable=True)
+    num_versions = v.w_in_t.shape[0]
+    ends = torch.cumsum(torch.bincount(version, minlength=num_versions + 1)[:num_versions], 0)
+    kept = order[: int(ends[-1])]  # assignments with a copy, grouped by version
+    x = hidden[kept // top_k]
+    h = apply_activation(_grouped(x, v.w_in_t, ends), layer.activation)
+    out = _grouped(h, v.w_out_t, ends) * topk_weights.reshape(-1)[kept].unsqueeze(1).to(hidden.dtype)
+    return y.index_add_(0, kept // top_k, out), counts

@@ -1,0 +1,119 @@
+"""The ``fast`` experts backend against the reference (docs/spec.md §9 float32 tolerance; counts exact)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rq.core import int4
+from rq.core.op import RQLayerWeights, rq_moe_reference
+from rq.rqmodel import fast
+from rq.rqmodel.fast import build_versions, rq_moe_fast
+
+
+def _layer(logcnt, precision, hidden=64, inter=48, activation="silu_glu", group=64, same_replicas=True, seed=0,
+           dtype=torch.float32):
+    """A random layer in the op layout; INT4 copies of one expert share bytes when ``same_replicas``."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * inter if activation.endswith("_glu") else inter
+    orig_in, orig_out, q_in, q_out = [], [], [], []
+    p = 0
+    for copies in logcnt:
+        shared = None
+        for _ in range(copies):
+            if precision[p] == 0:
+                orig_in.append(torch.randn(rows, hidden, generator=gen) * 0.1)
+                orig_out.append(torch.randn(hidden, inter, generator=gen) * 0.1)
+            else:
+                if shared is None or not same_replicas:
+                    shared = (int4.quantize(torch.randn(rows, hidden, generator=gen) * 0.1, group),
+                              int4.quantize(torch.randn(hidden, inter, generator=gen) * 0.1, group))
+                q_in.append(shared[0])
+                q_out.append(shared[1])
+            p += 1
+
+    def stack(items, shape, dt=dtype):
+        return torch.stack(items).to(dt) if items else torch.zeros(0, *shape, dtype=dt)
+
+    return RQLayerWeights(
+        2, activation, group, tuple(logcnt), tuple(precision), stack(orig_in, (rows, hidden)),
+        stack(orig_out, (hidden, inter)),
+        stack([q.packed for q in q_in], (rows, int4.packed_width(hidden)), torch.uint8),
+        stack([q.scales for q in q_in], (rows, int4.num_blocks(hidden, group)), torch.float16),
+        stack([q.packed for q in q_out], (hidden, int4.packed_width(inter)), torch.uint8),
+        stack([q.scales for q in q_out], (hidden, int4.num_blocks(inter, group)), torch.float16))
+
+
+def _routing(tokens, num_experts, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(tokens)])
+    if tokens > 3:
+        ids[1, 0], ids[3, 1] = -1, num_experts  # dropped assignments
+    return ids, torch.softmax(torch.randn(tokens, 2, generator=gen), -1)
+
+
+LAYOUTS = [
+    ((1, 1, 1, 1), (0, 0, 0, 0)),  # original precision only: one version per copy
+    ((1, 3, 2, 1), (1, 1, 1, 1, 1, 1, 1)),  # INT4 only, replicas share a version
+    ((2, 1, 3, 1), (0, 1, 1, 0, 1, 1, 1)),  # original primaries with INT4 replicas
+]
+
+
+@pytest.mark.parametrize("activation", ["silu_glu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+@pytest.mark.parametrize("tokens", [1, 7, 130])
+def test_fast_equals_reference(layout, tokens, activation):
+    logcnt, precision = LAYOUTS[layout]
+    layer = _layer(logcnt, precision, activation=activation, hidden=70, inter=46)  # partial blocks, odd widths
+    ids, w = _routing(tokens, len(logcnt))
+    offsets = torch.arange(len(logcnt)) * 5
+    x = torch.randn(tokens, 70, generator=torch.Generator().manual_seed(2))
+    y, counts = rq_moe_fast(x, ids, w, layer, offsets)
+    y_ref, counts_ref = rq_moe_reference(x, ids, w, layer, offsets)
+    assert torch.equal(counts, counts_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_replicas_share_one_version_only_when_their_bytes_agree():
+    logcnt, precision = LAYOUTS[2]
+    # expert 0: original + INT4 replica, 1: INT4, 2: original + two INT4 replicas sharing bytes, 3: INT4
+    assert build_versions(_layer(logcnt, precision), torch.float32, torch.device("cpu")).w_in_t.shape[0] == 6
+    # copies whose bytes differ are never merged (the op does not assume replicas are identical)
+    different = _layer(logcnt, precision, same_replicas=False)
+    versions = build_versions(different, torch.float32, torch.device("cpu"))
+    assert versions.w_in_t.shape[0] == 7 and versions.version.tolist() == list(range(8))
+    ids, w = _routing(40, len(logcnt))
+    x = torch.randn(40, 64)
+    torch.testing.assert_close(rq_moe_fast(x, ids, w, different)[0], rq_moe_reference(x, ids, w, different)[0],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_cache_follows_in_place_edits_and_dies_with_the_weights():
+    logcnt, precision = LAYOUTS[1]
+    layer = _layer(logcnt, precision)
+    ids, w = _routing(9, len(logcnt))
+    x = torch.randn(9, 64)
+    before = rq_moe_fast(x, ids, w, layer)[0]
+    layer.w_in_scales.mul_(2)  # e.g. a tampered file: the cached version must not be reused
+    after = rq_moe_fast(x, ids, w, layer)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, rq_moe_reference(x, ids, w, layer)[0], atol=1e-5, rtol=1e-4)
+    anchor = id(layer.w_in_q)
+    assert anchor in fast._CACHE
+    del layer
+    import gc
+
+    gc.collect()
+    assert anchor not in fast._CACHE
+
+
+def test_float16_within_the_float16_tolerance():
+    logcnt, precision = LAYOUTS[2]
+    layer = _layer(logcnt, precision, dtype=torch.float16)
+    ids, w = _routing(33, len(logcnt))
+    x = torch.randn(33, 64)
+    y, _ = rq_moe_fast(x.half(), ids, w.half(), layer)
+    half_free = dataclasses.replace(layer, w_in=layer.w_in.float(), w_out=layer.w_out.float())
+    torch.testing.assert_close(y.float(), rq_moe_reference(x, ids, w, half_free)[0], atol=2e-2, rtol=1e-2)
