@@ -1,4 +1,4 @@
-"""Baselines that R&Q is measured against (issue 7), as pure functions over tensors and plans.
+"""Baselines that R&Q is measured against, as pure functions over tensors and plans.
 
 What "equal memory" means here (per MoE layer; ``R`` = reference bytes, every expert once at original
 precision; ``b`` = budget factor; ``B_orig`` / ``B_int4`` = bytes of one expert copy at each precision):

@@ -1,4 +1,4 @@
-"""Issue 7, planner at real model shapes: plan time, peak memory and predicted LIS on synthetic stats.
+"""The planner at real model shapes: plan time, peak memory and predicted LIS on synthetic stats.
 
 Shapes (:mod:`rq.testing.synthetic`): DeepSeek-V3-like (58 MoE layers x 256 experts, top-8) and Mixtral-like
 (32 x 8, top-2), bf16 experts, Zipf-skewed loads. For each budget:
@@ -22,6 +22,7 @@ import statistics
 import time
 import tracemalloc
 
+import numpy as np
 import torch
 
 from benchmarks.baselines import eplb_logcnt, equal_memory_replicas
@@ -133,46 +134,5 @@ def fit_exponent(scaling: list[dict]) -> float:
     pts = [(math.log(r["experts"]), math.log(r["seconds"])) for r in scaling if r["experts"] >= 64]
     if len(pts) < 2:
         return math.nan
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
-
-
-def plot(res: dict, path) -> None:
-    """Plan time vs number of experts, and held-out LIS reduction vs budget at the synthetic shapes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax = axes[0]
-    sc = res["scaling"]
-    ns = [r["experts"] for r in sc]
-    ax.plot(ns, [1e3 * r["seconds"] for r in sc], "-o",
-            label=f"plan_layer, one layer, budget 1.0x (fit N>=64: ~N^{fit_exponent(sc):.2f})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("experts per layer N (top-2 below 64, top-8 from 64)")
-    ax.set_ylabel("milliseconds per layer")
-    ds = [c for c in res["cases"] if c["shape"] == "deepseek_v3" and c["budget"] == 1.0]
-    if ds:
-        ax.set_title(f"planner time (DeepSeek-V3-like, {ds[0]['layers']} x 256: {ds[0]['seconds']:.2f} s in all)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    for shape, color in (("deepseek_v3", "#4c72b0"), ("mixtral", "#dd8452")):
-        rows = [c for c in res["cases"] if c["shape"] == shape]
-        bs = [c["budget"] for c in rows]
-        label = "DeepSeek-V3-like (256 exp, top-8)" if shape == "deepseek_v3" else "Mixtral-like (8 exp, top-2)"
-        ax.plot(bs, [c["heldout_reduction"] for c in rows], "-o", color=color, label=f"{label}: R&Q")
-        ax.plot(bs, [c["eplb_equal_memory_reduction"] for c in rows], "--^", color=color,
-                label=f"{label}: replicate-only, equal memory")
-    ax.axhline(2.0, color="k", ls=":", lw=1)
-    ax.axhline(1.4, color="0.5", ls=":", lw=1)
-    ax.axhline(1.0, color="0.8", lw=0.8)
-    ax.set_xlabel("memory budget (x reference, bf16)")
-    ax.set_ylabel("LIS reduction on held-out synthetic loads")
-    ax.set_title(f"held-out synthetic loads (drift {res['drift']:g}); dotted: goal 2x, paper 1.4x", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    slope, _ = np.polyfit(*zip(*pts), deg=1)
+    return float(slope)

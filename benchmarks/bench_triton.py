@@ -6,8 +6,9 @@
     python benchmarks/bench_triton.py --model DIR --data F   # calibrate + plan + export a local checkpoint
     python benchmarks/bench_triton.py --from-test            # the numbers tests/engines/tritonserver wrote last run
 
-Starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel (CPU, Python backend) on free local ports with
-a repository from :func:`rq.engines.tritonserver.write_model_repository`, streams ``--requests`` greedy
+Starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel (CPU, Python backend) on free local ports
+(:class:`rq.testing.tritonserver.TritonServer`) with a repository from
+:func:`rq.engines.tritonserver.write_model_repository`, streams ``--requests`` greedy
 generations over gRPC from ``--concurrency`` clients (one stream each, prompts round-robin), checks every
 response token by token against offline ``OrtGenerator`` generation, and prints a markdown table:
 latency (request sent -> final streamed response) p50/p90/p99, first-token p50/p99, requests/s and
@@ -25,27 +26,33 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # `python benchmarks/bench_triton.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.markdown import MISSING, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_JSON = REPO / ".pytest_cache" / "d" / "rq-triton" / "load.json"
-HEADER = ("| concurrency | requests | errors | mismatches | p50 ms | p90 ms | p99 ms | first token p50/p99 ms "
-          "| req/s | tok/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ["concurrency", "requests", "errors", "mismatches", "p50 ms", "p90 ms", "p99 ms", "first token p50/p99 ms",
+          "req/s", "tok/s"]
 
 
-def row(s: dict) -> str:
+def row(s: dict) -> list:
+    """One table row of a :meth:`rq.testing.tritonserver.LoadResult.summary`."""
     lat, ttft = s["latency_ms"], s.get("first_token_ms", {})
-    return (f"| {s['concurrency']} | {s['requests']} | {s['errors']} | {s['mismatches']} | {lat['p50']} | "
-            f"{lat.get('p90', 'n/a')} | {lat['p99']} | {ttft.get('p50', 'n/a')} / {ttft.get('p99', 'n/a')} | "
-            f"{s['throughput_rps']} | {s['tokens_per_s']} |")
+    return [s["concurrency"], s["requests"], s["errors"], s["mismatches"], lat["p50"], lat.get("p90", MISSING),
+            lat["p99"], f"{ttft.get('p50', MISSING)} / {ttft.get('p99', MISSING)}", s["throughput_rps"],
+            s["tokens_per_s"]]
 
 
-def table(summaries: list[dict]) -> str:
+def report(summaries: list[dict]) -> str:
+    """The markdown table of every row and a note of the settings they share."""
     first = summaries[0]
     note = (f"`generate` (decoupled, gRPC streaming), {first.get('max_tokens')} new tokens per request, "
             f"{first.get('instances')} model instance(s) x {first.get('intra_op_threads')} ONNX Runtime thread(s), "
             f"{first.get('server', 'tritonserver')}, {first.get('cpu_count')} CPU cores; "
             f"model: {first.get('build', first.get('architecture'))}.")
-    return "\n".join([HEADER, *[row(s) for s in summaries], "", note])
+    return table(HEADER, [row(s) for s in summaries], align="r" * len(HEADER)) + "\n\n" + note
 
 
 def make_build(root: Path, model: str | None, data: str | None) -> Path:
@@ -76,8 +83,9 @@ def make_build(root: Path, model: str | None, data: str | None) -> Path:
 
 def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, instances: int, threads: int,
         label: str) -> list[dict]:
-    from rq.engines.tritonserver import SMOKE_PROMPTS, TritonServer, run_load, write_model_repository
+    from rq.engines.tritonserver import write_model_repository
     from rq.export.runtime import OrtGenerator
+    from rq.testing.tritonserver import SMOKE_PROMPTS, TritonServer, run_load
 
     offline = OrtGenerator(build, intra_op_num_threads=1)
     cases = []
@@ -98,7 +106,10 @@ def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, i
                                max_tokens=max_tokens, instances=instances, intra_op_threads=threads,
                                cpu_count=os.cpu_count(), architecture=offline.manifest["architecture"], build=label)
                 out.append(summary)
-                print(row(summary), flush=True)
+                lat = summary["latency_ms"]
+                print(f"concurrency {concurrency}: p50 {lat['p50']} ms, p99 {lat['p99']} ms, "
+                      f"{summary['throughput_rps']} req/s, errors {summary['errors']}, "
+                      f"mismatches {summary['mismatches']}", flush=True)
     return out
 
 
@@ -122,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{path} not found: run `python -m pytest tests/engines/tritonserver` first", file=sys.stderr)
             return 1
-        print(table([json.loads(path.read_text())]))
+        print(report([json.loads(path.read_text())]))
         return 0
-    from rq.engines.tritonserver import find_tritonserver
+    from rq.testing.tritonserver import find_tritonserver
 
     if find_tritonserver() is None:
         print("tritonserver is not installed: pip install nvidia-pytriton", file=sys.stderr)
@@ -136,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             build = make_build(Path(tmp), args.model, args.data)
             label = f"checkpoint {args.model}" if args.model else "tiny random qwen3_moe export"
-        print(HEADER, flush=True)
         summaries = run(build, [int(c) for c in args.concurrency.split(",")], args.requests, args.max_tokens,
                         args.instances, args.threads, label)
     print()
-    print(table(summaries))
+    print(report(summaries))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": summaries, "machine": platform.platform(),
                                                "python": platform.python_version(),

@@ -19,7 +19,7 @@ import torch
 
 from rq import __version__
 from rq.models.adapters import load_model
-from rq.atomic import failed_dir, staged_dir
+from rq.atomic import check_out_dir, failed_dir, staged_dir
 from rq.calibrate.data import load_tokenizer
 from rq.errors import RQError
 from rq.export import function, graphs, onnx_file, ort_fused, reference
@@ -50,13 +50,6 @@ class ExportResult:
     def passed(self) -> bool:
         """True when the parity check ran and passed (False when it was skipped)."""
         return self.parity is not None and self.parity.passed
-
-
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RQError(f"{out_dir} exists and is not a folder; pass another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise RQError(f"{out_dir} already exists and is not empty; pass --force to replace it or choose another --out")
 
 
 def _sha256(path: Path) -> str:
@@ -241,7 +234,7 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     start = time.perf_counter()
     model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
     _validate_options(dtype, opset)
-    _check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force)
     plan = load_plan(plan_path)
     kept = f"; the attempt is kept at {failed_dir(out_dir)}" if keep_failed else \
         f"; nothing was written to {out_dir} (--keep-failed keeps the attempt for debugging)"
@@ -271,7 +264,7 @@ def export_baseline(model_dir: str | Path, out_dir: str | Path, *, force: bool =
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _validate_options(dtype, opset)
-    _check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force)
     with staged_dir(out_dir) as tmp:
         manifest = _write_baseline(model_dir, tmp, dtype, opset, trust_remote_code, show_progress)
     return _result(out_dir, manifest, start, None)

@@ -1,4 +1,9 @@
-"""Write outputs so that a failure never leaves a half-written file or folder behind."""
+"""Write outputs so that a failure never leaves a half-written file or folder behind.
+
+Every command that writes a folder (``rq-export``, ``rq triton``) checks it with :func:`check_out_dir` first
+and assembles it with :func:`staged_dir`, so refusing an occupied folder and replacing it on ``--force`` read
+the same everywhere.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,21 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from rq.errors import RQError
+
+
+def check_out_dir(out_dir: str | Path, force: bool) -> None:
+    """Refuse ``out_dir`` when it is a file, or a non-empty folder without ``force``.
+
+    Called before any work starts, so a user who forgot ``--force`` learns it in a second, not after an
+    export; :func:`staged_dir` then does the replacing. Raises :class:`RQError` naming the folder and the fix.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RQError(f"{out_dir} exists and is not a folder; pass another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise RQError(f"{out_dir} already exists and is not empty; pass --force to replace it or choose another --out")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

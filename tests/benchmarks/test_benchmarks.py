@@ -1,8 +1,10 @@
-"""Issue-7 benchmarks: the baselines are what they claim, and `run_all --quick` runs end to end on a tiny model."""
+"""The R&Q-vs-baselines benchmark: the baselines are what they claim, its statistics are the textbook ones, the
+report renders RESULTS.md from the stored run, and `run_all --quick` runs end to end on a tiny model."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import baselines, run_all  # noqa: E402
+from benchmarks import baselines, markdown, report  # noqa: E402
 from rq.core.replica import copy_loads  # noqa: E402
 
 
@@ -102,8 +104,8 @@ def test_run_pass_accuracy_matches_rq_evaluate(tiny_checkpoints, one_thread):
     assert summary["ppl_change_pct"] == pytest.approx(expected.ppl_change_pct, abs=1e-6)
     assert summary["kl_mean"] == pytest.approx(expected.kl_mean, rel=1e-4, abs=1e-8)
     assert summary["top1_agreement"] == pytest.approx(expected.top1_agreement)
-    for mine, core in zip(got.ids, ids_r):
-        assert torch.equal(mine, core)
+    for recorded, core in zip(got.ids, ids_r):
+        assert torch.equal(recorded, core)
     # the benchmark's vectorised batch LIS is rq.eval.evaluate.batch_lis
     logcnts = [rq.logcnt for rq in rq_layers]
     for batch_size in (1, 4, 6):
@@ -115,11 +117,56 @@ def test_run_pass_accuracy_matches_rq_evaluate(tiny_checkpoints, one_thread):
 
 def test_results_md_update_keeps_other_sections(tmp_path):
     md = tmp_path / "RESULTS.md"
-    run_all.update_results_md(md, f"{run_all.BEGIN}\nfirst\n{run_all.END}")
-    md.write_text(md.read_text() + "\n## Kernels (appended by another engineer)\nkeep me\n")
-    run_all.update_results_md(md, f"{run_all.BEGIN}\nsecond\n{run_all.END}")
+    report.update_results_md(md, f"{report.BEGIN}\nfirst\n{report.END}")
+    md.write_text(md.read_text() + "\n## Kernels (written by hand)\nkeep me\n")
+    report.update_results_md(md, f"{report.BEGIN}\nsecond\n{report.END}")
     text = md.read_text()
     assert "second" in text and "first" not in text and "keep me" in text and "## Placement" in text
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+
+
+def test_results_md_is_the_stored_run_rendered():
+    """The generated section of benchmarks/RESULTS.md is exactly what the committed raw numbers render to, so every
+    number in it traces back to benchmarks/plots/rq_vs_baselines.json (re-render: run_all --from-json)."""
+    plots, md = REPO / "benchmarks" / "plots", REPO / "benchmarks" / "RESULTS.md"
+    results = json.loads((plots / report.RESULTS_JSON).read_text())
+    text = md.read_text()
+    start, end = text.index(report.BEGIN), text.index(report.END) + len(report.END)
+    assert report.render(results, plots, md) == text[start:end]
+
+
+def test_markdown_table():
+    assert markdown.table(["a", "b"], [[1, "x"], ["", 2.5]]) == "| a | b |\n|---|---|\n| 1 | x |\n|  | 2.5 |"
+    assert markdown.table(["name", "ms"], [["p50", "1.0"]], align="lr").splitlines()[1] == "|---|---:|"
+    with pytest.raises(ValueError, match="2 columns"):
+        markdown.table(["a", "b"], [], align="r")
+    assert markdown.fmt(float("nan")) == markdown.fmt(None) == "n/a" and markdown.fmt(1.234, 1, "x") == "1.2x"
+
+
+def test_bootstrap_interval_is_the_paired_percentile_bootstrap():
+    """accuracy_summary's 95 % CI: resample sequences (paired, numpy's generator seeded with ``seed``), take each
+    resample's perplexity change, 2.5 / 97.5 percentiles; the same seed gives the same interval."""
+    import numpy as np
+
+    from benchmarks.bench_lis import Pass, accuracy_summary
+
+    gen = torch.Generator().manual_seed(0)
+    n, per = 20, 31
+    nll_o = torch.rand(n, generator=gen, dtype=torch.float64) * 50 + 100
+    nll_r = nll_o + torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def make(nll):
+        return Pass(ids=[], counts=[], nll=nll, kl=torch.zeros(n), agree=torch.full((n,), float(per)),
+                    predicted_per_sequence=per)
+
+    summary = accuracy_summary(make(nll_o), make(nll_r), bootstrap=400, seed=3)
+    idx = np.random.default_rng(3).integers(0, n, (400, n))
+    changes = 100 * np.expm1((nll_r.numpy()[idx].sum(-1) - nll_o.numpy()[idx].sum(-1)) / (n * per))
+    np.testing.assert_allclose(summary["ppl_change_ci95"], np.percentile(changes, [2.5, 97.5]), rtol=1e-12)
+    lo, hi = summary["ppl_change_ci95"]
+    assert lo < summary["ppl_change_pct"] < hi
+    assert summary["ppl_change_pct"] == pytest.approx(100 * (math.exp(float(nll_r.sum() - nll_o.sum()) / (n * per)) - 1))
+    assert accuracy_summary(make(nll_o), make(nll_r), bootstrap=400, seed=3) == summary
 
 
 def test_run_all_quick_smoke(tmp_path):
@@ -131,7 +178,7 @@ def test_run_all_quick_smoke(tmp_path):
     for name in ("lis_vs_budget.png", "lis_vs_batch.png", "importance_accuracy.png", "calibration_size.png",
                  "planner_scale.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
-    res = json.loads((tmp_path / "issue7_results.json").read_text())
+    res = json.loads((tmp_path / report.RESULTS_JSON).read_text())
     lis = res["lis"]
     head = lis["headline"]
     assert lis["plans"][head]["memory"] <= 1.0
@@ -141,4 +188,4 @@ def test_run_all_quick_smoke(tmp_path):
     assert len(copies) == 1
     assert {c["shape"] for c in res["planner"]["cases"]} == {"deepseek_v3", "mixtral"}
     text = md.read_text()
-    assert run_all.BEGIN in text and "## R&Q vs baselines (issue 7)" in text and "Goal check" in text
+    assert report.BEGIN in text and f"## {report.TITLE}" in text and "Goal check" in text

@@ -15,7 +15,7 @@ MAX_CONTEXT = 64  # small, so an over-long prompt is cheap to send
 
 @pytest.fixture(scope="module")
 def triton_install():
-    from rq.engines.tritonserver import find_tritonserver
+    from rq.testing.tritonserver import find_tritonserver
 
     install = find_tritonserver()
     if install is None:
@@ -59,7 +59,8 @@ def model_repo(rq_build, tmp_path_factory):
 def triton_server(triton_install, model_repo):
     """A live tritonserver with every model whose backend it has (the wheel's server has only the Python backend,
     so ``rq_onnx`` is left out there; ``test_onnx_model_with_tritons_loader`` covers it)."""
-    from rq.engines.tritonserver import FORWARD_MODEL, GENERATE, TritonServer, servable_models
+    from rq.engines.tritonserver import FORWARD_MODEL, GENERATE
+    from rq.testing.tritonserver import TritonServer, servable_models
 
     models, missing = servable_models(model_repo, triton_install)
     assert {GENERATE, FORWARD_MODEL} <= set(models), (models, missing)

@@ -21,9 +21,11 @@ import numpy as np
 import onnx
 import pytest
 
-from rq.engines.tritonserver import (FORWARD_MODEL, GENERATE, ONNX_MODEL, SMOKE_PROMPTS, TRT_MODEL, generate_inputs, run_load,
-                               scrape_metrics, stream_generate, validate_model_config, write_model_repository)
+from rq.engines.tritonserver import (FORWARD_MODEL, GENERATE, ONNX_MODEL, TRT_MODEL, validate_model_config,
+                                     write_model_repository)
 from rq.errors import RQError
+from rq.testing.tritonserver import (SMOKE_PROMPTS, TritonInstall, generate_inputs, model_backends, run_load,
+                                    scrape_metrics, servable_models, stream_generate)
 
 if importlib.util.find_spec("pytest_timeout") is not None:  # the dev extra installs it
     pytestmark = pytest.mark.timeout(600)
@@ -132,6 +134,14 @@ def test_python_models_need_no_rq(model_repo):
                           str(model_repo / ONNX_MODEL / "1")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith("(1, ")
+
+
+def test_servable_models_follow_the_backends(model_repo, tmp_path):
+    """Each model's backend is read from its parsed config; a server offers only the backends it has folders for."""
+    assert model_backends(model_repo) == {ONNX_MODEL: "onnxruntime", FORWARD_MODEL: "python", GENERATE: "python"}
+    (tmp_path / "backends" / "python").mkdir(parents=True)
+    python_only = TritonInstall(binary=tmp_path / "tritonserver", backends=tmp_path / "backends")
+    assert servable_models(model_repo, python_only) == ([GENERATE, FORWARD_MODEL], {ONNX_MODEL: "onnxruntime"})
 
 
 def test_repository_refuses_and_tensorrt(model_repo, rq_build, tmp_path):
