@@ -7,6 +7,8 @@ Vocabulary (shared with planner, placement, export and kernels, after DeepSeek E
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -59,6 +61,56 @@ def assign_copies(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor
     return torch.where(ranks >= 0, copies, torch.full_like(copies, -1))
 
 
+SMALL_CALL = 64
+"""Calls with at most this many assignments (decode steps) rank them by an ``A x A`` comparison instead of a
+sort: a few elementwise operations, where a sort's fixed costs dominate a tiny call."""
+
+
+def route(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None,
+          base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(phys [T, K], expert_counts [N])`` of one call: the physical copy ``phys(e, c)`` of every assignment
+    (-1 = dropped) and the loads. The same integers as :func:`physical_ids` and :func:`expert_counts`
+    (docs/spec.md §4) in fewer operations (the hot path of a forward).
+
+    base: ``phys_base(logcnt)`` when the caller has it already."""
+    num_experts = logcnt.numel()
+    logcnt = logcnt.to(torch.int64)
+    base = phys_base(logcnt) if base is None else base
+    flat = ids.reshape(-1).to(torch.int64)
+    keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # dropped -> N
+    counts = torch.bincount(keys, minlength=num_experts + 1)
+    if flat.numel() <= SMALL_CALL:  # rank = earlier assignments of the same expert, token-major
+        same = keys.unsqueeze(1) == keys.unsqueeze(0)  # [A, A]
+        rank = torch.tril(same, diagonal=-1).sum(1)
+        expert = keys.clamp(max=num_experts - 1)
+        shifted = rank if offsets is None else rank + offsets.to(torch.int64)[expert]
+        phys = torch.where(keys < num_experts, base[expert] + shifted % logcnt[expert], -1)
+        return phys.reshape(ids.shape), counts[:num_experts]
+    order = torch.argsort(keys, stable=True)  # token-major inside each expert
+    sorted_keys = keys[order]
+    expert = sorted_keys.clamp(max=num_experts - 1)
+    rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_keys]
+    shifted = rank if offsets is None else rank + offsets.to(torch.int64)[expert]
+    phys_sorted = torch.where(sorted_keys < num_experts, base[expert] + shifted % logcnt[expert], -1)
+    phys = torch.empty_like(flat)
+    phys[order] = phys_sorted
+    return phys.reshape(ids.shape), counts[:num_experts]
+
+
+class CopySplit(NamedTuple):
+    """What :func:`split_load` derives from ``logcnt`` alone, computed once for a layer (``[P]`` int64 each)."""
+
+    owner: torch.Tensor  # logical expert of each copy
+    copy: torch.Tensor  # copy index c of each copy
+    count: torch.Tensor  # C_e of each copy's expert
+
+
+def copy_split(logcnt: torch.Tensor) -> CopySplit:
+    logcnt = logcnt.to(torch.int64)
+    owner = phy2log(logcnt)
+    return CopySplit(owner, torch.arange(owner.numel(), device=logcnt.device) - phys_base(logcnt)[owner], logcnt[owner])
+
+
 def physical_ids(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Physical copy id of each assignment, ``phys(e, c)``; dropped assignments get -1. int64 ``[T, K]``."""
     copy = assign_copies(ids, logcnt, offsets)
@@ -73,20 +125,19 @@ def copy_loads(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | 
     return torch.bincount(phys[phys >= 0], minlength=int(logcnt.sum()))
 
 
-def split_load(load: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+def split_load(load: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None,
+               split: CopySplit | None = None) -> torch.Tensor:
     """``[..., P]`` per-copy loads that the rule gives when ``load[..., e]`` assignments reach expert ``e`` in
-    one call (any leading dimensions: one row per call).
+    one call (any leading dimensions: one row per call); ``split``: :func:`copy_split` of ``logcnt``, when the
+    caller keeps it.
 
     Copy c of e receives the ranks n with (o_e + n) mod C_e == c: ``L // C`` plus one for the first
     ``L mod C`` copies counted from the offset. Exact for a call whose per-expert loads are ``load``, so
     batch LIS and the planner's predictions need no per-assignment work.
     """
     load = load.to(torch.int64)
-    logcnt = logcnt.to(torch.int64)
-    owner = phy2log(logcnt)
-    copy = torch.arange(owner.numel(), device=load.device) - phys_base(logcnt)[owner]
-    offs = torch.zeros(logcnt.numel(), dtype=torch.int64, device=load.device) if offsets is None else offsets.to(torch.int64)
-    c = logcnt[owner]
-    shifted = (copy - offs[owner]) % c  # position of this copy in the rotation starting at the offset
+    owner, copy, c = split if split is not None else copy_split(logcnt)
+    if offsets is not None:
+        copy = (copy - offsets.to(torch.int64)[owner]) % c  # position of this copy in the rotation from the offset
     per_owner = load[..., owner]
-    return per_owner // c + (shifted < per_owner % c).to(torch.int64)
+    return per_owner // c + (copy < per_owner % c).to(torch.int64)

@@ -9,13 +9,13 @@ to versions; since copies of one version compute the same function, their rows a
 ``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
 
 Memory: one float copy per version, i.e. the original experts' size plus one expert for every original-precision
-expert that has INT4 replicas, kept until the layer's weights change (a weak reference to them). The reference
-stays the definition the tests compare this backend with (within the §9 tolerances).
+expert that has INT4 replicas, kept on the layer's :class:`~rq.core.op.RQLayerWeights` (which ``RQExperts``
+keeps while its buffers are unchanged). The reference stays the definition the tests compare this backend
+with (within the §9 tolerances).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -32,9 +32,8 @@ class Versions(NamedTuple):
     w_in_t: torch.Tensor  # [U, H, I_in]: transposed for grouped_mm (input @ weight)
     w_out_t: torch.Tensor  # [U, I, H]
     version: torch.Tensor  # [P + 1] int64: version of each physical copy; entry P (dropped ids) = U
-
-
-_CACHE: dict[int, tuple[weakref.ref, tuple, Versions]] = {}
+    logcnt: torch.Tensor  # [N] int64 on the device
+    base: torch.Tensor  # [N] int64: first physical id of each expert
 
 
 def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
@@ -63,21 +62,20 @@ def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.devi
     w_in_t = torch.stack([w.T for w, _ in weights]).contiguous().to(device)  # [U, H, I_in]
     w_out_t = torch.stack([w.T for _, w in weights]).contiguous().to(device)  # [U, I, H]
     version.append(len(owner_of_version))
-    return Versions(w_in_t, w_out_t, torch.tensor(version, dtype=torch.int64, device=device))
+    logcnt = torch.tensor(layer.logcnt, dtype=torch.int64, device=device)
+    return Versions(w_in_t, w_out_t, torch.tensor(version, dtype=torch.int64, device=device), logcnt,
+                    replica.phys_base(logcnt))
 
 
 def versions_of(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
-    """:func:`build_versions`, cached while the layer's weight tensors live and are not modified in place."""
-    anchor = layer.w_in_q if layer.num_int4 else layer.w_in
-    key = (dtype, device, layer.logcnt, layer.precision, layer.activation,
-           tuple(t.data_ptr() for t in layer.tensors()), tuple(t._version for t in layer.tensors()))
-    entry = _CACHE.get(id(anchor))
-    if entry is not None and entry[0]() is anchor and entry[1] == key:
-        return entry[2]
-    versions = build_versions(layer, dtype, device)
-    ident = id(anchor)
-    _CACHE[ident] = (weakref.ref(anchor, lambda _, ident=ident: _CACHE.pop(ident, None)), key, versions)
-    return versions
+    """:func:`build_versions`, kept on the layer bundle (which lives as long as its weight tensors) for each
+    dtype and device, and rebuilt when a weight tensor was modified in place."""
+    stamp = tuple(t._version for t in layer.tensors())
+    cache = layer.__dict__.setdefault("_fast_versions", {})
+    entry = cache.get((dtype, device))
+    if entry is None or entry[0] != stamp:
+        entry = cache[(dtype, device)] = (stamp, build_versions(layer, dtype, device))
+    return entry[1]
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -99,14 +97,13 @@ def rq_moe_fast(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     """Same signature and semantics as :func:`rq.core.op.rq_moe_reference`; computes in ``hidden``'s dtype."""
     check_call(hidden, topk_ids, topk_weights, layer, offsets)
     num_tokens, top_k = topk_ids.shape
-    counts = replica.expert_counts(topk_ids, layer.num_experts)
     y = torch.zeros_like(hidden)
     if num_tokens == 0 or layer.num_copies == 0:
-        return y, counts
+        return y, replica.expert_counts(topk_ids, layer.num_experts)
     v = versions_of(layer, hidden.dtype, hidden.device)
-    logcnt = torch.tensor(layer.logcnt, dtype=torch.int64, device=hidden.device)
-    phys = replica.physical_ids(topk_ids, logcnt, offsets).reshape(-1)  # [A], -1 = dropped
-    version = v.version[torch.where(phys >= 0, phys, layer.num_copies)]  # [A], U = dropped
+    phys, counts = replica.route(topk_ids, v.logcnt, offsets, v.base)
+    phys = phys.reshape(-1)  # [A], -1 = dropped
+    version = v.version[phys]  # [A]; phys = -1 reads the last entry: U = dropped
     order = torch.argsort(version, stable=True)
     num_versions = v.w_in_t.shape[0]
     ends = torch.cumsum(torch.bincount(version, minlength=num_versions + 1)[:num_versions], 0)

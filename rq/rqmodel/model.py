@@ -17,7 +17,7 @@ from torch import nn
 from rq.core import int4
 from rq.models.adapters import Adapter, MoELayer, replace_module
 from rq.core.op import WEIGHT_INPUTS, RQLayerWeights
-from rq.core.replica import physical_ids
+from rq.core.replica import copy_split, split_load
 from rq.rqmodel import backends
 from rq.plan.schema import LayerPlan, Plan
 from rq.plan.validate import check_plan_matches
@@ -73,9 +73,16 @@ class RQExperts(nn.Module):
 
     @property
     def layer(self) -> RQLayerWeights:
-        """The op's view of this layer (current buffers; shapes were validated at construction)."""
-        return RQLayerWeights(self.top_k, self.activation, self.group_size, self.copies, self.copy_precision,
-                              *(getattr(self, name) for name in WEIGHT_INPUTS))
+        """The op's view of this layer: built (and validated) again only when a weight buffer was replaced,
+        e.g. by ``model.to(dtype)``, so a call pays no per-call checks of the weights."""
+        tensors = tuple(getattr(self, name) for name in WEIGHT_INPUTS)
+        cached = self.__dict__.get("_layer")
+        if cached is None or any(a is not b for a, b in zip(cached.tensors(), tensors)):
+            cached = RQLayerWeights(self.top_k, self.activation, self.group_size, self.copies, self.copy_precision,
+                                    *tensors)
+            cached.sizes  # noqa: B018 -- validates once
+            self.__dict__["_layer"] = cached
+        return cached
 
     def weight_nbytes(self) -> int:
         """Bytes of all stored expert weights (what the plan's budget bounds)."""
@@ -92,11 +99,15 @@ class RQExperts(nn.Module):
         offsets = self.offsets if self.mode == "streaming" else None
         run = backends.resolve(self.backend, hidden.device)
         y, counts = run(hidden, ids, weights.to(hidden.dtype), self.layer, offsets)
-        self._record(counts, physical_ids(ids, self.logcnt, offsets))
+        self._record(counts, offsets)
         return y
 
-    def _record(self, counts: torch.Tensor, phys: torch.Tensor) -> None:
-        copy_loads = torch.bincount(phys[phys >= 0].reshape(-1), minlength=self.num_copies).cpu()
+    def _record(self, counts: torch.Tensor, offsets: torch.Tensor | None) -> None:
+        # the replica rule gives each copy's load from the experts' loads and the offsets (docs/spec.md §4)
+        split = self.__dict__.get("_split")
+        if split is None:
+            split = self.__dict__["_split"] = copy_split(self.logcnt.cpu())
+        copy_loads = split_load(counts.cpu(), self.logcnt, None if offsets is None else offsets.cpu(), split)
         self.last_counts = counts.cpu()
         self.total_copy_loads += copy_loads
         if self.record:

@@ -247,3 +247,34 @@ def test_int4_replicas_match_dequantized_model(ckpt, stats):
         is_replica[primaries] = False
         replica_load += int(rq.total_copy_loads[is_replica].sum())
     assert replica_load > 0
+
+
+def test_llama_moe_v1_expert_width_gets_int4_and_replicas(tmp_path):
+    """LLaMA-MoE v1's experts are 688 wide (hidden 4096 / 16 experts x 11008): no group size divides them.
+    At the same shape ratio (hidden 64, experts 43 wide) INT4 takes a partial last block and an odd row, so
+    the planner quantizes and replicates, and the R&Q model equals the model with those experts' weights
+    dequantized."""
+    inter = 43
+    with adapter_for("llama_moe").load_context():
+        ckpt = checkpoints.save_remote_checkpoint("llama_moe", tmp_path / "v1", intermediate_size=inter * checkpoints.EXPERTS)
+    model, adapter = _load(ckpt)
+    assert {layer.intermediate_size for layer in adapter.moe_layers(model)} == {inter}
+    stats = calibrate(model, adapter, TokenData(_tokens(16, 32, seed=1), "random tokens"), batch_size=8,
+                      group_size=GROUP, show_progress=False)
+    plan = make_plan(stats, PlanOptions(budget_factor=1.0))
+    assert any(e.replicas for l in plan.layers for e in l.experts) and not any(l.warnings for l in plan.layers)
+    plan = plan_from_decisions(plan, stats, [
+        (torch.tensor([e.replicas > 0 or e.precision == "int4" for e in l.experts]), torch.tensor(l.logcnt))
+        for l in plan.layers])
+    rq_model, _ = _load(ckpt)
+    rq_experts = apply_plan(rq_model, adapter, plan)
+    assert rq_experts[0].w_out_q.shape[-1] == (inter + 1) // 2 and rq_experts[0].w_out_scales.shape[-1] == 1
+    reference, _ = _load(ckpt)
+    for layer, layer_plan in zip(adapter.moe_layers(reference), plan.layers):
+        for e in layer_plan.experts:
+            if e.precision == "int4":
+                adapter.set_expert_weights(layer, e.expert, *(int4.dequantize(int4.quantize(w.detach(), GROUP))
+                                                              for w in adapter.get_expert_weights(layer, e.expert)))
+    tokens = _tokens(3, 16, seed=4)
+    torch.testing.assert_close(_logits(rq_model, adapter, tokens), _logits(reference, adapter, tokens),
+                               atol=1e-4, rtol=1e-4)

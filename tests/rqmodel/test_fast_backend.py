@@ -9,7 +9,6 @@ import torch
 
 from rq.core import int4
 from rq.core.op import RQLayerWeights, rq_moe_reference
-from rq.rqmodel import fast
 from rq.rqmodel.fast import build_versions, rq_moe_fast
 
 
@@ -90,23 +89,32 @@ def test_replicas_share_one_version_only_when_their_bytes_agree():
                                atol=1e-5, rtol=1e-4)
 
 
-def test_cache_follows_in_place_edits_and_dies_with_the_weights():
+def test_cached_versions_follow_in_place_edits():
     logcnt, precision = LAYOUTS[1]
     layer = _layer(logcnt, precision)
     ids, w = _routing(9, len(logcnt))
     x = torch.randn(9, 64)
     before = rq_moe_fast(x, ids, w, layer)[0]
+    assert rq_moe_fast(x, ids, w, layer)[0].equal(before)  # the cached versions are reused
     layer.w_in_scales.mul_(2)  # e.g. a tampered file: the cached version must not be reused
     after = rq_moe_fast(x, ids, w, layer)[0]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, rq_moe_reference(x, ids, w, layer)[0], atol=1e-5, rtol=1e-4)
-    anchor = id(layer.w_in_q)
-    assert anchor in fast._CACHE
-    del layer
-    import gc
 
-    gc.collect()
-    assert anchor not in fast._CACHE
+
+@pytest.mark.parametrize("seed", range(8))
+def test_route_is_the_replica_rule(seed):
+    """``replica.route`` (one sort) gives the integers of ``physical_ids`` and ``expert_counts`` exactly."""
+    from rq.core import replica
+
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 10, (1,), generator=gen))
+    logcnt = torch.randint(1, 5, (n,), generator=gen)
+    offsets = torch.randint(0, 2**40, (n,), generator=gen)
+    ids = torch.randint(-1, n + 1, (int(torch.randint(0, 40, (1,), generator=gen)), 3), generator=gen)
+    phys, counts = replica.route(ids, logcnt, offsets if seed % 2 else None)
+    assert torch.equal(phys, replica.physical_ids(ids, logcnt, offsets if seed % 2 else None))
+    assert torch.equal(counts, replica.expert_counts(ids, n))
 
 
 def test_float16_within_the_float16_tolerance():

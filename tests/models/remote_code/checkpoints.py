@@ -51,8 +51,9 @@ ARCHS = {
 SOURCES = {"llama_moe": HERE / "llama_moe", "deepseek": HERE / "deepseek_moe"}
 
 
-def save_remote_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight remote-code checkpoint of ``arch`` ("llama_moe" or "deepseek")."""
+def save_remote_checkpoint(arch: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a tiny random-weight remote-code checkpoint of ``arch`` ("llama_moe" or "deepseek");
+    ``config_overrides`` replace entries of its config.json (e.g. another expert width)."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,7 +64,7 @@ def save_remote_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     for name in spec["files"]:
         shutil.copy(SOURCES[arch] / name, out / name)
-    (out / "config.json").write_text(json.dumps(spec["config"], indent=2))
+    (out / "config.json").write_text(json.dumps({**spec["config"], **config_overrides}, indent=2))
     config = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
