@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from rq.plan.planner import expert_int4_bytes
-from rq.plan.schema import BudgetInfo, Plan
+from rq.plan.planner import plan_from_decisions
+from rq.plan.schema import Plan
 from rq.calibrate.stats import CalibrationStats, LayerStats
 
 
@@ -118,32 +118,12 @@ def plan_counts(plan: Plan) -> list[tuple[int, int]]:
             for layer in plan.layers]
 
 
-def plan_with_decisions(template: Plan, stats: CalibrationStats, decisions: list[tuple[torch.Tensor, torch.Tensor]],
-                        label: str) -> Plan:
-    """A valid plan with the per-layer ``(quantized, logcnt)`` of ``decisions`` and ``template``'s metadata.
-    Bytes are recomputed from ``stats`` (the same accounting as the template); predicted LIS is dropped
-    (``None``) since the decision did not come from the planner."""
-    layers = []
-    for layer, s, (quantized, logcnt) in zip(template.layers, stats.layers, decisions):
-        q_bytes = expert_int4_bytes(s, template.quantization.group_size)
-        planned = sum(q_bytes if bool(quantized[e]) else s.original_bytes[e] for e in range(s.num_experts)) + \
-            int((logcnt - 1).sum()) * q_bytes
-        experts = [e.model_copy(update={"precision": "int4" if bool(quantized[e.expert]) else "original",
-                                        "replicas": int(logcnt[e.expert]) - 1}) for e in layer.experts]
-        layers.append(layer.model_copy(update={"experts": experts, "planned_bytes": planned,
-                                               "lis_before": None, "lis_after": None}))
-    planned = sum(layer.planned_bytes for layer in layers)
-    factor = max(template.budget.budget_factor, planned / template.budget.reference_bytes)
-    budget = BudgetInfo(reference_bytes=template.budget.reference_bytes, planned_bytes=planned, budget_factor=factor)
-    return template.model_copy(update={"layers": layers, "budget": budget, "importance_metric": label})
-
-
 def random_plan(template: Plan, stats: CalibrationStats, seed: int, max_replicas: int) -> Plan:
     """Random baseline: per layer the template's counts of INT4 primaries and replicas, at random experts."""
     generator = torch.Generator().manual_seed(seed)
     decisions = [random_layer_decision(s.num_experts, q, r, max_replicas, generator)
                  for s, (q, r) in zip(stats.layers, plan_counts(template))]
-    return plan_with_decisions(template, stats, decisions, f"random(seed={seed})")
+    return plan_from_decisions(template, stats, decisions, f"random(seed={seed})")
 
 
 def memory_factor(plan: Plan) -> float:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rq.core import int4, replica
 from rq.core.experts import ACTIVATIONS
-from rq.core.op import CALL_INPUTS, INPUTS, WEIGHT_INPUTS, RQLayerWeights
+from rq.core.op import INPUTS, WEIGHT_INPUTS, RQLayerWeights
 from rq.export.function import DOMAIN, MAP_NAME, OP_NAME, node_attributes, rq_functions
 from rq.rqmodel.model import RQExperts
 
