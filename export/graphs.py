@@ -60,7 +60,7 @@ class ExportExperts(nn.Module):
         if torch.onnx.is_in_onnx_export():
             y, counts = torch.onnx.ops.symbolic_multi_out(
                 f"{DOMAIN}::{OP_NAME}",
-                [hidden, ids, weights, offsets, *rq.layer.tensors()],
+                [hidden, ids, weights, offsets, *rq.weight_tensors()],  # the buffers: initializers
                 attrs=self.attrs, dtypes=(hidden.dtype, torch.int64), shapes=(hidden.shape, [n]), version=VERSION)
             self.io.counts = counts
             return y

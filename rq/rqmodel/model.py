@@ -71,11 +71,15 @@ class RQExperts(nn.Module):
         """``[P]`` 0 original / 1 INT4 per physical copy."""
         return torch.tensor(self.copy_precision, dtype=torch.int64)
 
+    def weight_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The six weight buffers in op order (docs/spec.md §8), as they are now."""
+        return tuple(getattr(self, name) for name in WEIGHT_INPUTS)
+
     @property
     def layer(self) -> RQLayerWeights:
         """The op's view of this layer: built (and validated) again only when a weight buffer was replaced,
         e.g. by ``model.to(dtype)``, so a call pays no per-call checks of the weights."""
-        tensors = tuple(getattr(self, name) for name in WEIGHT_INPUTS)
+        tensors = self.weight_tensors()
         cached = self.__dict__.get("_layer")
         if cached is None or any(a is not b for a, b in zip(cached.tensors(), tensors)):
             cached = RQLayerWeights(self.top_k, self.activation, self.group_size, self.copies, self.copy_precision,
@@ -86,7 +90,7 @@ class RQExperts(nn.Module):
 
     def weight_nbytes(self) -> int:
         """Bytes of all stored expert weights (what the plan's budget bounds)."""
-        return sum(t.numel() * t.element_size() for t in self.layer.tensors())
+        return sum(t.numel() * t.element_size() for t in self.weight_tensors())
 
     def reset_telemetry(self) -> None:
         self.offsets.zero_()
