@@ -1,0 +1,43 @@
+/*
+ * Internals shared by the launcher's two translation units (rqMoeHost.cpp, rqMoeKernel.cpp); not installed.
+ */
+#pragma once
+
+#include "rqMoeKernelTable.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace rq
+{
+
+constexpr size_t kAlign = 256; // workspace and table buffers: more than the 16 bytes the cubins assume
+
+inline size_t alignUp(size_t v) noexcept
+{
+    return (v + kAlign - 1) / kAlign * kAlign;
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) noexcept
+{
+    return (a + b - 1) / b;
+}
+
+template <typename... Args>
+std::string concat(Args const&... args)
+{
+    std::ostringstream s;
+    (s << ... << args);
+    return s.str();
+}
+
+//! The cubin of `variant` that runs on compute capability `arch` (see cubinArchFor), or null.
+EmbeddedKernel const* findKernel(char const* variant, int32_t arch) noexcept;
+
+//! Every variant the launcher may launch, as rq.kernels.aot names them.
+std::vector<std::string> variantNames();
+
+} // namespace rq
