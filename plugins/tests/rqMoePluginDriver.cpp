@@ -377,8 +377,10 @@ bool buildPhase(IPluginV3* plugin, Case const& c, Built& b)
     }
     check(build->configurePlugin(in.data(), 10, out.data(), 2) == 0, "configurePlugin accepts the case (T dynamic)");
     std::vector<DynamicPluginTensorDesc> bad = in;
-    bad[5].desc.dims.d[1] = hidden + 16; // w_out rows: another H
-    check(build->configurePlugin(bad.data(), 10, out.data(), 2) != 0, "configurePlugin refuses w_out of another H");
+    int32_t const down = c.inputs[5].dims.d[0] > 0 ? 5 : 8; // w_out, or w_out_q when no copy is original
+    bad[down].desc.dims.d[1] = hidden + 16;                  // rows: another H
+    check(build->configurePlugin(bad.data(), 10, out.data(), 2) != 0,
+        std::string("configurePlugin refuses ") + (down == 5 ? "w_out" : "w_out_q") + " of another H");
     bad = in;
     bad[9].desc.dims.d[2] += 1; // w_out_scales: one scale block too many
     check(build->configurePlugin(bad.data(), 10, out.data(), 2) != 0, "configurePlugin refuses w_out_scales of another I");
