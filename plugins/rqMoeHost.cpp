@@ -311,24 +311,19 @@ WorkspaceLayout workspaceLayout(MoeDims const& d) noexcept
     int64_t const numBlocks = cdiv(std::max<int64_t>(numAssign, 1), kDispatchBlockA);
     size_t const actBytes = d.floatType == FloatType::kFLOAT16 ? 2 : 4;
     WorkspaceLayout w;
-    size_t at = 0;
-    auto take = [&at](size_t bytes) {
-        size_t const start = at;
-        at += alignUp(std::max<size_t>(bytes, 1));
-        return start;
-    };
-    w.eid = take(numAssign * 4);
-    w.lrank = take(numAssign * 4);
-    w.hist = take(numBlocks * d.numExperts * 4);
-    w.copyStart = take((d.numPhys + 1) * 4);
-    w.tileStart[0] = take((d.numPhys + 1) * 4);
-    w.tileStart[1] = take((d.numPhys + 1) * 4);
-    w.sortedAssign = take(numAssign * 4);
-    w.assignPos = take(numAssign * 4);
-    w.phys = take(numAssign * 4);
-    w.hiddenAct = take(numAssign * static_cast<size_t>(d.interSize) * actBytes);
-    w.expertOut = take(numAssign * static_cast<size_t>(d.hiddenSize) * actBytes);
-    w.total = at;
+    BufferPlan plan;
+    w.eid = plan.take(numAssign * 4);
+    w.lrank = plan.take(numAssign * 4);
+    w.hist = plan.take(numBlocks * d.numExperts * 4);
+    w.copyStart = plan.take((d.numPhys + 1) * 4);
+    w.tileStart[0] = plan.take((d.numPhys + 1) * 4);
+    w.tileStart[1] = plan.take((d.numPhys + 1) * 4);
+    w.sortedAssign = plan.take(numAssign * 4);
+    w.assignPos = plan.take(numAssign * 4);
+    w.phys = plan.take(numAssign * 4);
+    w.hiddenAct = plan.take(numAssign * static_cast<size_t>(d.interSize) * actBytes);
+    w.expertOut = plan.take(numAssign * static_cast<size_t>(d.hiddenSize) * actBytes);
+    w.total = plan.total();
     return w;
 }
 

@@ -21,6 +21,25 @@ inline size_t alignUp(size_t v) noexcept
     return (v + kAlign - 1) / kAlign * kAlign;
 }
 
+//! Byte offsets of consecutive buffers in one allocation, each aligned to kAlign (a plan: allocates nothing).
+class BufferPlan
+{
+public:
+    size_t take(size_t bytes) noexcept
+    {
+        size_t const start = mEnd;
+        mEnd += alignUp(bytes > 0 ? bytes : 1);
+        return start;
+    }
+    size_t total() const noexcept
+    {
+        return mEnd;
+    }
+
+private:
+    size_t mEnd{0};
+};
+
 inline int64_t cdiv(int64_t a, int64_t b) noexcept
 {
     return (a + b - 1) / b;

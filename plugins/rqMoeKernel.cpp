@@ -11,12 +11,9 @@
 #include <cuda.h>
 #include <dlfcn.h>
 
-#include <algorithm>
 #include <array>
 #include <cstring>
 #include <mutex>
-#include <numeric>
-#include <sstream>
 
 namespace rq
 {
@@ -274,18 +271,14 @@ Status MoeLauncher::initialize(std::string& message) noexcept
         size_t const n = mTables.logcnt.size();
         size_t const p = mTables.phy2log.size();
         auto& im = *mImpl;
-        size_t at = 0;
-        auto take = [&at](size_t bytes) {
-            size_t const start = at;
-            at += alignUp(std::max<size_t>(bytes, 1));
-            return start;
-        };
-        im.logcntAt = take(n * 4);
-        im.baseAt = take(n * 4);
-        im.phy2logAt = take(p * 4);
-        im.precisionAt = take(p * 4);
-        im.slotAt = take(p * 4);
-        im.zerosAt = take(n * 8);
+        BufferPlan plan;
+        im.logcntAt = plan.take(n * 4);
+        im.baseAt = plan.take(n * 4);
+        im.phy2logAt = plan.take(p * 4);
+        im.precisionAt = plan.take(p * 4);
+        im.slotAt = plan.take(p * 4);
+        im.zerosAt = plan.take(n * 8);
+        size_t const at = plan.total();
         std::vector<unsigned char> host(at, 0);
         std::memcpy(host.data() + im.logcntAt, mTables.logcnt.data(), n * 4);
         std::memcpy(host.data() + im.baseAt, mTables.base.data(), n * 4);

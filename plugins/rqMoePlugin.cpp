@@ -6,10 +6,8 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 
 using namespace nvinfer1;
