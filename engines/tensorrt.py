@@ -341,27 +341,63 @@ class EngineLayer:
 _ONNX_NODES = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
 
+_LOG_FORMATS = (
+    # TensorRT-RTX: "Layers:", then "Name: X, LayerType: T, ..., Metadata: [ONNX Layer: node]" per layer
+    ("Layers:", re.compile(r"Name: (?P<name>.*?), LayerType: (?P<kind>[^,]+),")),
+    # TensorRT 10: "Engine Layer Information:", then "Layer(T): X, Tactic: ..." per layer (layers are named by node)
+    ("Engine Layer Information", re.compile(r"\s*Layer\((?P<kind>[^)]+)\): (?P<name>[^,]+),")),
+)
+
+
 def engine_layers(messages: Sequence[str]) -> list[EngineLayer] | None:
-    """The engine's layers from the builder's VERBOSE log with detailed profiling verbosity: TensorRT-RTX prints
-    ``Layers:`` and one ``Name: ..., LayerType: ..., Metadata: [ONNX Layer: ...]`` line per layer, TensorRT 10
-    ``Engine Layer Information:`` and ``Layer(Type): name, ...`` lines. None when neither is there."""
-    for msg in messages:
-        head, _, body = msg.partition("\n")
-        if head.strip() == "Layers:":
-            layers = []
-            for line in body.splitlines():
-                m = re.match(r"Name: (.*?), LayerType: ([^,]+),", line)
-                if m:
-                    layers.append(EngineLayer(m.group(1), m.group(2), tuple(_ONNX_NODES.findall(line))))
-            return layers
-        if head.strip().startswith("Engine Layer Information"):
-            layers = []
-            for line in body.splitlines():
-                m = re.match(r"\s*Layer\(([^)]+)\): ([^,]+),", line)
-                if m:
-                    layers.append(EngineLayer(m.group(2), m.group(1), (m.group(2),)))
+    """The engine's layers from the builder's VERBOSE log with detailed profiling verbosity (one message or one
+    per layer, in either format of :data:`_LOG_FORMATS`); None when the log has no layer information."""
+    lines = [line for msg in messages for line in msg.splitlines()]
+    for header, pattern in _LOG_FORMATS:
+        starts = [i for i, line in enumerate(lines) if line.strip().startswith(header)]
+        if not starts:
+            continue
+        layers = []
+        for line in lines[starts[-1] + 1:]:
+            m = pattern.match(line)
+            if m is None:
+                if layers:
+                    break
+                continue
+            nodes = tuple(_ONNX_NODES.findall(line)) or (m.group("name"),)
+            layers.append(EngineLayer(m.group("name"), m.group("kind").strip(), nodes))
+        if layers:
             return layers
     return None
+
+
+def inspector_layers(info_json: str) -> list[EngineLayer] | None:
+    """The layers of ``IEngineInspector.get_engine_information(JSON)`` (detailed verbosity: dicts with ``Name``,
+    ``LayerType``, ``Metadata``); None when it names none."""
+    layers = []
+    for layer in json.loads(info_json).get("Layers", []):
+        if isinstance(layer, dict) and layer.get("Name"):
+            nodes = tuple(_ONNX_NODES.findall(str(layer.get("Metadata", "")))) or (layer["Name"],)
+            layers.append(EngineLayer(layer["Name"], str(layer.get("LayerType", "")), nodes))
+    return layers or None
+
+
+def _inspect(rt: TensorRT, plan: bytes) -> list[EngineLayer] | None:
+    """Layers by the engine inspector, where this machine can load the plan (a GPU); else None."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    log = _Log(rt.trt)
+    runtime = rt.trt.Runtime(log.logger)
+    runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        return None
+    return inspector_layers(engine.create_engine_inspector().get_engine_information(rt.trt.LayerInformationFormat.JSON))
 
 
 # --- build ----------------------------------------------------------------------------------------------
@@ -377,7 +413,7 @@ class EngineBuild:
     seconds: float
     size: int
     rq_nodes: list[str]  # the ONNX file's rq::RQMoE nodes
-    layers: list[EngineLayer] | None  # None: this TensorRT's log has no layer information
+    layers: list[EngineLayer] | None  # None: neither the build log nor an inspector (GPU) gave them
     plugin_embedded: bool
 
     def plugin_layers(self) -> list[EngineLayer]:
@@ -387,7 +423,8 @@ class EngineBuild:
 
     def summary(self) -> str:
         where = ", ".join(f"sm{t}" for t in self.targets) or "this GPU"
-        layers = ("layer information not in this TensorRT's build log" if self.layers is None else
+        layers = ("no layer information (not in this TensorRT's build log, and no GPU to inspect the engine)"
+                  if self.layers is None else
                   f"{len(self.layers)} layers, {len(self.plugin_layers())} RQMoE plugin layers for "
                   f"{len(self.rq_nodes)} MoE layers")
         return (f"engine {self.path} ({self.size / 2**20:.1f} MiB) built by {self.runtime} for {where} in "
@@ -485,8 +522,8 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None,
     if not embedded:
         raise RQError(f"{rt} built {onnx_path} without the plugin library inside the plan; "
                       f"report it with the --verbose log (docs/tensorrt.md)")
-    result = EngineBuild(out_path, str(rt), chosen, time.perf_counter() - start, len(plan), nodes,
-                         engine_layers([m for _, m in log.messages]), embedded)
+    layers = engine_layers([m for _, m in log.messages]) or _inspect(rt, plan)
+    result = EngineBuild(out_path, str(rt), chosen, time.perf_counter() - start, len(plan), nodes, layers, embedded)
     if result.layers is not None and sorted(n for l in result.plugin_layers() for n in l.onnx_nodes
                                             if n in set(nodes)) != sorted(nodes):
         raise RQError(f"the engine's plugin layers {[l.name for l in result.plugin_layers()]} do not match the "
@@ -559,6 +596,7 @@ def check_engines(build_dir: str | Path, plugin_lib: str | Path | None = None,
 
 __all__ = [
     "EngineBuild", "EngineLayer", "INSTALL_HINT", "MIN_TENSORRT", "MIN_TENSORRT_RTX", "PluginLibrary", "ProfileLimits",
-    "TensorRT", "build_engine", "check_engines", "default_engine_path", "engine_layers", "input_dims", "load_tensorrt",
+    "TensorRT", "build_engine", "check_engines", "default_engine_path", "engine_layers", "input_dims",
+    "inspector_layers", "load_tensorrt",
     "parse_targets", "plugin_library", "profile_shapes", "rtx_targets",
 ]

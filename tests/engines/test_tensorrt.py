@@ -16,9 +16,14 @@ Name: __myl_CastGath_myl1_1, LayerType: kgen, Inputs: [ { Name: input_ids, Dimen
 Name: rq_moe_0_myl1_21, LayerType: custom_layer, Inputs: [ { Name: x, Dimensions: [-1,128] }], Outputs: [], TacticName: , StreamId: 0, Metadata: [ONNX Layer: rq_moe_0]
 Name: rq_moe_1_myl1_40, LayerType: custom_layer, Inputs: [], Outputs: [], TacticName: , StreamId: 0, Metadata: [ONNX Layer: rq_moe_1]"""
 
-TRT_10_LAYERS = """Engine Layer Information:
-Layer(Gather): node_embedding, Tactic: 0x0000000000000000, input_ids (Int64[-1,-1]) -> x (Float[-1,-1,128])
-Layer(PluginV3): rq_moe_0, Tactic: 0x0000000000000000, x (Float[-1,128]) -> y (Float[-1,128])"""
+TRT_10_LAYERS = ["Engine Layer Information:",  # one message per layer
+                 "Layer(Gather): node_embedding, Tactic: 0x0000000000000000, input_ids (Int64[-1,-1]) -> x",
+                 "Layer(PluginV3): rq_moe_0, Tactic: 0x0000000000000000, x (Float[-1,128]) -> y (Float[-1,128])",
+                 "[MemUsageStats] Peak memory usage of TRT CPU/GPU memory allocators: CPU 0 MiB, GPU 8 MiB"]
+INSPECTOR_JSON = (
+    '{"Layers": [{"Name": "node_embedding", "LayerType": "Gather", "Metadata": "[ONNX Layer: node_embedding]"},'
+    ' {"Name": "rq_moe_0", "LayerType": "PluginV3", "Inputs": [], "Metadata": "[ONNX Layer: rq_moe_0]"}],'
+    ' "Bindings": ["input_ids"]}')
 
 
 def test_engine_layers_from_either_log_format():
@@ -27,10 +32,12 @@ def test_engine_layers_from_either_log_format():
         ("__myl_CastGath_myl1_1", "kgen", ("node_embedding",), False),
         ("rq_moe_0_myl1_21", "custom_layer", ("rq_moe_0",), True),
         ("rq_moe_1_myl1_40", "custom_layer", ("rq_moe_1",), True)]
-    layers = trt_engine.engine_layers([TRT_10_LAYERS])
-    assert [(l.kind, l.onnx_nodes, l.is_plugin) for l in layers] == [("Gather", ("node_embedding",), False),
-                                                                     ("PluginV3", ("rq_moe_0",), True)]
-    assert trt_engine.engine_layers(["no layer information here"]) is None
+    want = [("Gather", ("node_embedding",), False), ("PluginV3", ("rq_moe_0",), True)]
+    for layers in (trt_engine.engine_layers(TRT_10_LAYERS), trt_engine.engine_layers(["\n".join(TRT_10_LAYERS)]),
+                   trt_engine.inspector_layers(INSPECTOR_JSON)):
+        assert [(l.kind, l.onnx_nodes, l.is_plugin) for l in layers] == want
+    assert trt_engine.engine_layers(["no layer information here", "Layers:", "nothing"]) is None
+    assert trt_engine.inspector_layers('{"Layers": ["node_embedding"]}') is None  # not detailed verbosity
     build = trt_engine.EngineBuild(None, "TensorRT-RTX 1.7", [86], 1.0, 1 << 20, ["rq_moe_0", "rq_moe_1"],
                                    trt_engine.engine_layers([TRT_RTX_LAYERS]), True)
     assert [l.name for l in build.plugin_layers()] == ["rq_moe_0_myl1_21", "rq_moe_1_myl1_40"]

@@ -53,9 +53,10 @@ def test_demo_engine(demo_export, rq_plugin, tensorrt, tmp_path):
     assert library[len(library) // 3: len(library) // 3 + 65536] in out.read_bytes(), "the plan carries the plugin"
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_tiny_engines(arch, exported, rq_plugin, tensorrt, tmp_path):
-    result = exported(arch)
+@pytest.mark.parametrize("arch,dtype", [(a, "float32") for a in TINY_ARCHS] + [("mixtral", "float16")])
+def test_tiny_engines(arch, dtype, exported, rq_plugin, tensorrt, tmp_path):
+    """Strongly typed: the float16 export gives an FP16 engine, with the plugin's FP16 kernels."""
+    result = exported(arch, dtype)
     for graph in result.manifest["graphs"].values():
         onnx_path = result.out_dir / graph["file"]
         build = trt_engine.build_engine(onnx_path, tmp_path / f"{graph['file']}.plan", rq_plugin.library,
