@@ -15,6 +15,7 @@ inside a CUDA graph) and writes ``y`` and ``expert_counts``; they are compared w
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if importlib.util.find_spec("rq") is None:  # not installed, nor on PYTHONPATH (benchmarks/gpu/run.sh puts it there)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rq.core import int4  # noqa: E402
 from rq.core.experts import is_glu  # noqa: E402

@@ -5,6 +5,11 @@
 #
 #   benchmarks/gpu/run.sh OUT              # from the repository root
 #   benchmarks/gpu/run.sh --dry-run OUT    # check arguments and tools, print the commands; no GPU needed (CI)
+#   benchmarks/gpu/run.sh --pydeps DIR OUT # DIR: wheels (or a folder of packages) the machine's Python lacks, e.g.
+#                                          # `pip download --no-deps -d DIR polygraphy` where a registry is reachable
+#
+# rq need not be installed there: its packages are put on PYTHONPATH (rq.export and rq.engines live in export/
+# and engines/). The Python is $PYTHON, else .venv/bin/python, else python3.
 #
 # Steps; each logs to OUT/<step>.log, a failed step does not stop the later ones, OUT/summary.txt has one
 # "PASSED | FAILED | SKIPPED <step>: <why>" line each, and the exit code is 1 when a step failed:
@@ -12,24 +17,29 @@
 #   plugin  cmake build of plugins/ for this GPU's compute capability (TensorRT headers: $TensorRT_INCLUDE_DIR,
 #           else ../shared/third_party/tensorrt/11.1/include, else shared/third_party/...)
 #   host    the launcher's host test
-#   pytest  the @pytest.mark.gpu tests
+#   pytest  the @pytest.mark.gpu tests (tests/kernels, where they live; other folders need rq's full dependencies)
 #   driver  the plugin's IPluginV3 runtime path on CUDA vs the PyTorch reference (benchmarks/gpu/plugin_driver.py)
 #   bench   INT4 grouped GEMM vs FP16 torch at 1/16/128/512 tokens per expert, % of HBM bandwidth
 #   trt     demo export -> rq build -> rq check --trt, where TensorRT or TensorRT-RTX runs on this GPU
 set -uo pipefail
 
-usage() { echo "usage: $0 [--dry-run] OUT_DIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--dry-run] [--pydeps DIR] OUT_DIR" >&2; exit 2; }
 DRY=0
 OUT=""
-for arg in "$@"; do
-  case "$arg" in
+PYDEPS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) DRY=1 ;;
+    --pydeps) [ $# -ge 2 ] || usage; PYDEPS="$2"; shift ;;
     -h|--help) usage ;;
-    -*) echo "unknown option $arg" >&2; usage ;;
-    *) [ -z "$OUT" ] || usage; OUT="$arg" ;;
+    -*) echo "unknown option $1" >&2; usage ;;
+    *) [ -z "$OUT" ] || usage; OUT="$1" ;;
   esac
+  shift
 done
 [ -n "$OUT" ] || usage
+[ -z "$PYDEPS" ] || [ -d "$PYDEPS" ] || { echo "--pydeps $PYDEPS is not a folder" >&2; exit 2; }
+[ -z "$PYDEPS" ] || PYDEPS="$(cd "$PYDEPS" && pwd)"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -40,6 +50,26 @@ if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3 || command -v python)"; fi
 fi
 RQ=("$PY" -m rq.cli.main)
+
+# Python packages: the --pydeps ones, and rq itself when it is not installed (a folder of links that maps
+# rq.export -> export/ and rq.engines -> engines/, as pyproject.toml's package-dir does).
+PYPATH=""
+if [ -n "$PYDEPS" ]; then
+  if ls "$PYDEPS"/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-deps --no-index --target "$OUT/.pydeps" "$PYDEPS"/*.whl || exit 2
+    PYPATH="$OUT/.pydeps"
+  else
+    PYPATH="$PYDEPS"
+  fi
+fi
+if ! PYTHONPATH="$PYPATH${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import rq.export, rq.engines" 2> /dev/null; then
+  mkdir -p "$OUT/.pyrq/rq"
+  for entry in "$ROOT"/rq/*; do ln -sfn "$entry" "$OUT/.pyrq/rq/"; done
+  ln -sfn "$ROOT/export" "$OUT/.pyrq/rq/export"
+  ln -sfn "$ROOT/engines" "$OUT/.pyrq/rq/engines"
+  PYPATH="$OUT/.pyrq${PYPATH:+:$PYPATH}"
+fi
+[ -z "$PYPATH" ] || export PYTHONPATH="$PYPATH${PYTHONPATH:+:$PYTHONPATH}"
 BUILD="$OUT/plugin-build"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -123,8 +153,10 @@ fi
 if [ "$PLUGIN_OK" = 0 ]; then
   step host 10 "$BUILD/rq_moe_host_test"
 fi
-step pytest 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$OUT/pytest-gpu.xml"
-if [ "$PLUGIN_OK" = 0 ]; then
+step pytest 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --junitxml="$OUT/pytest-gpu.xml"
+if [ "$PLUGIN_OK" = 0 ] && ! "$PY" -c "import polygraphy" 2> /dev/null && [ "$DRY" = 0 ]; then
+  record driver SKIPPED "$PY has no polygraphy (the comparison of rq.export.parity): pass --pydeps DIR with its wheel"
+elif [ "$PLUGIN_OK" = 0 ]; then
   step driver 40 "$PY" benchmarks/gpu/plugin_driver.py --driver "$BUILD/rq_moe_plugin_driver" \
       --plugin "$BUILD/librq_moe_plugin.so" --out "$OUT/driver" --repeat 50
 else
