@@ -367,12 +367,12 @@ std::vector<int32_t> embeddedArchs()
     return std::vector<int32_t>(kEmbeddedArchs, kEmbeddedArchs + kNumEmbeddedArchs);
 }
 
-EmbeddedKernel const* findKernel(char const* variant, int32_t arch) noexcept
+EmbeddedKernel const* pickKernel(EmbeddedKernel const* table, int32_t size, char const* variant, int32_t arch) noexcept
 {
     EmbeddedKernel const* best = nullptr;
-    for (int32_t i = 0; i < kNumEmbeddedKernels; ++i)
+    for (int32_t i = 0; i < size; ++i)
     {
-        EmbeddedKernel const& k = kEmbeddedKernels[i];
+        EmbeddedKernel const& k = table[i];
         if (std::strcmp(k.name, variant) != 0)
         {
             continue;
@@ -385,6 +385,11 @@ EmbeddedKernel const* findKernel(char const* variant, int32_t arch) noexcept
         }
     }
     return best;
+}
+
+EmbeddedKernel const* findKernel(char const* variant, int32_t arch) noexcept
+{
+    return pickKernel(kEmbeddedKernels, kNumEmbeddedKernels, variant, arch);
 }
 
 int32_t cubinArchFor(char const* variant, int32_t arch) noexcept

@@ -53,7 +53,11 @@ std::string concat(Args const&... args)
     return s.str();
 }
 
-//! The cubin of `variant` that runs on compute capability `arch` (see cubinArchFor), or null.
+//! The cubin of `variant` in `table` that runs on compute capability `arch`, or null: the exact architecture,
+//! else the newest portable (not architecture-specific) cubin of the same major version below it.
+EmbeddedKernel const* pickKernel(EmbeddedKernel const* table, int32_t size, char const* variant, int32_t arch) noexcept;
+
+//! pickKernel over the embedded cubins (see cubinArchFor).
 EmbeddedKernel const* findKernel(char const* variant, int32_t arch) noexcept;
 
 //! Every variant the launcher may launch, as rq.kernels.aot names them.

@@ -3,6 +3,7 @@
  * blocks included), copy tables, workspace layout and alignment, tile choice, and which embedded cubin each
  * compute capability gets. Prints "N passed, M failed".
  */
+#include "rqMoeInternal.h"
 #include "rqMoeKernel.h"
 
 #include <cstdio>
@@ -238,6 +239,26 @@ void cubinChoiceChecks()
     check(rq::cubinArchFor("no_such_variant", archs.front()) == -1, "unknown variant");
 }
 
+//! The choice rule itself, on a table of every kind of cubin (whatever this build embeds).
+void cubinRuleChecks()
+{
+    auto entry = [](int32_t arch, bool specific) {
+        return rq::EmbeddedKernel{"v", "e", arch, specific, 4, 0, 1, nullptr, 0};
+    };
+    rq::EmbeddedKernel const table[] = {entry(80, false), entry(86, false), entry(90, true), entry(100, true),
+        entry(120, true)};
+    auto pick = [&](int32_t device) {
+        rq::EmbeddedKernel const* k = rq::pickKernel(table, 5, "v", device);
+        return k != nullptr ? k->arch : -1;
+    };
+    check(pick(80) == 80 && pick(86) == 86 && pick(87) == 86 && pick(89) == 86,
+        "8.x: the newest portable sm_8y cubin not above the device");
+    check(pick(90) == 90 && pick(100) == 100 && pick(120) == 120, "sm_90a/100a/120a code on its own compute capability");
+    check(pick(103) == -1 && pick(121) == -1 && pick(110) == -1,
+        "sm_100a code is not picked for 10.3, nor sm_120a for 12.1: no cubin rather than one that fails to load");
+    check(pick(75) == -1 && rq::pickKernel(table, 5, "w", 80) == nullptr, "older GPUs and unknown variants: none");
+}
+
 } // namespace
 
 int main()
@@ -247,6 +268,7 @@ int main()
     shapeChecks();
     workspaceChecks();
     cubinChoiceChecks();
+    cubinRuleChecks();
     std::printf("%d passed, %d failed\n", gPassed, gFailed);
     return gFailed == 0 ? 0 : 1;
 }
