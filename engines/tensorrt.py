@@ -467,8 +467,9 @@ def _parse(rt: TensorRT, onnx_path: Path, log: _Log) -> tuple[Any, Any, Any, lis
     return builder, network, parser, nodes
 
 
-def _configure(rt: TensorRT, builder: Any, network: Any, onnx_path: Path, plugin: PluginLibrary, targets: list[int],
+def _configure(rt: TensorRT, builder: Any, onnx_path: Path, plugin: PluginLibrary, targets: list[int],
                limits: ProfileLimits, workspace_gib: float | None) -> Any:
+    """Builder config: layer information, targets (TensorRT-RTX), the plugin library inside, one profile."""
     trt = rt.trt
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer information in the build log
@@ -510,8 +511,8 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None,
     start = time.perf_counter()
     log = _Log(rt.trt, echo=verbose)
     _register_plugin(rt, plugin)
-    builder, network, _parser, nodes = _parse(rt, onnx_path, log)
-    config = _configure(rt, builder, network, onnx_path, plugin, chosen, limits, workspace_gib)
+    builder, network, _parser, nodes = _parse(rt, onnx_path, log)  # the parser owns weights the build reads
+    config = _configure(rt, builder, onnx_path, plugin, chosen, limits, workspace_gib)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RQError(f"{rt} could not build an engine from {onnx_path}: "
