@@ -1,12 +1,12 @@
 """Benchmark of the rq::RQMoE Triton kernels (docs/kernels.md). Needs a CUDA GPU; prints that and exits 0 without.
 
 1. INT4 grouped expert GEMMs (gate/up + down, dequantized in registers) vs FP16 ``torch.matmul`` per expert,
-   at 1..256 tokens per expert, on Mixtral-like (H=4096, I=14336, 8 experts, top-2) and DeepSeek-like
-   (H=7168, I=2048, 256 experts, top-8) layers; achieved HBM bandwidth as % of the copy bandwidth measured
-   in the same run.
+   at 1, 16, 128 and 512 tokens per expert (``--tokens-per-expert``), on Mixtral-like (H=4096, I=14336,
+   8 experts, top-2) and DeepSeek-like (H=7168, I=2048, 256 experts, top-8) layers; achieved HBM bandwidth
+   as % of the copy bandwidth measured in the same run.
 2. Whole RQMoE (dispatch + GEMMs + combine, mixed precision with replicas) vs the PyTorch reference MoE.
 
-    python benchmarks/bench_kernels.py [--quick]
+    python benchmarks/bench_kernels.py [--quick] [--json OUT.json]
 
 Every ratio is against a baseline measured in the same run on the same GPU.
 """
@@ -14,6 +14,7 @@ Every ratio is against a baseline measured in the same run on the same GPU.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ SHAPES = {  # name: (hidden, intermediate, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),
     "deepseek": (7168, 2048, 256, 8),
 }
-TOKENS_PER_EXPERT = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKENS_PER_EXPERT = (1, 16, 128, 512)
 
 
 def copy_bandwidth() -> float:
@@ -49,7 +50,7 @@ def int4_layer(hidden: int, inter: int, experts: int, group: int = 128) -> dict[
     }
 
 
-def bench_grouped_gemm(name: str, peak: float, quick: bool) -> None:
+def bench_grouped_gemm(name: str, peak: float, tokens_per_expert: tuple[int, ...]) -> list[dict]:
     import triton
     import triton.testing
 
@@ -63,7 +64,8 @@ def bench_grouped_gemm(name: str, peak: float, quick: bool) -> None:
     tables = dispatch.device_tables(torch.ones(experts, dtype=torch.int64), torch.ones(experts, dtype=torch.int64), torch.device("cuda"))
     print(f"\n== {name}: H={hidden} I={inter} experts={experts} top-{top_k}, INT4 g128 vs FP16 torch.matmul ==")
     print(f"{'tok/expert':>10} {'int4 ms':>9} {'fp16 ms':>9} {'speedup':>8} {'int4 GB/s':>10} {'% peak':>7}")
-    for tpe in TOKENS_PER_EXPERT[:4] if quick else TOKENS_PER_EXPERT:
+    rows = []
+    for tpe in tokens_per_expert:
         tokens = max(1, tpe * experts // top_k)
         ids = (torch.arange(tokens * top_k, device="cuda") % experts).reshape(tokens, top_k).int()  # even loads
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.float16)
@@ -97,8 +99,11 @@ def bench_grouped_gemm(name: str, peak: float, quick: bool) -> None:
         act_bytes = 2 * (a * hidden * 2 + a * inter * 2)
         bw = (weight_bytes + act_bytes) / (t4 * 1e-3)
         print(f"{tpe:>10} {t4:>9.3f} {t16:>9.3f} {t16 / t4:>7.2f}x {bw / 1e9:>10.0f} {100 * bw / peak:>6.1f}%")
+        rows.append({"shape": name, "tokens_per_expert": tpe, "int4_ms": t4, "fp16_ms": t16, "speedup": t16 / t4,
+                     "int4_bytes_per_s": bw, "percent_of_copy_bandwidth": 100 * bw / peak})
     del q, w16_in, w16_out
     torch.cuda.empty_cache()
+    return rows
 
 
 def bench_whole_moe(quick: bool) -> None:
@@ -133,15 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens-per-expert", type=int, nargs="+", default=list(TOKENS_PER_EXPERT))
+    parser.add_argument("--no-whole-moe", action="store_true", help="only the grouped GEMMs")
+    parser.add_argument("--json", type=Path, help="also write the grouped-GEMM rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: a CUDA GPU is needed to benchmark the kernels; nothing was measured.")
         return 0
     peak = copy_bandwidth()
     print(f"GPU: {torch.cuda.get_device_name()}  copy bandwidth (read+write): {peak / 1e12:.2f} TB/s")
-    for name in args.shapes:
-        bench_grouped_gemm(name, peak, args.quick)
-    bench_whole_moe(args.quick)
+    tpe = tuple(args.tokens_per_expert[:2] if args.quick else args.tokens_per_expert)
+    rows = [row for name in args.shapes for row in bench_grouped_gemm(name, peak, tpe)]
+    if args.json is not None:
+        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "copy_bytes_per_s": peak,
+                                         "grouped_gemm": rows}, indent=1) + "\n")
+    if not args.no_whole_moe:
+        bench_whole_moe(args.quick)
     return 0
 
 

@@ -1,49 +1,24 @@
 /*
- * rq::RQMoE launcher (see rqMoeKernel.h).
+ * rq::RQMoE launcher, the CUDA part (see rqMoeKernel.h; host logic in rqMoeHost.cpp).
  *
  * The CUDA driver API is resolved with dlopen("libcuda.so.1") at initialize(), so the library links
  * without a GPU driver and its host logic is tested on machines without one. Grids mirror
- * rq/kernels/moe.py; tile sizes come from the generated rqMoeCubins.h.
+ * rq/kernels/moe.py; tile sizes come from the generated rqMoeKernelTable.h.
  */
 #include "rqMoeKernel.h"
-
-#include "rqMoeCubins.h"
+#include "rqMoeInternal.h"
 
 #include <cuda.h>
 #include <dlfcn.h>
 
-#include <algorithm>
 #include <array>
 #include <cstring>
 #include <mutex>
-#include <numeric>
-#include <sstream>
 
 namespace rq
 {
 namespace
 {
-
-constexpr size_t kAlign = 256;
-constexpr char const* kActivationNames[] = {"silu_glu", "gelu_glu", "gelu_tanh_glu", "gelu", "gelu_tanh", "relu"};
-
-size_t alignUp(size_t v) noexcept
-{
-    return (v + kAlign - 1) / kAlign * kAlign;
-}
-
-int64_t cdiv(int64_t a, int64_t b) noexcept
-{
-    return (a + b - 1) / b;
-}
-
-template <typename... Args>
-std::string concat(Args const&... args)
-{
-    std::ostringstream s;
-    (s << ... << args);
-    return s.str();
-}
 
 //! The driver entry points the launcher uses, resolved once from libcuda.so.1.
 struct DriverApi
@@ -61,6 +36,7 @@ struct DriverApi
     CUresult (*memFree)(CUdeviceptr){nullptr};
     CUresult (*memcpyHtoD)(CUdeviceptr, void const*, size_t){nullptr};
     CUresult (*memsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream){nullptr};
+    CUresult (*streamIsCapturing)(CUstream, CUstreamCaptureStatus*){nullptr};
     CUresult (*getErrorString)(CUresult, char const**){nullptr};
     bool ok{false};
 };
@@ -89,7 +65,9 @@ DriverApi const& driverApi()
             && resolve(lib, "cuFuncSetAttribute", a.funcSetAttribute)
             && resolve(lib, "cuLaunchKernel", a.launchKernel) && resolve(lib, "cuMemAlloc_v2", a.memAlloc)
             && resolve(lib, "cuMemFree_v2", a.memFree) && resolve(lib, "cuMemcpyHtoD_v2", a.memcpyHtoD)
-            && resolve(lib, "cuMemsetD8Async", a.memsetD8Async) && resolve(lib, "cuGetErrorString", a.getErrorString);
+            && resolve(lib, "cuMemsetD8Async", a.memsetD8Async)
+            && resolve(lib, "cuStreamIsCapturing", a.streamIsCapturing)
+            && resolve(lib, "cuGetErrorString", a.getErrorString);
         return a;
     }();
     return api;
@@ -103,53 +81,6 @@ std::string driverError(DriverApi const& api, CUresult r, char const* what)
         api.getErrorString(r, &s);
     }
     return concat(what, " failed: ", s != nullptr ? s : "unknown CUDA error", " (", static_cast<int>(r), ")");
-}
-
-//! Best cubin for `arch`: exact match, else the newest of the same major version not above it.
-EmbeddedKernel const* findKernel(char const* name, int32_t arch) noexcept
-{
-    EmbeddedKernel const* best = nullptr;
-    for (int32_t i = 0; i < kNumEmbeddedKernels; ++i)
-    {
-        EmbeddedKernel const& k = kEmbeddedKernels[i];
-        if (std::strcmp(k.name, name) != 0 || k.arch / 10 != arch / 10 || k.arch > arch)
-        {
-            continue;
-        }
-        // sm_90 cubins of Triton use sm_90a instructions: they run on 9.0 only.
-        if (k.arch == 90 && arch != 90)
-        {
-            continue;
-        }
-        if (best == nullptr || k.arch > best->arch)
-        {
-            best = &k;
-        }
-    }
-    return best;
-}
-
-std::vector<std::string> variantNames()
-{
-    std::vector<std::string> names{"dispatch_count_i32", "dispatch_count_i64", "dispatch_scan", "dispatch_scatter"};
-    for (int32_t bm : {kGemmBlockMSmall, kGemmBlockMLarge})
-    {
-        names.push_back(concat("dispatch_copies_m", bm));
-    }
-    for (char const* dt : {"f16", "f32"})
-    {
-        for (char const* cls : {"orig", "int4"})
-        {
-            for (int32_t bm : {kGemmBlockMSmall, kGemmBlockMLarge})
-            {
-                names.push_back(concat("expert_in_", dt, "_", cls, "_glu_m", bm));
-                names.push_back(concat("expert_in_", dt, "_", cls, "_plain_m", bm));
-                names.push_back(concat("expert_out_", dt, "_", cls, "_m", bm));
-            }
-        }
-        names.push_back(concat("combine_", dt));
-    }
-    return names;
 }
 
 //! Kernel arguments with stable addresses: each value lives in its own 8-byte slot.
@@ -194,223 +125,6 @@ private:
 };
 
 } // namespace
-
-char const* toString(Status status) noexcept
-{
-    switch (status)
-    {
-    case Status::kSUCCESS: return "success";
-    case Status::kBAD_ATTRIBUTE: return "bad attribute";
-    case Status::kBAD_SHAPE: return "bad shape";
-    case Status::kUNSUPPORTED: return "unsupported";
-    case Status::kNO_DRIVER: return "CUDA driver not found";
-    case Status::kNO_KERNEL_FOR_ARCH: return "no kernel for this GPU";
-    case Status::kCUDA_ERROR: return "CUDA error";
-    }
-    return "unknown status";
-}
-
-int32_t activationCode(std::string const& name) noexcept
-{
-    for (int32_t i = 0; i < 6; ++i)
-    {
-        if (name == kActivationNames[i])
-        {
-            return i;
-        }
-    }
-    return -1;
-}
-
-bool isGlu(int32_t code) noexcept
-{
-    return code >= 0 && code <= 2;
-}
-
-Status validateAttributes(MoeAttributes const& a, std::string& message) noexcept
-{
-    try
-    {
-        if (a.numExperts < 1)
-        {
-            message = concat("num_experts must be >= 1, got ", a.numExperts);
-            return Status::kBAD_ATTRIBUTE;
-        }
-        if (a.topK < 1)
-        {
-            message = concat("top_k must be >= 1, got ", a.topK);
-            return Status::kBAD_ATTRIBUTE;
-        }
-        if (activationCode(a.activation) < 0)
-        {
-            message = concat("unknown activation '", a.activation,
-                "': expected silu_glu, gelu_glu, gelu_tanh_glu, gelu, gelu_tanh or relu");
-            return Status::kBAD_ATTRIBUTE;
-        }
-        if (static_cast<int32_t>(a.copies.size()) != a.numExperts)
-        {
-            message = concat("copies must have num_experts=", a.numExperts, " entries, got ", a.copies.size());
-            return Status::kBAD_ATTRIBUTE;
-        }
-        int64_t numPhys = 0;
-        for (int32_t c : a.copies)
-        {
-            if (c < 1)
-            {
-                message = concat("copies entries must be >= 1, got ", c);
-                return Status::kBAD_ATTRIBUTE;
-            }
-            numPhys += c;
-        }
-        if (static_cast<int64_t>(a.precision.size()) != numPhys)
-        {
-            message = concat("precision must have one entry per physical copy: expected ", numPhys, ", got ",
-                a.precision.size());
-            return Status::kBAD_ATTRIBUTE;
-        }
-        bool anyInt4 = false;
-        for (int32_t p : a.precision)
-        {
-            if (p != 0 && p != 1)
-            {
-                message = concat("precision entries must be 0 (original) or 1 (int4), got ", p);
-                return Status::kBAD_ATTRIBUTE;
-            }
-            anyInt4 = anyInt4 || p == 1;
-        }
-        if (anyInt4 && a.groupSize != 64 && a.groupSize != 128)
-        {
-            message = concat("group_size must be 64 or 128 (the INT4 block sizes), got ", a.groupSize);
-            return Status::kBAD_ATTRIBUTE;
-        }
-        return Status::kSUCCESS;
-    }
-    catch (...)
-    {
-        message = "out of memory while validating attributes";
-        return Status::kBAD_ATTRIBUTE;
-    }
-}
-
-CopyTables buildCopyTables(MoeAttributes const& a)
-{
-    CopyTables t;
-    t.logcnt = a.copies;
-    t.precision = a.precision;
-    int32_t base = 0;
-    for (int32_t e = 0; e < a.numExperts; ++e)
-    {
-        t.base.push_back(base);
-        for (int32_t c = 0; c < a.copies[e]; ++c)
-        {
-            t.phy2log.push_back(e);
-        }
-        base += a.copies[e];
-    }
-    for (int32_t p : a.precision)
-    {
-        t.slot.push_back(p == 1 ? t.numInt4++ : t.numOrig++);
-    }
-    return t;
-}
-
-int32_t chooseBlockM(int64_t numAssign, int32_t numPhys) noexcept
-{
-    return numAssign <= int64_t{kGemmBlockMSmall} * std::max(numPhys, 1) ? kGemmBlockMSmall : kGemmBlockMLarge;
-}
-
-WorkspaceLayout workspaceLayout(MoeDims const& d) noexcept
-{
-    int64_t const numAssign = d.numTokens * d.topK;
-    int64_t const numBlocks = cdiv(std::max<int64_t>(numAssign, 1), kDispatchBlockA);
-    size_t const actBytes = d.floatType == FloatType::kFLOAT16 ? 2 : 4;
-    WorkspaceLayout w;
-    size_t at = 0;
-    auto take = [&at](size_t bytes) {
-        size_t const start = at;
-        at += alignUp(std::max<size_t>(bytes, 1));
-        return start;
-    };
-    w.eid = take(numAssign * 4);
-    w.lrank = take(numAssign * 4);
-    w.hist = take(numBlocks * d.numExperts * 4);
-    w.copyStart = take((d.numPhys + 1) * 4);
-    w.tileStart = take(2 * (d.numPhys + 1) * 4);
-    w.sortedAssign = take(numAssign * 4);
-    w.assignPos = take(numAssign * 4);
-    w.phys = take(numAssign * 4);
-    w.hiddenAct = take(numAssign * static_cast<size_t>(d.interSize) * actBytes);
-    w.expertOut = take(numAssign * static_cast<size_t>(d.hiddenSize) * actBytes);
-    w.total = at;
-    return w;
-}
-
-Status validateDims(MoeDims const& d, MoeAttributes const& a, std::string& message) noexcept
-{
-    try
-    {
-        if (d.topK != a.topK)
-        {
-            message = concat("topk_ids must be [T, top_k=", a.topK, "], got [T, ", d.topK, "]");
-            return Status::kBAD_SHAPE;
-        }
-        if (d.numExperts != a.numExperts)
-        {
-            message = concat("offsets must be [num_experts=", a.numExperts, "], got [", d.numExperts, "]");
-            return Status::kBAD_SHAPE;
-        }
-        if (d.hiddenSize % 16 != 0 || d.interSize % 16 != 0)
-        {
-            message = concat("the compiled kernels need H and I to be multiples of 16, got H=", d.hiddenSize,
-                " I=", d.interSize);
-            return Status::kUNSUPPORTED;
-        }
-        bool const anyInt4
-            = std::any_of(a.precision.begin(), a.precision.end(), [](int32_t p) { return p == 1; });
-        if (anyInt4 && (d.hiddenSize % a.groupSize != 0 || d.interSize % a.groupSize != 0))
-        {
-            message = concat("INT4 copies need H=", d.hiddenSize, " and I=", d.interSize,
-                " to be multiples of group_size=", a.groupSize);
-            return Status::kBAD_SHAPE;
-        }
-        if (d.numTokens * d.topK > int64_t{1} << 30)
-        {
-            message = concat("T*K=", d.numTokens * d.topK, " exceeds the int32 indexing of the kernels");
-            return Status::kUNSUPPORTED;
-        }
-        return Status::kSUCCESS;
-    }
-    catch (...)
-    {
-        message = "out of memory while validating shapes";
-        return Status::kBAD_SHAPE;
-    }
-}
-
-int32_t embeddedKernelCount() noexcept
-{
-    return kNumEmbeddedKernels;
-}
-
-bool hasAllKernelsForArch(int32_t arch, std::string& missing) noexcept
-{
-    try
-    {
-        missing.clear();
-        for (auto const& n : variantNames())
-        {
-            if (findKernel(n.c_str(), arch) == nullptr)
-            {
-                missing += (missing.empty() ? "" : ", ") + n;
-            }
-        }
-        return missing.empty();
-    }
-    catch (...)
-    {
-        return false;
-    }
-}
 
 struct MoeLauncher::Impl
 {
@@ -467,6 +181,12 @@ MoeLauncher::MoeLauncher(MoeAttributes attrs)
 
 MoeLauncher::~MoeLauncher() = default;
 
+bool MoeLauncher::initialized() const noexcept
+{
+    std::lock_guard<std::mutex> lock(mImpl->mutex);
+    return mImpl->device >= 0;
+}
+
 Status MoeLauncher::initialize(std::string& message) noexcept
 {
     try
@@ -507,8 +227,14 @@ Status MoeLauncher::initialize(std::string& message) noexcept
             EmbeddedKernel const* k = findKernel(name.c_str(), arch);
             if (k == nullptr)
             {
-                message = concat("no embedded cubin '", name, "' for sm_", arch,
-                    "; rebuild the plugin with -DRQ_CUDA_ARCHS including ", arch);
+                std::string built;
+                for (int32_t a : embeddedArchs())
+                {
+                    built += (built.empty() ? "sm_" : ", sm_") + std::to_string(a);
+                }
+                message = concat("no embedded cubin '", name, "' runs on this GPU (sm_", arch, "); the plugin has cubins for ",
+                    built.empty() ? "no architecture" : built, " (sm_90 and later ones run on exactly their own compute ",
+                    "capability): rebuild it with -DRQ_CUDA_ARCHS including ", arch);
                 return Status::kNO_KERNEL_FOR_ARCH;
             }
             if (k->sharedBytes > optin)
@@ -545,18 +271,14 @@ Status MoeLauncher::initialize(std::string& message) noexcept
         size_t const n = mTables.logcnt.size();
         size_t const p = mTables.phy2log.size();
         auto& im = *mImpl;
-        size_t at = 0;
-        auto take = [&at](size_t bytes) {
-            size_t const start = at;
-            at += alignUp(std::max<size_t>(bytes, 1));
-            return start;
-        };
-        im.logcntAt = take(n * 4);
-        im.baseAt = take(n * 4);
-        im.phy2logAt = take(p * 4);
-        im.precisionAt = take(p * 4);
-        im.slotAt = take(p * 4);
-        im.zerosAt = take(n * 8);
+        BufferPlan plan;
+        im.logcntAt = plan.take(n * 4);
+        im.baseAt = plan.take(n * 4);
+        im.phy2logAt = plan.take(p * 4);
+        im.precisionAt = plan.take(p * 4);
+        im.slotAt = plan.take(p * 4);
+        im.zerosAt = plan.take(n * 8);
+        size_t const at = plan.total();
         std::vector<unsigned char> host(at, 0);
         std::memcpy(host.data() + im.logcntAt, mTables.logcnt.data(), n * 4);
         std::memcpy(host.data() + im.baseAt, mTables.base.data(), n * 4);
@@ -599,17 +321,29 @@ Status MoeLauncher::enqueue(MoeDims const& d, MoeTensors const& t, void* workspa
     try
     {
         Status s = validateDims(d, mAttrs, message);
-        if (s != Status::kSUCCESS)
+        if (s != Status::kSUCCESS || (s = checkAlignment(t, workspace, message)) != Status::kSUCCESS)
         {
             return s;
         }
-        if ((s = initialize(message)) != Status::kSUCCESS)
+        CUstream const cs = reinterpret_cast<CUstream>(stream);
+        if (!initialized())
         {
-            return s;
+            // initialize() allocates and copies synchronously: legal now, but not inside a CUDA graph capture.
+            DriverApi const& api = driverApi();
+            CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+            if (api.ok && api.streamIsCapturing(cs, &capture) == CUDA_SUCCESS && capture != CU_STREAM_CAPTURE_STATUS_NONE)
+            {
+                message = "the stream is capturing a CUDA graph but the launcher was never initialized: run once "
+                          "before capture (TensorRT initializes it when the execution context is created)";
+                return Status::kCUDA_ERROR;
+            }
+            if ((s = initialize(message)) != Status::kSUCCESS)
+            {
+                return s;
+            }
         }
         auto& im = *mImpl;
         DriverApi const& api = *im.api;
-        CUstream const cs = reinterpret_cast<CUstream>(stream);
         int64_t const numAssign = d.numTokens * d.topK;
         int32_t const numPhys = static_cast<int32_t>(mTables.phy2log.size());
         if (numAssign == 0)
@@ -673,7 +407,8 @@ Status MoeLauncher::enqueue(MoeDims const& d, MoeTensors const& t, void* workspa
         }
         ArgPack copies;
         copies.ptr(t.expertCounts).ptr(offsets).ptr(table(im.logcntAt)).ptr(table(im.baseAt)).ptr(table(im.phy2logAt))
-            .ptr(table(im.precisionAt)).ptr(wsp(w.copyStart)).ptr(wsp(w.tileStart)).i32(numPhys);
+            .ptr(table(im.precisionAt)).ptr(wsp(w.copyStart)).ptr(wsp(w.tileStart[0])).ptr(wsp(w.tileStart[1]))
+            .i32(numPhys);
         if ((s = launch(concat("dispatch_copies_m", blockM), 1, 1, copies)) != Status::kSUCCESS)
         {
             return s;
@@ -705,7 +440,7 @@ Status MoeLauncher::enqueue(MoeDims const& d, MoeTensors const& t, void* workspa
                 continue;
             }
             int64_t const tiles = cdiv(numAssign, blockM) + k.count; // upper bound; extra programs exit
-            void* tileStart = ws + w.tileStart + static_cast<size_t>(c) * (numPhys + 1) * 4;
+            void* tileStart = wsp(w.tileStart[c]);
             ArgPack in;
             in.ptr(t.hidden).ptr(k.wIn).ptr(k.sIn).ptr(wsp(w.hiddenAct)).ptr(wsp(w.sortedAssign))
                 .ptr(wsp(w.copyStart)).ptr(tileStart).ptr(table(im.slotAt)).i32(numPhys).i32(d.hiddenSize)

@@ -1,7 +1,8 @@
 /*
  * rq::RQMoE launcher: host-side logic and the launch of the AOT-compiled Triton cubins.
  *
- * No TensorRT type appears here, so this library builds and is tested with the CUDA toolkit alone.
+ * No TensorRT type appears here, so this library builds and is tested with the CUDA toolkit alone
+ * (rqMoeHost.cpp: validation, tables, workspace, cubin choice; rqMoeKernel.cpp: the driver calls).
  * Every entry point returns a Status (never throws across this header); `message` says what failed,
  * naming the expected and received sizes.
  */
@@ -23,7 +24,7 @@ enum class Status : int32_t
     kSUCCESS = 0,
     kBAD_ATTRIBUTE = 1,      // plugin fields / ONNX attributes are inconsistent
     kBAD_SHAPE = 2,          // tensor shapes do not match docs/spec.md §8
-    kUNSUPPORTED = 3,        // a dtype or size the compiled kernels do not cover
+    kUNSUPPORTED = 3,        // a dtype, size or alignment the compiled kernels do not cover
     kNO_DRIVER = 4,          // libcuda.so.1 could not be loaded
     kNO_KERNEL_FOR_ARCH = 5, // no embedded cubin for this GPU
     kCUDA_ERROR = 6,         // a driver call failed
@@ -31,19 +32,12 @@ enum class Status : int32_t
 
 char const* toString(Status status) noexcept;
 
-//! Activation codes, the index in rq.kernels.reference.ACTIVATIONS.
-enum class Activation : int32_t
-{
-    kSILU_GLU = 0,
-    kGELU_GLU = 1,
-    kGELU_TANH_GLU = 2,
-    kGELU = 3,
-    kGELU_TANH = 4,
-    kRELU = 5,
-};
-
+//! Number of activations and the name of code `code` (rq.core.experts.ACTIVATIONS, generated into rqMoeCubins.h).
+int32_t numActivations() noexcept;
+char const* activationName(int32_t code) noexcept;
 //! -1 when `name` is not one of docs/spec.md §8's activations.
 int32_t activationCode(std::string const& name) noexcept;
+//! Gated activations read w_in as [2I, H] (gate rows, then up rows).
 bool isGlu(int32_t code) noexcept;
 
 //! The op attributes (docs/spec.md §8), as the plugin creator receives them.
@@ -60,14 +54,14 @@ struct MoeAttributes
 //! Checks sizes and ranges of the attributes once (plugin constructor).
 Status validateAttributes(MoeAttributes const& attrs, std::string& message) noexcept;
 
-//! int32 copy tables in the layout the dispatch kernels read (rq.kernels.reference.copy_tables).
+//! int32 copy tables in the layout the dispatch kernels read (rq.core.op.copy_tables).
 struct CopyTables
 {
-    std::vector<int32_t> logcnt;  // [N]
-    std::vector<int32_t> base;    // [N] first physical id of each expert
-    std::vector<int32_t> phy2log; // [P]
+    std::vector<int32_t> logcnt;    // [N]
+    std::vector<int32_t> base;      // [N] first physical id of each expert
+    std::vector<int32_t> phy2log;   // [P]
     std::vector<int32_t> precision; // [P]
-    std::vector<int32_t> slot;    // [P] index inside the precision class
+    std::vector<int32_t> slot;      // [P] index inside the precision class
     int32_t numOrig{0};
     int32_t numInt4{0};
 };
@@ -80,7 +74,8 @@ enum class FloatType : int32_t
     kFLOAT16 = 1,
 };
 
-//! Sizes of one call. hiddenSize and interSize must be multiples of 16 (the cubins assume it).
+//! Sizes of one call. hiddenSize and interSize must be multiples of 16 (the cubins assume it); INT4 rows of
+//! any such width work, the last scale block may be partial (docs/spec.md §5).
 struct MoeDims
 {
     int64_t numTokens{0};
@@ -93,42 +88,76 @@ struct MoeDims
     bool ids64{false};
 };
 
+//! Input positions (docs/spec.md §8).
+enum Input : int32_t
+{
+    kHIDDEN = 0,
+    kTOPK_IDS = 1,
+    kTOPK_WEIGHTS = 2,
+    kOFFSETS = 3,
+    kW_IN = 4,
+    kW_OUT = 5,
+    kW_IN_Q = 6,
+    kW_IN_SCALES = 7,
+    kW_OUT_Q = 8,
+    kW_OUT_SCALES = 9,
+    kNB_INPUTS = 10,
+};
+
+//! Shape of one tensor; -1 marks a dimension not known yet (dynamic, at build time).
+using Shape = std::vector<int64_t>;
+
+//! Checks the ten input shapes (docs/spec.md §8 order) against each other and the attributes: ranks, T and K,
+//! N, every weight tensor's copies, rows and (packed) columns for H and I. Fills `dims` (numTokens -1 when
+//! dynamic); floatType and ids64 are left as they are.
+Status validateShapes(MoeAttributes const& attrs, Shape const (&inputs)[kNB_INPUTS], MoeDims& dims,
+    std::string& message) noexcept;
+
+//! Checks the sizes of a call against the attributes and the compiled kernels (shape errors say expected vs got).
+Status validateDims(MoeDims const& dims, MoeAttributes const& attrs, std::string& message) noexcept;
+
 //! Same rule as rq.kernels.moe.launch_config: 16-row tiles when copies get few rows.
 int32_t chooseBlockM(int64_t numAssign, int32_t numPhys) noexcept;
 
 //! Byte offsets of the scratch buffers inside the plugin workspace (each 256-byte aligned).
 struct WorkspaceLayout
 {
-    size_t eid{0}, lrank{0}, hist{0}, copyStart{0}, tileStart{0}, sortedAssign{0}, assignPos{0}, phys{0};
-    size_t hiddenAct{0}; // [A, I] intermediate
-    size_t expertOut{0}; // [A, H] per-assignment expert output
+    size_t eid{0}, lrank{0}, hist{0}, copyStart{0}, sortedAssign{0}, assignPos{0}, phys{0};
+    size_t tileStart[2]{0, 0}; // per precision class: one buffer each, so both stay aligned
+    size_t hiddenAct{0};       // [A, I] intermediate
+    size_t expertOut{0};       // [A, H] per-assignment expert output
     size_t total{0};
 };
 
 WorkspaceLayout workspaceLayout(MoeDims const& dims) noexcept;
 
-//! Checks the dims of a call against the attributes (shape errors say expected vs got).
-Status validateDims(MoeDims const& dims, MoeAttributes const& attrs, std::string& message) noexcept;
-
 //! Device pointers of one call, in docs/spec.md §8 input order, then the outputs.
 struct MoeTensors
 {
-    void const* hidden{nullptr};   // [T, H]
-    void const* topkIds{nullptr};  // [T, K] int32/int64
+    void const* hidden{nullptr};      // [T, H]
+    void const* topkIds{nullptr};     // [T, K] int32/int64
     void const* topkWeights{nullptr}; // [T, K]
-    void const* offsets{nullptr};  // [N] int64, may be null (zeros)
-    void const* wIn{nullptr};      // [P_orig, I_in, H]
-    void const* wOut{nullptr};     // [P_orig, H, I]
-    void const* wInQ{nullptr};     // [P_int4, I_in, H/2] uint8
-    void const* wInScales{nullptr}; // [P_int4, I_in, H/G] fp16
-    void const* wOutQ{nullptr};    // [P_int4, H, I/2] uint8
-    void const* wOutScales{nullptr}; // [P_int4, H, I/G] fp16
-    void* y{nullptr};              // [T, H]
-    void* expertCounts{nullptr};   // [N] int64
+    void const* offsets{nullptr};     // [N] int64, may be null (zeros)
+    void const* wIn{nullptr};         // [P_orig, I_in, H]
+    void const* wOut{nullptr};        // [P_orig, H, I]
+    void const* wInQ{nullptr};        // [P_int4, I_in, ceil(H/2)] packed bytes
+    void const* wInScales{nullptr};   // [P_int4, I_in, ceil(H/G)] fp16
+    void const* wOutQ{nullptr};       // [P_int4, H, ceil(I/2)] packed bytes
+    void const* wOutScales{nullptr};  // [P_int4, H, ceil(I/G)] fp16
+    void* y{nullptr};                 // [T, H]
+    void* expertCounts{nullptr};      // [N] int64
 };
 
-//! Number of embedded cubins and whether one exists for every variant on `arch` (e.g. 90).
+//! Every pointer the kernels read must be 16-byte aligned (the cubins are compiled so); names the first that is not.
+Status checkAlignment(MoeTensors const& tensors, void const* workspace, std::string& message) noexcept;
+
+//! Number of embedded cubins, and the compute capabilities they were compiled for (ascending).
 int32_t embeddedKernelCount() noexcept;
+std::vector<int32_t> embeddedArchs();
+
+//! Compute capability of the cubin of `variant` that runs on `arch` (e.g. 86 -> 86, or 80 when no sm_86 cubin
+//! is embedded; sm_90a/sm_100a/sm_103a/sm_120a cubins run on exactly their own), -1 when none does.
+int32_t cubinArchFor(char const* variant, int32_t arch) noexcept;
 bool hasAllKernelsForArch(int32_t arch, std::string& missing) noexcept;
 
 //! Loads the cubins for the current CUDA context's device and launches the pipeline.
@@ -140,10 +169,13 @@ public:
     MoeLauncher(MoeLauncher const&) = delete;
     MoeLauncher& operator=(MoeLauncher const&) = delete;
 
-    //! Loads modules and uploads the copy tables; needs a current CUDA context. Idempotent.
+    //! Loads modules and uploads the copy tables (synchronous allocation and copy); needs a current CUDA
+    //! context. Call it before any CUDA graph capture (the plugin does in attachToContext). Idempotent.
     Status initialize(std::string& message) noexcept;
+    bool initialized() const noexcept;
 
-    //! Enqueues dispatch, expert GEMMs and combine on `stream`. `workspace` holds workspaceLayout(dims).total bytes.
+    //! Enqueues dispatch, expert GEMMs and combine on `stream`: kernel launches and one async memset only, so
+    //! it can be captured in a CUDA graph once initialized. `workspace` holds workspaceLayout(dims).total bytes.
     Status enqueue(MoeDims const& dims, MoeTensors const& tensors, void* workspace, cudaStream_t stream,
         std::string& message) noexcept;
 

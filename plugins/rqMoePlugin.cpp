@@ -6,10 +6,8 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 
 using namespace nvinfer1;
@@ -67,16 +65,9 @@ T guarded(char const* where, T onError, F&& body) noexcept
     return onError;
 }
 
-std::string dimsString(Dims const& d)
+Shape toShape(Dims const& d)
 {
-    std::ostringstream s;
-    s << "[";
-    for (int32_t i = 0; i < d.nbDims; ++i)
-    {
-        s << (i ? ", " : "") << d.d[i];
-    }
-    s << "]";
-    return s.str();
+    return Shape(d.d, d.d + std::max<int32_t>(d.nbDims, 0));
 }
 
 //! Reads an integer field stored as INT32 (TensorRT's ONNX parser) or INT64.
@@ -181,8 +172,7 @@ RQMoEPlugin::RQMoEPlugin(MoeAttributes attrs)
     {
         throw std::invalid_argument(message);
     }
-    mNumInt4 = static_cast<int32_t>(std::count(mAttrs.precision.begin(), mAttrs.precision.end(), 1));
-    mNumOrig = static_cast<int32_t>(mAttrs.precision.size()) - mNumInt4;
+    mNumOrig = static_cast<int32_t>(std::count(mAttrs.precision.begin(), mAttrs.precision.end(), 0));
     mSerialFields = {
         PluginField("num_experts", &mAttrs.numExperts, PluginFieldType::kINT32, 1),
         PluginField("top_k", &mAttrs.topK, PluginFieldType::kINT32, 1),
@@ -289,9 +279,10 @@ bool RQMoEPlugin::supportsFormatCombination(
         case kTOPK_WEIGHTS:
         case kW_IN:
         case kW_OUT: return d.type == act;
-        // Packed INT4 bytes: UINT8 per docs/spec.md §8; INT8 accepted too (same bytes) where a build stores them so.
+        // Packed INT4 bytes: INT8 as the ONNX file stores them (docs/spec.md §5: TensorRT's parser would widen
+        // UINT8 initializers to INT32); UINT8 too, the same bytes, for networks built through the API.
         case kW_IN_Q:
-        case kW_OUT_Q: return d.type == DataType::kUINT8 || d.type == DataType::kINT8;
+        case kW_OUT_Q: return d.type == DataType::kINT8 || d.type == DataType::kUINT8;
         case kW_IN_SCALES:
         case kW_OUT_SCALES: return d.type == DataType::kHALF;
         case kNB_INPUTS: return d.type == act;                  // y
@@ -310,39 +301,17 @@ int32_t RQMoEPlugin::configurePlugin(
             logError("expected 10 inputs and 2 outputs (docs/spec.md §8)");
             return -1;
         }
-        auto expectRank = [&](int32_t i, int32_t rank, char const* what) {
-            if (in[i].desc.dims.nbDims != rank)
-            {
-                logError(std::string(what) + " must have rank " + std::to_string(rank) + ", got "
-                    + dimsString(in[i].desc.dims));
-                return false;
-            }
-            return true;
-        };
-        if (!expectRank(kHIDDEN, 2, "hidden [T, H]") || !expectRank(kTOPK_IDS, 2, "topk_ids [T, K]")
-            || !expectRank(kTOPK_WEIGHTS, 2, "topk_weights [T, K]") || !expectRank(kOFFSETS, 1, "offsets [N]"))
+        // Dynamic dimensions are -1 here: every static one (H, I, K, N, copies) is checked now, at build time.
+        Shape shapes[kNB_INPUTS];
+        for (int32_t i = 0; i < kNB_INPUTS; ++i)
         {
-            return -1;
+            shapes[i] = toShape(in[i].desc.dims);
         }
-        for (int32_t i = kW_IN; i <= kW_OUT_SCALES; ++i)
+        MoeDims dims;
+        std::string message;
+        if (validateShapes(mAttrs, shapes, dims, message) != Status::kSUCCESS)
         {
-            if (!expectRank(i, 3, "expert weight tensors"))
-            {
-                return -1;
-            }
-            int64_t const lead = in[i].desc.dims.d[0];
-            int32_t const want = i <= kW_OUT ? mNumOrig : mNumInt4;
-            if (lead >= 0 && want > 0 && lead != want)
-            {
-                logError("input " + std::to_string(i) + " must have " + std::to_string(want)
-                    + " copies in its leading dimension (precision attribute), got " + dimsString(in[i].desc.dims));
-                return -1;
-            }
-        }
-        int64_t const k = in[kTOPK_IDS].desc.dims.d[1];
-        if (k >= 0 && k != mAttrs.topK)
-        {
-            logError("topk_ids must be [T, " + std::to_string(mAttrs.topK) + "], got " + dimsString(in[kTOPK_IDS].desc.dims));
+            logError(message);
             return -1;
         }
         return 0;
@@ -357,7 +326,8 @@ MoeDims RQMoEPlugin::dimsOf(PluginTensorDesc const* in) const noexcept
     d.topK = static_cast<int32_t>(in[kTOPK_IDS].dims.d[1]);
     d.numExperts = static_cast<int32_t>(in[kOFFSETS].dims.d[0]);
     d.numPhys = static_cast<int32_t>(mAttrs.precision.size());
-    d.interSize = static_cast<int32_t>(mNumOrig > 0 ? in[kW_OUT].dims.d[2] : in[kW_OUT_Q].dims.d[2] * 2);
+    int64_t const inRows = mNumOrig > 0 ? in[kW_IN].dims.d[1] : in[kW_IN_Q].dims.d[1];
+    d.interSize = static_cast<int32_t>(isGlu(activationCode(mAttrs.activation)) ? inRows / 2 : inRows);
     d.floatType = in[kHIDDEN].type == DataType::kHALF ? FloatType::kFLOAT16 : FloatType::kFLOAT32;
     d.ids64 = in[kTOPK_IDS].type == DataType::kINT64;
     return d;
@@ -386,26 +356,23 @@ size_t RQMoEPlugin::getWorkspaceSize(
 int32_t RQMoEPlugin::onShapeChange(
     PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
+    // Validation only: TensorRT may call this while the application captures a CUDA graph, so no CUDA call
+    // (allocation, copy, module load) happens here; attachToContext did them.
     return guarded<int32_t>("onShapeChange", -1, [&] {
         if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
         {
             return -1;
         }
+        Shape shapes[kNB_INPUTS];
+        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        {
+            shapes[i] = toShape(in[i].dims);
+        }
+        MoeDims dims;
         std::string message;
-        if (validateDims(dimsOf(in), mAttrs, message) != Status::kSUCCESS)
+        if (validateShapes(mAttrs, shapes, dims, message) != Status::kSUCCESS)
         {
             logError(message);
-            return -1;
-        }
-        if (!mLauncher)
-        {
-            mLauncher = std::make_unique<MoeLauncher>(mAttrs);
-        }
-        // Module loading and table upload happen here, outside enqueue (and so outside any graph capture).
-        Status const s = mLauncher->initialize(message);
-        if (s != Status::kSUCCESS)
-        {
-            logError(std::string(toString(s)) + ": " + message);
             return -1;
         }
         return 0;
@@ -446,7 +413,20 @@ int32_t RQMoEPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc
 
 IPluginV3* RQMoEPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
 {
-    return clone();
+    // A new execution context: the one moment outside enqueue (and any graph capture) with the CUDA context
+    // current, so the runtime clone loads its cubins and uploads its copy tables here.
+    return guarded<IPluginV3*>("attachToContext", nullptr, [&]() -> IPluginV3* {
+        auto runtime = std::make_unique<RQMoEPlugin>(mAttrs);
+        runtime->mLauncher = std::make_unique<MoeLauncher>(mAttrs);
+        std::string message;
+        Status const s = runtime->mLauncher->initialize(message);
+        if (s != Status::kSUCCESS)
+        {
+            logError(std::string(toString(s)) + ": " + message);
+            return nullptr;
+        }
+        return runtime.release();
+    });
 }
 
 PluginFieldCollection const* RQMoEPlugin::getFieldsToSerialize() noexcept
@@ -508,6 +488,40 @@ IPluginV3* RQMoEPluginCreator::createPlugin(char const* name, PluginFieldCollect
 }
 
 } // namespace rq
+
+extern "C" __attribute__((visibility("default"))) char const* rqMoePluginInfo() noexcept
+{
+    static std::string const info = [] {
+        try
+        {
+            std::string s = std::string("{\"plugin\": \"") + rq::kPLUGIN_NAMESPACE + "::" + rq::kPLUGIN_NAME
+                + "\", \"version\": \"" + rq::kPLUGIN_VERSION + "\", \"archs\": [";
+            std::vector<int32_t> const archs = rq::embeddedArchs();
+            for (size_t i = 0; i < archs.size(); ++i)
+            {
+                s += (i ? ", " : "") + std::to_string(archs[i]);
+            }
+            s += "], \"kernels\": " + std::to_string(rq::embeddedKernelCount()) + ", \"activations\": [";
+            for (int32_t code = 0; code < rq::numActivations(); ++code)
+            {
+                s += std::string(code ? ", " : "") + "[\"" + rq::activationName(code) + "\", "
+                    + (rq::isGlu(code) ? "true" : "false") + "]";
+            }
+            return s + "]}";
+        }
+        catch (...)
+        {
+            return std::string("{}");
+        }
+    }();
+    return info.c_str();
+}
+
+extern "C" __attribute__((visibility("default"))) int32_t rqMoeSupportsArch(int32_t arch) noexcept
+{
+    std::string missing;
+    return rq::hasAllKernelsForArch(arch, missing) ? 1 : 0;
+}
 
 extern "C" __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {

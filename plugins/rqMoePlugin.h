@@ -4,6 +4,9 @@
  * Plugin fields equal the ONNX node attributes: num_experts, top_k, group_size (INT32), activation (CHAR),
  * copies and precision (INT32 arrays). Inputs 0..9 and outputs 0..1 in docs/spec.md §8 order. The work is done
  * by rq::MoeLauncher (rqMoeKernel.h); this file only adapts TensorRT's interfaces to it.
+ *
+ * Only the interfaces of TensorRT's public headers are used (pure virtual classes): the library links no
+ * TensorRT library, so one build serves TensorRT 10.x, 11.x and TensorRT-RTX, which share this plugin ABI.
  */
 #pragma once
 
@@ -21,23 +24,7 @@ namespace rq
 constexpr char const* kPLUGIN_NAME = "RQMoE";
 constexpr char const* kPLUGIN_VERSION = "1";
 constexpr char const* kPLUGIN_NAMESPACE = "rq";
-constexpr int32_t kNB_INPUTS = 10;
 constexpr int32_t kNB_OUTPUTS = 2;
-
-//! Input positions (docs/spec.md §8).
-enum Input : int32_t
-{
-    kHIDDEN = 0,
-    kTOPK_IDS = 1,
-    kTOPK_WEIGHTS = 2,
-    kOFFSETS = 3,
-    kW_IN = 4,
-    kW_OUT = 5,
-    kW_IN_Q = 6,
-    kW_IN_SCALES = 7,
-    kW_OUT_Q = 8,
-    kW_OUT_SCALES = 9,
-};
 
 class RQMoEPlugin : public nvinfer1::IPluginV3,
                     public nvinfer1::IPluginV3OneCore,
@@ -81,13 +68,13 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    //! Sizes of a call from the tensor descriptors (T from hidden, H from hidden, I from the weights).
+    //! Sizes of a call from the tensor descriptors (T and H from hidden, I from the rows of w_in or w_in_q);
+    //! onShapeChange has validated them with validateShapes.
     MoeDims dimsOf(nvinfer1::PluginTensorDesc const* in) const noexcept;
 
     MoeAttributes mAttrs;
     int32_t mNumOrig{0};
-    int32_t mNumInt4{0};
-    std::unique_ptr<MoeLauncher> mLauncher; // created per plugin object (one per execution context)
+    std::unique_ptr<MoeLauncher> mLauncher; // per runtime clone (one per execution context), made in attachToContext
     std::vector<nvinfer1::PluginField> mSerialFields;
     nvinfer1::PluginFieldCollection mSerialCollection{};
 };
@@ -114,3 +101,11 @@ private:
 Status parseFields(nvinfer1::PluginFieldCollection const& fc, MoeAttributes& attrs, std::string& message) noexcept;
 
 } // namespace rq
+
+// The library's entry points (rqMoePlugin.map exports nothing else): TensorRT's getCreators and setLoggerFinder,
+// and two for tools, which load the library without TensorRT:
+//! JSON description of the build (tests pin "activations" to rq.core.experts.ACTIVATIONS):
+//! {"plugin": "rq::RQMoE", "version": "1", "archs": [80, ...], "kernels": 224, "activations": [["silu_glu", true], ...]}
+extern "C" __attribute__((visibility("default"))) char const* rqMoePluginInfo() noexcept;
+//! 1 when the embedded cubins run on compute capability `arch` (e.g. 86), else 0 (`rq build --target` asks).
+extern "C" __attribute__((visibility("default"))) int32_t rqMoeSupportsArch(int32_t arch) noexcept;

@@ -30,18 +30,26 @@ def check_out_dir(out_dir: str | Path, force: bool) -> None:
         raise RQError(f"{out_dir} already exists and is not empty; pass --force to replace it or choose another --out")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder, then rename."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, then rename (with the permissions a plain write would give)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text via a temp file in the same folder, then rename."""
+    atomic_write_bytes(path, text.encode())
 
 
 def failed_dir(out_dir: str | Path) -> Path:

@@ -54,17 +54,16 @@ def export(
 @command()
 def check(
     build: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
-    trt: bool = typer.Option(False, "--trt", help="Check the TensorRT engine (build/engine.plan) instead of ONNX Runtime."),
-    plugin: Optional[Path] = typer.Option(None, help="librq_moe_plugin.so, for --trt."),
+    trt: bool = typer.Option(False, "--trt", help="Check the TensorRT engines (BUILD/engine.plan) instead of ONNX Runtime."),
+    plugin: Optional[Path] = typer.Option(None, help="With --trt: load this librq_moe_plugin.so instead of the one "
+                                                     "the engine carries."),
+    engine: Optional[Path] = typer.Option(None, help="With --trt: the plan to run (default BUILD/engine.plan)."),
 ) -> None:
-    """Polygraphy parity: ONNX Runtime (or TensorRT with --trt) vs the PyTorch R&Q reference (docs/spec.md §9)."""
+    """Polygraphy parity: ONNX Runtime (or TensorRT with --trt, on a GPU) vs the PyTorch R&Q reference (docs/spec.md §9)."""
     if trt:
-        from rq.engines.tensorrt import TensorRTUnavailable, check_engine_export
+        from rq.engines.tensorrt import check_engines
 
-        try:
-            report = check_engine_export(build, plugin)
-        except (TensorRTUnavailable, FileNotFoundError) as err:
-            raise RQError(str(err)) from None
+        report = check_engines(build, plugin, engine)
     else:
         from rq.export import check_export
 
@@ -74,23 +73,39 @@ def check(
         raise typer.Exit(1)
 
 
+def _parse_dims(items: list[str]) -> dict[str, tuple[int, int, int]]:
+    dims = {}
+    for item in items:
+        name, _, spec = item.partition("=")
+        parts = spec.split(":")
+        if not name or len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise RQError(f"--dim {item!r}: write NAME=MIN:OPT:MAX, e.g. past_seq=0:512:4096")
+        dims[name] = tuple(int(p) for p in parts)
+    return dims
+
+
 @command()
 def build(
-    onnx_path: Path = typer.Argument(Path("build/model.onnx"), help="The exported model.onnx."),
-    out: Path = typer.Option(Path("build/engine.plan"), "--out", help="Where to write the TensorRT engine."),
+    onnx_path: Path = typer.Argument(Path("build/model.onnx"), help="The exported model.onnx (or encoder/decoder.onnx)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Engine to write (default: engine.plan beside model.onnx)."),
     plugin: Path = typer.Option(Path("build/plugins/librq_moe_plugin.so"), help="The RQMoE plugin library (plugins/)."),
-    fp16: bool = typer.Option(True, help="Build an FP16 engine."),
+    target: Optional[str] = typer.Option(None, help="TensorRT-RTX only: compute capabilities to build for, e.g. "
+                                                    "sm86,sm89 (default: every one the plugin's cubins run on)."),
+    max_batch: int = typer.Option(8, help="Largest batch the engine accepts."),
+    max_seq: int = typer.Option(2048, help="Most new tokens per call (prefill length; encoder input length)."),
+    max_cache: int = typer.Option(2048, help="Most cached tokens (past_seq)."),
+    dim: list[str] = typer.Option([], help="Range of any dynamic dimension of the file: NAME=MIN:OPT:MAX (repeatable)."),
+    workspace_gib: Optional[float] = typer.Option(None, help="Builder workspace limit in GiB."),
+    verbose: bool = typer.Option(False, help="Print TensorRT's warnings and errors."),
 ) -> None:
-    """Build a TensorRT engine with the RQMoE plugin (needs TensorRT and a GPU; see docs/tensorrt.md)."""
-    from rq.engines.tensorrt import TensorRTUnavailable, build_engine
+    """Build a TensorRT engine with the RQMoE plugin inside (full TensorRT >= 10.7 on its GPU, or TensorRT-RTX >= 1.7
+    ahead of time, no GPU needed; see docs/tensorrt.md)."""
+    from rq.engines.tensorrt import ProfileLimits, build_engine, parse_targets
 
-    if not onnx_path.is_file():
-        raise RQError(f"{onnx_path} does not exist; export first with `rq-export MODEL_DIR --plan plan.json`")
-    try:
-        build_engine(onnx_path, out, plugin, fp16=fp16)
-    except TensorRTUnavailable as err:
-        raise RQError(str(err)) from None
-    typer.echo(f"engine written to {out}")
+    limits = ProfileLimits(max_batch, max_seq, max_cache, _parse_dims(dim))
+    result = build_engine(onnx_path, out, plugin, targets=parse_targets(target), limits=limits,
+                          workspace_gib=workspace_gib, verbose=verbose)
+    typer.echo(result.summary())
 
 
 @command()

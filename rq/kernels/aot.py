@@ -3,9 +3,15 @@
 Calls ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` directly, which needs no GPU
 and no driver (``python -m triton.tools.compile`` asks the driver for its target). Writes, per variant and
 architecture, ``<variant>.sm<arch>.cubin``, plus ``rq_kernels.json`` (entry name, warps, shared bytes,
-parameter list) and ``rqMoeCubins.h``, a C++ header that embeds every cubin for the plugin's launcher.
+parameter list), ``rqMoeCubins.h``, a C++ header that embeds every cubin for the plugin's launcher, and
+``rqMoeKernelTable.h``, its table: tile constants, architectures, and the activation table of
+:data:`rq.core.experts.ACTIVATIONS` (the plugin's ABI: generated here, never written by hand).
 
-    python -m rq.kernels.aot --out build/cubins --arch 80 90
+    python -m rq.kernels.aot --out build/cubins --arch 80 86 89 90 100 103 120
+
+Which cubin runs where: Triton compiles ``sm_80``/``sm_86``/``sm_89`` code that runs on every later GPU of the
+same major version, and ``sm_90a``/``sm_100a``/``sm_103a``/``sm_120a`` code (architecture-specific features)
+that runs on exactly that compute capability. The header records this per cubin and the launcher picks by it.
 
 Launch convention of a Triton kernel (also in plugins/rqMoeKernel.cpp): the non-constexpr parameters in
 order, then two null pointers (global and profile scratch), ``blockDim.x = 32 * num_warps`` and
@@ -28,11 +34,20 @@ from typing import Any
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import sm_arch_from_capability
 from triton.compiler import ASTSource
+
+from rq.core.experts import ACTIVATIONS, is_glu
 
 from . import combine, dispatch, gemm, moe
 
-DEFAULT_ARCHS = (80, 90)
+DEFAULT_ARCHS = (80, 86, 89, 90, 100, 103, 120)
+"""Every compute capability a TensorRT or TensorRT-RTX engine of the plugin can run on: 8.x, 9.0 (H100/H200),
+10.0 (B200), 10.3 (B300), 12.0 (RTX 50). 8.7 runs the sm_86 cubins."""
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
+                    110: 232448, 120: 101376, 121: 101376}
+"""Opt-in shared memory per block (CUDA programming guide, compute capabilities table): a variant that needs
+more cannot launch there, so the build fails instead of the engine."""
 ACT_TYPES = {"f16": "fp16", "f32": "fp32"}
 DOT = {"f16": (tl.float16, "tf32"), "f32": (tl.float32, "ieee")}
 # Integer parameters the plugin guarantees to be multiples of 16 (it checks H and I at configure time).
@@ -71,7 +86,7 @@ def variants() -> list[Variant]:
         out.append(Variant(f"dispatch_copies_m{bm}", "dispatch_copies_kernel", "dispatch",
                            {"counts_ptr": "*i64", "offsets_ptr": "*i64", "logcnt_ptr": "*i32", "base_ptr": "*i32",
                             "phy2log_ptr": "*i32", "prec_ptr": "*i32", "copy_start_ptr": "*i32",
-                            "tile_start_ptr": "*i32", "num_phys": "i32"},
+                            "tile_start0_ptr": "*i32", "tile_start1_ptr": "*i32", "num_phys": "i32"},
                            {"BLOCK_M": bm, "BLOCK_P": dispatch.BLOCK_P}))
     out.append(Variant("dispatch_scatter", "dispatch_scatter_kernel", "dispatch",
                        {"eid_ptr": "*i32", "lrank_ptr": "*i32", "prefix_ptr": "*i32", "offsets_ptr": "*i64",
@@ -124,10 +139,14 @@ def compile_variant(v: Variant, arch: int) -> dict[str, Any]:
     md = compiled.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError(f"{v.name} sm_{arch}: kernels that need global/profile scratch are not supported")
+    if md.shared > MAX_SHARED_BYTES.get(arch, 101376):  # unknown architectures: the smallest limit
+        raise RuntimeError(f"{v.name} needs {md.shared} bytes of shared memory, sm_{arch} offers "
+                           f"{MAX_SHARED_BYTES.get(arch, 101376)}; lower num_stages for this variant")
     cubin = compiled.asm["cubin"]
     return {
         "name": v.name,
         "arch": arch,
+        "sm": sm_arch_from_capability(arch),  # e.g. sm_90a: runs on exactly 9.0
         "entry": md.name,
         "num_warps": md.num_warps,
         "shared": md.shared,
@@ -162,10 +181,30 @@ def launch_constants() -> dict[str, int]:
     }
 
 
-def header_text(entries: list[dict[str, Any]]) -> str:
-    """C++ header: one byte array per cubin and a table ``kEmbeddedKernels`` the launcher searches."""
+def activation_table() -> list[tuple[str, bool]]:
+    """``(name, gated)`` per activation code: :data:`rq.core.experts.ACTIVATIONS` in order."""
+    return [(name, is_glu(name)) for name in ACTIVATIONS]
+
+
+def activation_lines() -> list[str]:
+    """C++ declarations of the activation table (index = the ``act`` code the kernels switch on)."""
+    table = activation_table()
+    return [
+        "// Activations of rq::RQMoE: rq.core.experts.ACTIVATIONS, index = integer code (the plugin's ABI).",
+        f"constexpr int32_t kNumActivations = {len(table)};",
+        "constexpr char const* kActivationNames[kNumActivations] = {"
+        + ", ".join(f'"{name}"' for name, _ in table) + "};",
+        "constexpr bool kActivationIsGlu[kNumActivations] = {"
+        + ", ".join("true" if glu else "false" for _, glu in table) + "};",
+    ]
+
+
+def table_header_text(entries: list[dict[str, Any]]) -> str:
+    """``rqMoeKernelTable.h``: what the launcher needs to know of the cubins (the ``EmbeddedKernel`` record, tile
+    constants, activation table, architectures), small enough to include anywhere."""
+    archs = sorted({e["arch"] for e in entries})
     lines = [
-        "// Generated by `python -m rq.kernels.aot`: Triton cubins of rq::RQMoE. Do not edit.",
+        "// Generated by `python -m rq.kernels.aot`: the table of rq::RQMoE's embedded Triton cubins. Do not edit.",
         "#pragma once",
         "#include <cstddef>",
         "#include <cstdint>",
@@ -176,7 +215,8 @@ def header_text(entries: list[dict[str, Any]]) -> str:
         "{",
         "    char const* name;  // variant, e.g. expert_in_f16_int4_glu_m16",
         "    char const* entry; // function name inside the cubin",
-        "    int32_t arch;      // sm_<arch>",
+        "    int32_t arch;      // compute capability major*10+minor it was compiled for",
+        "    bool archSpecific; // sm_<arch>a code: runs on exactly `arch`; else on `arch` and later of the same major",
         "    int32_t numWarps;",
         "    int32_t sharedBytes;",
         "    int32_t numParams; // without the two trailing scratch pointers",
@@ -187,20 +227,52 @@ def header_text(entries: list[dict[str, Any]]) -> str:
         "// Tile constants the kernels were compiled with (the launcher's grids depend on them).",
         *[f"constexpr int32_t {k} = {v};" for k, v in launch_constants().items()],
         "",
+        *activation_lines(),
+        "",
+        "// Architectures with cubins, ascending.",
+        f"constexpr int32_t kNumEmbeddedArchs = {len(archs)};",
+        "constexpr int32_t kEmbeddedArchs[kNumEmbeddedArchs > 0 ? kNumEmbeddedArchs : 1] = {"
+        + ", ".join(map(str, archs or [0])) + "};",
+        "",
+        "// Defined in rqMoeCubins.h, which exactly one translation unit includes.",
+        "extern EmbeddedKernel const kEmbeddedKernels[];",
+        "extern int32_t const kNumEmbeddedKernels;",
+        "} // namespace rq",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def header_text(entries: list[dict[str, Any]]) -> str:
+    """``rqMoeCubins.h``: one byte array per cubin and the table ``kEmbeddedKernels`` the launcher searches."""
+    lines = [
+        "// Generated by `python -m rq.kernels.aot`: Triton cubins of rq::RQMoE. Do not edit.",
+        "// Include from one translation unit only (plugins/rqMoeCubins.cpp): it defines the cubin bytes.",
+        "#pragma once",
+        '#include "rqMoeKernelTable.h"',
+        "",
+        "namespace rq",
+        "{",
     ]
     for e in entries:
         data = e["cubin"]
         body = ",".join(str(b) for b in data)
         lines.append(f"alignas(16) static unsigned char const {_c_ident(e['name'], e['arch'])}[{len(data)}] = {{{body}}};")
     lines.append("")
-    lines.append("static EmbeddedKernel const kEmbeddedKernels[] = {")
+    lines.append("EmbeddedKernel const kEmbeddedKernels[] = {")
     for e in entries:
-        lines.append(f'    {{"{e["name"]}", "{e["entry"]}", {e["arch"]}, {e["num_warps"]}, {e["shared"]}, '
+        specific = "true" if e["sm"].endswith("a") else "false"
+        lines.append(f'    {{"{e["name"]}", "{e["entry"]}", {e["arch"]}, {specific}, {e["num_warps"]}, {e["shared"]}, '
                      f'{len(e["params"])}, {_c_ident(e["name"], e["arch"])}, sizeof({_c_ident(e["name"], e["arch"])})}},')
     lines.append("};")
-    lines.append(f"static constexpr int32_t kNumEmbeddedKernels = {len(entries)};")
+    lines.append(f"int32_t const kNumEmbeddedKernels = {len(entries)};")
     lines.append("} // namespace rq")
     return "\n".join(lines) + "\n"
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Keep the timestamp when nothing changed (CMake then rebuilds nothing)."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
 
 
 def build(out_dir: Path, archs: tuple[int, ...] = DEFAULT_ARCHS, only: list[str] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
@@ -225,17 +297,16 @@ def build(out_dir: Path, archs: tuple[int, ...] = DEFAULT_ARCHS, only: list[str]
     meta = [{k: v for k, v in e.items() if k != "cubin"} | {"file": f"{e['name']}.sm{e['arch']}.cubin"} for e in entries]
     doc = {"format": "rq-cubins", "version": 1, "triton": triton.__version__, "kernels": meta}
     (out_dir / "rq_kernels.json").write_text(json.dumps(doc, indent=1) + "\n")
-    header = header_text(entries)
-    target = out_dir / "rqMoeCubins.h"
-    if not target.exists() or target.read_text() != header:  # keep the timestamp when nothing changed
-        target.write_text(header)
+    _write_if_changed(out_dir / "rqMoeKernelTable.h", table_header_text(entries))
+    _write_if_changed(out_dir / "rqMoeCubins.h", header_text(entries))
     return meta
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder for cubins, JSON and header")
-    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="SM versions, e.g. 80 90 100")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                        help=f"compute capabilities, default {' '.join(map(str, DEFAULT_ARCHS))}")
     parser.add_argument("--only", nargs="*", help="compile only these variants (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--list", action="store_true", help="print the variant names and exit")

@@ -10,7 +10,9 @@ Four small launches, none with atomics, so the result is the same integers whate
    exactly the token-major rank ``n`` of docs/spec.md §4.
 3. ``dispatch_copies``: per physical copy, its load from the rule (``L // C`` plus one for the first
    ``L mod C`` copies counted from the offset, as :func:`rq.core.replica.split_load`), the exclusive prefix
-   ``copy_start [P+1]``, and per precision class the prefix of GEMM row tiles ``tile_start [2, P+1]``.
+   ``copy_start [P+1]``, and per precision class the prefix of GEMM row tiles ``tile_start [2, P+1]`` (two
+   pointers, one per class: the TensorRT plugin keeps each in its own 256-byte aligned buffer, as the AOT
+   cubins assume 16-byte aligned pointers).
 4. ``dispatch_scatter``: ``copy = (o_e + n) mod C_e``, ``phys = phys_base[e] + copy``; the assignments of
    one copy are the ranks ``n`` with one residue mod ``C_e``, so the position inside the copy is ``n // C_e``
    and ``sorted_assign[copy_start[phys] + n // C_e] = a`` is the permutation sorted by physical id,
@@ -92,7 +94,8 @@ def dispatch_copies_kernel(
     phy2log_ptr,  # [P] int32 logical expert of each copy
     prec_ptr,  # [P] int32 0 = original, 1 = int4
     copy_start_ptr,  # [P+1] int32 out: first sorted row of each copy
-    tile_start_ptr,  # [2, P+1] int32 out: first row tile of each copy, per precision class
+    tile_start0_ptr,  # [P+1] int32 out: first row tile of each copy among the original-precision copies
+    tile_start1_ptr,  # [P+1] int32 out: the same among the INT4 copies
     num_phys,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -116,14 +119,14 @@ def dispatch_copies_kernel(
         tiles0 = tl.where(prec == 0, tiles, 0)
         tiles1 = tl.where(prec == 1, tiles, 0)
         tl.store(copy_start_ptr + phys, row_carry + tl.cumsum(rows, axis=0) - rows, mask=mask)
-        tl.store(tile_start_ptr + phys, tile_carry0 + tl.cumsum(tiles0, axis=0) - tiles0, mask=mask)
-        tl.store(tile_start_ptr + num_phys + 1 + phys, tile_carry1 + tl.cumsum(tiles1, axis=0) - tiles1, mask=mask)
+        tl.store(tile_start0_ptr + phys, tile_carry0 + tl.cumsum(tiles0, axis=0) - tiles0, mask=mask)
+        tl.store(tile_start1_ptr + phys, tile_carry1 + tl.cumsum(tiles1, axis=0) - tiles1, mask=mask)
         row_carry += tl.sum(rows, axis=0)
         tile_carry0 += tl.sum(tiles0, axis=0)
         tile_carry1 += tl.sum(tiles1, axis=0)
     tl.store(copy_start_ptr + num_phys, row_carry)
-    tl.store(tile_start_ptr + num_phys, tile_carry0)
-    tl.store(tile_start_ptr + 2 * num_phys + 1, tile_carry1)
+    tl.store(tile_start0_ptr + num_phys, tile_carry0)
+    tl.store(tile_start1_ptr + num_phys, tile_carry1)
 
 
 @triton.jit
@@ -228,7 +231,7 @@ def dispatch_assignments(
     dispatch_scan_kernel[(triton.cdiv(num_experts, BLOCK_N),)](hist, counts, num_blocks, num_experts, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
     dispatch_copies_kernel[(1,)](
         counts, offsets, tables.logcnt, tables.phys_base, tables.phy2log, tables.precision,
-        copy_start, tile_start, num_phys, BLOCK_M=block_m, BLOCK_P=BLOCK_P,
+        copy_start, tile_start[0], tile_start[1], num_phys, BLOCK_M=block_m, BLOCK_P=BLOCK_P,
     )
     dispatch_scatter_kernel[(num_blocks,)](
         eid, lrank, hist, offsets, tables.logcnt, tables.phys_base, copy_start,

@@ -15,6 +15,7 @@ aot = pytest.importorskip("rq.kernels.aot")
 ROOT = Path(__file__).resolve().parents[2]
 
 FEW = ["dispatch_count_i64", "expert_in_f16_int4_glu_m16", "combine_f32"]
+LARGEST = "expert_in_f32_orig_glu_m64"  # the variant with the most shared memory
 
 
 def test_every_variant_has_a_complete_signature():
@@ -44,4 +45,31 @@ def test_build_cubins_json_and_header(tmp_path, arch):
     header = (tmp_path / "rqMoeCubins.h").read_text()
     assert f"kCubin_expert_in_f16_int4_glu_m16_sm{arch}" in header
     assert re.search(r"kNumEmbeddedKernels = 3;", header)
-    assert "constexpr int32_t kDispatchBlockA = 128;" in header
+    table = (tmp_path / "rqMoeKernelTable.h").read_text()
+    assert "constexpr int32_t kDispatchBlockA = 128;" in table
+    assert f"kEmbeddedArchs[kNumEmbeddedArchs > 0 ? kNumEmbeddedArchs : 1] = {{{arch}}};" in table
+    assert re.search(rf'"combine_f32", "\w+", {arch}, {"true" if arch >= 90 else "false"},', header), \
+        "sm_90 and later cubins are marked architecture-specific (Triton emits sm_XYa code)"
+
+
+def test_activation_table_is_rq_core_experts():
+    """The C++ table the plugin switches on is generated from the one Python definition (docs/spec.md §8)."""
+    from rq.core.experts import ACTIVATIONS, GLU_ACTIVATIONS
+
+    assert [name for name, _ in aot.activation_table()] == list(ACTIVATIONS)
+    lines = "\n".join(aot.activation_lines())
+    assert ", ".join(f'"{a}"' for a in ACTIVATIONS) in lines
+    assert ", ".join("true" if a in GLU_ACTIVATIONS else "false" for a in ACTIVATIONS) in lines
+
+
+@pytest.mark.parametrize("arch", [a for a in aot.DEFAULT_ARCHS if a not in (80, 90)])
+def test_every_default_arch_compiles_within_its_shared_memory(tmp_path, arch):
+    """Each compute capability the plugin ships cubins for compiles, the largest variant within its shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-m", "rq.kernels.aot", "--out", str(tmp_path), "--arch", str(arch),
+                          "--only", LARGEST], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (meta,) = json.loads((tmp_path / "rq_kernels.json").read_text())["kernels"]
+    assert meta["arch"] == arch and 0 < meta["shared"] <= aot.MAX_SHARED_BYTES[arch]
+    assert meta["sm"] == f"sm_{arch}" + ("a" if arch >= 90 else "")

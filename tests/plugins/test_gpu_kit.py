@@ -1,0 +1,41 @@
+"""benchmarks/gpu/run.sh, the GPU bring-up kit, where no GPU is: its syntax, its arguments, and a dry run that
+checks the tools and every option of the commands it would run (the driver it builds compiles in
+test_plugin_driver.py; the run itself needs a GPU)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
+STEPS = ("env", "plugin", "host", "pytest", "driver", "bench", "trt")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("cmake") is None, reason="needs bash, cmake")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_syntax():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+def test_arguments():
+    for args in ((), ("--bogus", "x"), ("a", "b")):
+        run = _run(*args)
+        assert run.returncode == 2 and "usage:" in run.stderr, (args, run.stderr)
+
+
+def test_dry_run_plans_every_step_within_eight_minutes(tmp_path):
+    run = _run("--dry-run", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    planned = [line.split("[")[1].split(",")[0] for line in run.stdout.splitlines() if line.startswith("would run [")]
+    assert tuple(planned) == STEPS, run.stdout
+    limits = [int(line.split("<= ")[1].split("s]")[0]) for line in run.stdout.splitlines() if line.startswith("would run [")]
+    assert sum(limits) <= 8 * 60
+    assert "--tokens-per-expert 1 16 128 512" in run.stdout and "check" in run.stdout and "--trt" in run.stdout
