@@ -20,6 +20,12 @@ def phy2log(logcnt: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(logcnt.numel(), device=logcnt.device), logcnt)
 
 
+def copy_index(logcnt: torch.Tensor) -> torch.Tensor:
+    """``[P]`` copy index ``c`` of each physical copy: ``phys(e, c) - phys_base[e]`` (0 = the primary)."""
+    logcnt = logcnt.to(torch.int64)
+    return torch.arange(int(logcnt.sum()), device=logcnt.device) - phys_base(logcnt)[phy2log(logcnt)]
+
+
 def assignment_ranks(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Rank ``n`` of each assignment among those routed to the same expert, token-major (docs/spec.md §1, §4).
 
@@ -83,8 +89,7 @@ def split_load(load: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor |
     """
     load = load.to(torch.int64)
     logcnt = logcnt.to(torch.int64)
-    owner = phy2log(logcnt)
-    copy = torch.arange(owner.numel(), device=load.device) - phys_base(logcnt)[owner]
+    owner, copy = phy2log(logcnt), copy_index(logcnt)
     offs = torch.zeros(logcnt.numel(), dtype=torch.int64, device=load.device) if offsets is None else offsets.to(torch.int64)
     c = logcnt[owner]
     shifted = (copy - offs[owner]) % c  # position of this copy in the rotation starting at the offset
