@@ -240,9 +240,10 @@ def read_trtllm_placement(path: str | Path, num_experts: int) -> dict[int, torch
     if not isinstance(table, dict) or not table:
         raise RQError(f"{path}: 'initial_global_assignments' must map decoder layers to {num_slots} logical ids each")
     out: dict[int, torch.Tensor] = {}
-    for layer, ids in table.items():
+    for key, ids in table.items():
+        layer = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key  # pydantic's Dict[int, ...]
         if type(layer) is not int or layer < 0:
-            raise RQError(f"{path}: initial_global_assignments key {layer!r} is not a decoder layer index")
+            raise RQError(f"{path}: initial_global_assignments key {key!r} is not a decoder layer index")
         if not isinstance(ids, list) or len(ids) != num_slots or any(type(v) is not int for v in ids):
             raise RQError(f"{path}: initial_global_assignments[{layer}] must be a list of {num_slots} integer ids")
         out[layer] = id_tensor(ids, path, f"initial_global_assignments[{layer}]", (1,), num_experts)
