@@ -71,7 +71,6 @@ def plot_layers(sim: Simulation, plan: Plan, decoder: list[int], num_gpus: int, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     load_sets = list(sim.loads["rq"])
@@ -88,37 +87,42 @@ def plot_layers(sim: Simulation, plan: Plan, decoder: list[int], num_gpus: int, 
                 lis_v = float(rel[0])
                 ax.step(range(1, num_gpus + 1), rel.tolist(), where="mid", color=colors[name],
                         label=f"{METHOD_LABELS[name]} [{sim.slots[name]} slots]: LIS {lis_v:.2f}")
-            ax.axhline(1.0, color="black", lw=0.8, ls=":")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("device, sorted by load (most loaded first)")
-            ax.set_title(f"{key} loads")
-            ax.grid(alpha=0.3)
+            _frame(ax, key, "device, sorted by load (most loaded first)")
             ax.legend(fontsize=7, loc="upper right")
         axes[0][0].set_ylabel("device load / mean device load")
         fig.suptitle(f"MoE layer {li} (decoder layer {d}, {plan.layers[li].module}): {num_gpus} devices", fontsize=10)
         fig.tight_layout()
-        path = out_dir / f"layer_{li:03d}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"layer_{li:03d}.png"))
     fig, axes = plt.subplots(1, len(load_sets), figsize=(6.5 * len(load_sets), 4.6), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], load_sets):
         for name in METHODS:
             ax.plot(range(len(decoder)), device_lis(sim.loads[name][key]).tolist(), marker=".", color=colors[name],
                     label=f"{METHOD_LABELS[name]} [{sim.slots[name]} slots]")
-        ax.axhline(1.0, color="black", lw=0.8, ls=":")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("MoE layer")
-        ax.set_title(f"{key} loads")
-        ax.grid(alpha=0.3)
+        _frame(ax, key, "MoE layer")
     axes[0][0].set_ylabel("device LIS (max / mean device load)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"Device load imbalance per layer, {num_gpus} devices ({plan.model.architecture})", fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    path = out_dir / "summary.png"
+    return [_save(fig, out_dir / "summary.png")] + paths
+
+
+def _frame(ax, key: str, xlabel: str) -> None:
+    """The axes every plot shares: the perfect-balance line at 1, integer ticks, a grid, the load set as title."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_title(f"{key} loads")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return [path] + paths
+    return path
 
 

@@ -22,22 +22,10 @@ from rq.plan.schema import save_plan
 from rq.testing.synthetic import synthetic_stats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("mixtral")
-    stats = synthetic_stats("mixtral", num_layers=3, tokens=4096)
-    stats.save(root / "calib")
-    save_plan(make_plan(stats), root / "plan.json")
-    return root
+@pytest.fixture()
+def mixtral(mixtral_plan):
+    """A 3-layer Mixtral-shaped plan (conftest): its folder."""
+    return mixtral_plan[0]
 
 
 # ----------------------------------------------------------------------------- item 5: more devices than copies

@@ -28,15 +28,6 @@ from rq.calibrate.stats import CalibrationStats
 from rq.testing.synthetic import synthetic_stats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny tensor ops: one intra-op thread is faster (and immune to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random_layer(seed: int, max_experts: int = 64, max_gpus: int = 8):
     gen = torch.Generator().manual_seed(seed)
     n = int(torch.randint(4, max_experts, (1,), generator=gen))
@@ -159,18 +150,6 @@ def test_eplb_rebalance_shapes_and_consistency(groups, nodes):
 
 
 # ----------------------------------------------------------------------------- engine files
-
-@pytest.fixture(scope="module")
-def mixtral_plan(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("placement")
-    stats = synthetic_stats("mixtral", num_layers=3, tokens=4096)
-    stats.save(root / "calib")
-    synthetic_stats("mixtral", num_layers=3, tokens=4096, drift=0.25, sample_seed=1).save(root / "held")
-    plan = make_plan(stats)
-    save_plan(plan, root / "plan.json")
-    return root, plan
-
 
 @pytest.fixture(scope="module")
 def deepseek_like(tmp_path_factory):
