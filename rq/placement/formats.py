@@ -1,4 +1,4 @@
-"""Engine file formats for expert placement (docs/spec.md §7), and importers of engine load statistics.
+"""Engine file formats for expert placement (docs/spec.md §7), and the model shapes placement reads from config.json.
 
 Writers (tensors from :mod:`rq.placement.place` in, one file out; shapes as the engines load them):
 

@@ -14,9 +14,10 @@ Vocabulary (DeepSeek EPLB's, shared with :mod:`rq.core.replica`), per MoE layer 
 The placement minimises the maximum device load: per-copy loads come from the replica rule
 (:func:`rq.core.replica.split_load`), copies are packed onto devices with exactly ``P/G`` per device (greedy
 longest-processing-time with a cardinality limit, then pairwise swaps off the most loaded device), and
-two copies of one expert never share a device when it can be avoided. With ``num_nodes > 1`` the
-packing is hierarchical like EPLB: copies go to nodes first (an expert's copies, or a router group's
-experts, stay on one node where they fit), then to the node's devices.
+two copies of one expert never share a device when it can be avoided; replicas then move between experts
+where that balances devices better (:func:`rebalance_copies`). With ``num_nodes > 1`` and router groups that
+split over the nodes the packing is hierarchical like EPLB: a group's primaries go to one node, then copies to
+the node's devices; otherwise it is flat over all devices, EPLB's global policy.
 
 :func:`eplb_rebalance` re-implements DeepSeek EPLB's published algorithm (greedy replication by
 per-copy load, then balanced packing, hierarchical over nodes) as the baseline the simulation compares
