@@ -27,6 +27,7 @@ from rq.plan.schema import CalibrationInfo, ModelInfo
 # TensorRT-LLM's per-rank bincounts; the same folder may hold rank{r}_raw.safetensors (raw token_selected_experts
 # per iteration and layer, written by some versions next to the counts) and rank{r}_numtokens.json: not counts.
 _TRTLLM_COUNTS = re.compile(r"rank(\d+)\.safetensors")
+_INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 def _load_obj(path: Path):
@@ -64,9 +65,6 @@ def counts_tensor(value, path: Path, key: str, dims: tuple[int, ...]) -> torch.T
     if bool((tensor < 0).any()):
         raise RQError(f"{path}: '{key}' holds negative values, expected counts >= 0")
     return tensor
-
-
-_INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 def id_tensor(value, path: Path, key: str, dims: tuple[int, ...], limit: int | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ against; :func:`device_loads` and :func:`device_lis` are the makespan simulation
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -243,14 +244,15 @@ def _score(device_load: np.ndarray) -> tuple[float, float]:
 
 
 def rebalance_copies(load: torch.Tensor, logcnt: torch.Tensor, num_gpus: int,
-                     evaluate, max_evals: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+                     evaluate: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], max_evals: int = 256,
+                     givers: int = 4) -> tuple[torch.Tensor, np.ndarray]:
     """Move replicas between experts while that lowers the most loaded device: ``(logcnt [N], device [P])``.
 
     The replica greedy (the planner's, EPLB's, :func:`fit_logcnt`) picks copies by per-copy load, blind to how
     the copies then pack: with few experts per device its copies can be too coarse to fill every device evenly
     without putting two copies of one expert on a device (which EPLB does). Local search: from ``logcnt``, try
-    moving one copy to an expert held by the most loaded device from one of the experts whose copies would stay
-    lightest, repack with ``evaluate(logcnt) -> (device [P], device_load [G])``, keep the best move that lowers
+    moving one copy to an expert held by the most loaded device from one of the ``givers`` experts whose copies
+    would stay lightest, repack with ``evaluate(logcnt) -> (device [P], device_load [G])``, keep the best move that lowers
     the score (:func:`_score`); stop when none does, when the most loaded device is within ``BALANCE_TOLERANCE``
     of the mean, or after ``max_evals`` packings.
     Every expert keeps 1..G copies, the total stays ``P``, and no copy gets heavier than ``1 + COPY_SLACK`` times
@@ -268,10 +270,11 @@ def rebalance_copies(load: torch.Tensor, logcnt: torch.Tensor, num_gpus: int,
         hot = np.unique(owner[device == int(np.argmax(dev_load))])
         takers = [int(b) for b in hot if cnt[b] < num_gpus]
         after = torch.where(cnt > 1, -(-load // (cnt - 1).clamp(min=1)), torch.full_like(load, 1 << 62))
-        givers = [int(a) for a in torch.argsort(after.to(torch.float64), stable=True)[:4] if float(after[a]) <= heaviest]
+        donors = [int(a) for a in torch.argsort(after.to(torch.float64), stable=True)[:givers]
+                  if float(after[a]) <= heaviest]
         trial = None
         for b in takers:
-            for a in givers:
+            for a in donors:
                 if a == b or evals >= max_evals:
                     continue
                 cand = cnt.clone()
