@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from rq.core.lis import fmt
-from rq.placement.run import METHOD_LABELS, METHODS, byte_unit, place_plan
+from rq.placement.report import summary_table
+from rq.placement.run import place_plan
 from rq.plan.planner import PlanOptions, make_plan
 from rq.plan.schema import save_plan
 from rq.calibrate.stats import CalibrationStats
@@ -54,21 +54,8 @@ def run_case(name: str, stats: CalibrationStats, heldout: CalibrationStats | Non
 
 
 def table(result: dict) -> str:
-    rows = {r["method"]: r for r in result["manifest"]["simulation"]}
-    sets = [k for k in ("calibration", "held-out") if k in rows["rq"]]
-    unit, div = byte_unit(list(rows.values()))
-    head = f"| method | slots | slots/GPU | expert {unit}/GPU max (mean) |" + "".join(
-        f" device LIS ({k}) mean / worst | makespan ({k}) |" for k in sets)
-    lines = [head, "|---|---:|---:|---:|" + "---:|---:|" * len(sets)]
-    for name in METHODS:
-        r = rows[name]
-        line = (f"| {METHOD_LABELS[name]} | {r['slots']} | {r['slots_per_gpu']:.2f} | "
-                f"{r['expert_bytes_per_gpu'] / div:.1f} ({r['expert_bytes_per_gpu_mean'] / div:.1f}) |")
-        for k in sets:
-            s = r[k]
-            line += f" {fmt(s['device_lis_mean'], 3)} / {fmt(s['device_lis_worst'], 3)} | {s['makespan_ratio']:.3f} |"
-        lines.append(line)
-    return "\n".join(lines)
+    rows = result["manifest"]["simulation"]
+    return summary_table(rows, [k for k in ("calibration", "held-out") if k in rows[-1]], digits=1, joined=True)
 
 
 def describe(result: dict) -> str:
@@ -130,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
              dict(devices=32, nodes=4, groups=8, slots_per_device=9)),
             ("DeepSeek-V3-like, EP32 flat (one node: EPLB's global policy)", ds, ds_held, dict(devices=32)),
             ("DeepSeek-V3-like, EP64 (8 nodes x 8)", ds, ds_held, dict(devices=64, nodes=8, groups=8)),
+            ("DeepSeek-V3-like, EP16 (2 nodes x 8)", ds, ds_held, dict(devices=16, nodes=2, groups=8)),
             ("Mixtral-8x7B-like, EP4", mx, mx_held, dict(devices=4)),
             ("Mixtral-8x7B-like, EP8", mx, mx_held, dict(devices=8)),
+            ("Mixtral-8x7B-like, EP8 (2 nodes x 4)", mx, mx_held, dict(devices=8, nodes=2)),
         ]
         if args.quick:
-            cases = [cases[0], cases[5]]
+            cases = [cases[0], cases[6]]
         demo = None
         if args.demo_stats is not None:
             demo = (CalibrationStats.load(args.demo_stats),
@@ -143,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             demo = demo_stats(args.demo_sequences)
         if demo is not None:
             n = demo[0].model.num_experts
-            for g in (2, 4, 8):
+            for g, nodes in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2)):
                 if g <= n:
-                    name = f"demo model ({demo[0].model.architecture}), EP{g}"
-                    cases.append((name, demo[0], demo[1], dict(devices=g)))
+                    where = f" ({nodes} nodes x {g // nodes})" if nodes > 1 else ""
+                    name = f"demo model ({demo[0].model.architecture}), EP{g}{where}"
+                    cases.append((name, demo[0], demo[1], dict(devices=g, nodes=nodes)))
         for name, stats, held, kw in cases:
             result = run_case(name, stats, held, root, **kw)
             results.append(result)

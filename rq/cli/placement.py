@@ -20,6 +20,8 @@ _HELP = {
            "(stays within the plan's bytes), 'error' refuse",
     "inputs": "dump file(s): SGLang recorder .pt, vLLM EPLB state .pt/.safetensors/.json, or the TensorRT-LLM "
               "statistic folder",
+    "placement": "TensorRT-LLM only: the load balancer YAML the server ran with (moe_config.load_balancer); its "
+                 "statistics then count slot ids, which this maps to logical experts",
 }
 
 
@@ -45,8 +47,8 @@ def place(
 
     with single_thread():
         place_plan(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device,
-                   pad, formats, plots, echo=None if quiet else typer.echo)
-
+                   pad, formats, plots, echo=None if quiet else typer.echo,
+                   warn=None if quiet else (lambda line: typer.echo(line, err=True)))
 
 
 @command("import-loads")
@@ -56,12 +58,13 @@ def import_loads(
     config: Annotated[Path, typer.Option(help="the model's Hugging Face config.json")],
     out: Annotated[Path, typer.Option("--out", help="stats folder to write (stats.json + stats.safetensors)")],
     group_size: Annotated[int, typer.Option(help="INT4 group size the plan will use (64 or 128)")] = 128,
+    placement: Annotated[Optional[Path], typer.Option(help=_HELP["placement"])] = None,
     quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
 ) -> None:
     """Turn per-expert loads recorded by a serving engine into rq stats, for `rq plan` (importance = frequency)."""
     from rq.placement.run import import_stats
 
-    stats = import_stats(engine, inputs, config, out, group_size)
+    stats = import_stats(engine, inputs, config, out, group_size, placement)
     if not quiet:
         typer.echo(f"{len(stats.layers)} MoE layers x {stats.model.num_experts} experts, {stats.calibration.tokens} "
                    f"tokens from {engine} -> {out} (importance metrics are the load: plan with frequency)")

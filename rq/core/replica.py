@@ -22,6 +22,12 @@ def phy2log(logcnt: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(logcnt.numel(), device=logcnt.device), logcnt)
 
 
+def copy_index(logcnt: torch.Tensor) -> torch.Tensor:
+    """``[P]`` copy index ``c`` of each physical copy: ``phys(e, c) - phys_base[e]`` (0 = the primary)."""
+    logcnt = logcnt.to(torch.int64)
+    return torch.arange(int(logcnt.sum()), device=logcnt.device) - phys_base(logcnt)[phy2log(logcnt)]
+
+
 def assignment_ranks(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Rank ``n`` of each assignment among those routed to the same expert, token-major (docs/spec.md §1, §4).
 
@@ -108,7 +114,7 @@ class CopySplit(NamedTuple):
 def copy_split(logcnt: torch.Tensor) -> CopySplit:
     logcnt = logcnt.to(torch.int64)
     owner = phy2log(logcnt)
-    return CopySplit(owner, torch.arange(owner.numel(), device=logcnt.device) - phys_base(logcnt)[owner], logcnt[owner])
+    return CopySplit(owner, copy_index(logcnt), logcnt[owner])
 
 
 def physical_ids(ids: torch.Tensor, logcnt: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Expert-parallel placement of a plan's copies on devices (``place``, pure), the files the serving engines load
-(``formats``: SGLang, vLLM, TensorRT-LLM, EPLB) and the device-LIS simulation against DeepSeek EPLB (``run``)."""
+(``formats``: SGLang, vLLM, TensorRT-LLM, EPLB), what each engine does with them (``engines``), engine load
+dumps as rq stats (``loads``), tables and plots (``report``) and the device-LIS simulation against DeepSeek EPLB
+with the ``rq place`` / ``rq import-loads`` entry points (``run``)."""
 
 # File formats and engines, here (no torch) so that the command line can list them without loading a stage.
 FORMATS = ("sglang", "vllm", "vllm-ascend", "trtllm", "eplb")

@@ -14,9 +14,10 @@ Vocabulary (DeepSeek EPLB's, shared with :mod:`rq.core.replica`), per MoE layer 
 The placement minimises the maximum device load: per-copy loads come from the replica rule
 (:func:`rq.core.replica.split_load`), copies are packed onto devices with exactly ``P/G`` per device (greedy
 longest-processing-time with a cardinality limit, then pairwise swaps off the most loaded device), and
-two copies of one expert never share a device when it can be avoided. With ``num_nodes > 1`` the
-packing is hierarchical like EPLB: copies go to nodes first (an expert's copies, or a router group's
-experts, stay on one node where they fit), then to the node's devices.
+two copies of one expert never share a device when it can be avoided; replicas then move between experts
+where that balances devices better (:func:`rebalance_copies`). With ``num_nodes > 1`` and router groups that
+split over the nodes the packing is hierarchical like EPLB: a group's primaries go to one node, then copies to
+the node's devices; otherwise it is flat over all devices, EPLB's global policy.
 
 :func:`eplb_rebalance` re-implements DeepSeek EPLB's published algorithm (greedy replication by
 per-copy load, then balanced packing, hierarchical over nodes) as the baseline the simulation compares
@@ -25,20 +26,21 @@ against; :func:`device_loads` and :func:`device_lis` are the makespan simulation
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import numpy as np
 import torch
 
 from rq.core.lis import lis
-from rq.core.replica import split_load
+from rq.core.replica import copy_index, phy2log, split_load
 
-
-def owners(logcnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(owner [P], copy [P])``: logical expert and copy index of each rq physical id (logical-major)."""
-    logcnt = logcnt.to(torch.int64)
-    total = int(logcnt.sum())
-    owner = torch.repeat_interleave(torch.arange(logcnt.numel()), logcnt, output_size=total)
-    base = torch.cumsum(logcnt, 0) - logcnt
-    return owner, torch.arange(total) - base[owner]
+# Device-aware copy counts may make a copy at most this much heavier than the heaviest copy of the fitted counts:
+# fitting the calibration loads exactly with a few large copies would not survive loads that drift (held-out).
+COPY_SLACK = 0.25
+# ... and are not searched for once the most loaded device is within this fraction of the mean: closer than that
+# the calibration loads' own sampling noise decides, not the placement.
+BALANCE_TOLERANCE = 1e-3
 
 
 def fit_logcnt(load: torch.Tensor, logcnt: torch.Tensor, num_phy: int, max_copies: int) -> torch.Tensor:
@@ -172,48 +174,6 @@ def balanced_packing(weight: torch.Tensor, num_packs: int, owner: torch.Tensor |
     return torch.from_numpy(pack)
 
 
-def _pack_nodes(weight: np.ndarray, unit: np.ndarray, owner: np.ndarray, num_nodes: int, per_node: int) -> np.ndarray:
-    """Node of each item: whole units (an expert's copies, or a router group) to the least loaded node with
-    room, heaviest unit first, on nodes where no expert would exceed ``per_node`` copies (one per device)
-    when possible; a unit that fits nowhere whole is spread copy by copy. Then swaps repair experts over
-    ``per_node`` copies on a node and single copies move between nodes where that lowers the most loaded
-    node (so a unit may end up split). Returns ``[n]`` int64."""
-    n = weight.size
-    cap = n // num_nodes
-    node = np.full(n, -1, dtype=np.int64)
-    load = np.zeros(num_nodes)
-    count = np.zeros(num_nodes, dtype=np.int64)
-    held = np.zeros((num_nodes, int(owner.max(initial=-1)) + 1), dtype=np.int64)
-    ids, inverse = np.unique(unit, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    unit_load = np.bincount(inverse, weights=weight, minlength=ids.size)
-
-    def put(items: np.ndarray, nd: int) -> None:
-        node[items] = nd
-        load[nd] += weight[items].sum()
-        count[nd] += items.size
-        np.add.at(held[nd], owner[items], 1)
-
-    def pick(room: np.ndarray, spread: np.ndarray) -> int:
-        cand = np.flatnonzero(room & spread) if (room & spread).any() else np.flatnonzero(room)
-        return int(cand[np.argmin(load[cand])])
-
-    for u in np.lexsort((np.arange(ids.size), -unit_load)):
-        items = np.flatnonzero(inverse == u)
-        items = items[np.lexsort((items, -weight[items]))]
-        need = np.bincount(owner[items], minlength=held.shape[1])
-        room = count + items.size <= cap
-        if room.any():
-            put(items, pick(room, (held + need[None, :] <= per_node).all(-1)))
-            continue
-        for i in items:
-            put(np.array([i]), pick(count < cap, held[:, owner[i]] < per_node))
-    everything, same = np.ones(n, dtype=bool), np.zeros(n, dtype=np.int64)
-    _spread(node, weight, owner, load, held, per_node, everything, same)
-    _refine(node, weight, owner, load, held, per_node, everything, same)
-    return node
-
-
 def _pack_nodes_grouped(weight: np.ndarray, owner: np.ndarray, copy: np.ndarray, group: np.ndarray,
                         num_nodes: int, per_node: int) -> np.ndarray:
     """Node of each item when router groups matter: groups go to nodes (equal groups per node, balanced by
@@ -251,46 +211,119 @@ def _pack_nodes_grouped(weight: np.ndarray, owner: np.ndarray, copy: np.ndarray,
     return node
 
 
+def _grouped(n: int, num_nodes: int, num_groups: int) -> bool:
+    """Whether router groups shape the placement: several nodes, and groups that split evenly over them."""
+    return num_nodes > 1 and num_groups > 1 and num_groups % num_nodes == 0 and n % num_groups == 0
+
+
+def _devices(load: torch.Tensor, logcnt: torch.Tensor, num_gpus: int, num_nodes: int, num_groups: int,
+             original: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(device [P], device_load [G])`` of each rq copy (logical-major) for fixed ``logcnt``: balanced packing of
+    the replica-rule loads, hierarchical (groups to nodes, then devices) when :func:`_grouped`, else flat over
+    all devices, EPLB's global policy (balanced devices make balanced nodes)."""
+    owner, copy = phy2log(logcnt), copy_index(logcnt)
+    weight = split_load(load, logcnt).to(torch.float64)
+    big = (copy == 0) & (original[owner] if original is not None else torch.zeros(owner.numel(), dtype=torch.bool))
+    n = logcnt.numel()
+    if not _grouped(n, num_nodes, num_groups):
+        device = balanced_packing(weight, num_gpus, owner, big=big).numpy()
+    else:
+        per_node = num_gpus // num_nodes
+        group = (torch.arange(n) // (n // num_groups)).numpy()
+        node = _pack_nodes_grouped(weight.numpy(), owner.numpy(), copy.numpy(), group, num_nodes, per_node)
+        device = np.empty(owner.numel(), dtype=np.int64)
+        for nd in range(num_nodes):
+            idx = np.flatnonzero(node == nd)
+            device[idx] = nd * per_node + balanced_packing(weight[idx], per_node, owner[idx], big=big[idx]).numpy()
+    return device, np.bincount(device, weights=weight.numpy(), minlength=num_gpus)
+
+
+def _score(device_load: np.ndarray) -> tuple[float, float]:
+    """Placements compare by the most loaded device, then by the sum of squared device loads."""
+    return float(device_load.max()), float(np.square(device_load).sum())
+
+
+def rebalance_copies(load: torch.Tensor, logcnt: torch.Tensor, num_gpus: int,
+                     evaluate: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]], max_evals: int = 256,
+                     givers: int = 4) -> tuple[torch.Tensor, np.ndarray]:
+    """Move replicas between experts while that lowers the most loaded device: ``(logcnt [N], device [P])``.
+
+    The replica greedy (the planner's, EPLB's, :func:`fit_logcnt`) picks copies by per-copy load, blind to how
+    the copies then pack: with few experts per device its copies can be too coarse to fill every device evenly
+    without putting two copies of one expert on a device (which EPLB does). Local search: from ``logcnt``, try
+    moving one copy to an expert held by the most loaded device from one of the ``givers`` experts whose copies
+    would stay lightest, repack with ``evaluate(logcnt) -> (device [P], device_load [G])``, keep the best move that lowers
+    the score (:func:`_score`); stop when none does, when the most loaded device is within ``BALANCE_TOLERANCE``
+    of the mean, or after ``max_evals`` packings.
+    Every expert keeps 1..G copies, the total stays ``P``, and no copy gets heavier than ``1 + COPY_SLACK`` times
+    the heaviest copy of ``logcnt``.
+    """
+    load = load.to(torch.int64)
+    cnt = logcnt.to(torch.int64).clone()
+    device, dev_load = evaluate(cnt)
+    best = _score(dev_load)
+    heaviest = float(split_load(load, cnt).max()) * (1 + COPY_SLACK)
+    floor = math.ceil(float(load.sum()) / num_gpus * (1 + BALANCE_TOLERANCE))
+    evals = 1
+    while evals < max_evals and best[0] > floor:
+        owner = phy2log(cnt).numpy()
+        hot = np.unique(owner[device == int(np.argmax(dev_load))])
+        takers = [int(b) for b in hot if cnt[b] < num_gpus]
+        after = torch.where(cnt > 1, -(-load // (cnt - 1).clamp(min=1)), torch.full_like(load, 1 << 62))
+        donors = [int(a) for a in torch.argsort(after.to(torch.float64), stable=True)[:givers]
+                  if float(after[a]) <= heaviest]
+        trial = None
+        for b in takers:
+            for a in donors:
+                if a == b or evals >= max_evals:
+                    continue
+                cand = cnt.clone()
+                cand[a] -= 1
+                cand[b] += 1
+                dev, dl = evaluate(cand)
+                evals += 1
+                if _score(dl) < (best if trial is None else trial[0]):
+                    trial = (_score(dl), cand, dev, dl)
+        if trial is None:
+            break
+        best, cnt, device, dev_load = trial
+    return cnt, device
+
+
 def place_layer(load: torch.Tensor, logcnt: torch.Tensor, num_gpus: int, num_nodes: int = 1,
-                num_groups: int = 1, original: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                num_groups: int = 1, original: torch.Tensor | None = None,
+                rebalance: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place one layer's copies on ``num_gpus`` devices.
 
     load: ``[N]`` assignment counts; logcnt: ``[N]`` copies per expert, ``P = sum(logcnt)`` a multiple of
     ``num_gpus``; num_nodes divides num_gpus; num_groups: router expert groups (DeepSeek ``n_group``): when
     ``num_nodes > 1`` and ``num_groups % num_nodes == 0``, the primary copies of a group's experts share a
-    node (replicas may live elsewhere). original: ``[N]`` bool, experts whose primary stays at original
-    precision (the plan's ``precision``): those primaries are spread evenly over each node's devices, so
-    per-copy precision does not pile bytes onto one device (engines store one precision; rq's runtime does not).
-    Returns ``phy2log [P]`` (slot -> logical, device-major, slots of a device ordered by expert then copy)
-    and ``log2phy [N, max(logcnt)]`` (slot of copy c of e).
+    node (replicas may live elsewhere); otherwise the packing is flat. original: ``[N]`` bool, experts whose
+    primary stays at original precision (the plan's ``precision``): those primaries are spread evenly over each
+    node's devices, so per-copy precision does not pile bytes onto one device (engines store one precision;
+    rq's runtime does not). rebalance: move replicas between experts where that balances devices better
+    (:func:`rebalance_copies`). Returns ``phy2log [P]`` (slot -> logical, device-major, slots of a device ordered
+    by expert then copy), ``log2phy [N, max(logcnt)]`` (slot of copy c of e) and the ``logcnt [N]`` placed.
     """
     n = logcnt.numel()
-    owner, copy = owners(logcnt)
-    num_phy = owner.numel()
+    num_phy = int(logcnt.sum())
     assert num_phy % num_gpus == 0, f"{num_phy} copies do not split evenly over {num_gpus} devices"
     assert num_gpus % num_nodes == 0, f"{num_gpus} devices do not split evenly over {num_nodes} nodes"
-    weight = split_load(load, logcnt).to(torch.float64)
-    big = (copy == 0) & (original[owner] if original is not None else torch.zeros(num_phy, dtype=torch.bool))
-    if num_nodes == 1:
-        device = balanced_packing(weight, num_gpus, owner, big=big).numpy()
+
+    def evaluate(cnt: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return _devices(load, cnt, num_gpus, num_nodes, num_groups, original)
+
+    if rebalance:
+        logcnt, device = rebalance_copies(load, logcnt, num_gpus, evaluate)
     else:
-        per_node = num_gpus // num_nodes
-        if num_groups > 1 and num_groups % num_nodes == 0 and n % num_groups == 0:
-            group = (torch.arange(n) // (n // num_groups)).numpy()
-            node = _pack_nodes_grouped(weight.numpy(), owner.numpy(), copy.numpy(), group, num_nodes, per_node)
-        else:  # an expert's copies, in chunks that fit one per device of a node
-            unit = (owner * (int(logcnt.max()) + 1) + copy // per_node).numpy()
-            node = _pack_nodes(weight.numpy(), unit, owner.numpy(), num_nodes, per_node)
-        device = np.empty(num_phy, dtype=np.int64)
-        for nd in range(num_nodes):
-            idx = np.flatnonzero(node == nd)
-            device[idx] = nd * per_node + balanced_packing(weight[idx], per_node, owner[idx], big=big[idx]).numpy()
+        logcnt, device = logcnt.to(torch.int64), evaluate(logcnt)[0]
+    owner, copy = phy2log(logcnt), copy_index(logcnt)
     order = np.lexsort((copy.numpy(), owner.numpy(), device))
     slot = torch.empty(num_phy, dtype=torch.int64)
     slot[torch.from_numpy(order)] = torch.arange(num_phy)
     log2phy = torch.full((n, int(logcnt.max())), -1, dtype=torch.int64)
     log2phy[owner, copy] = slot
-    return owner[torch.from_numpy(order)], log2phy
+    return owner[torch.from_numpy(order)], log2phy, logcnt
 
 
 def _stack(phy2logs: list[torch.Tensor], log2phys: list[torch.Tensor], logcnts: list[torch.Tensor]):
@@ -300,15 +333,15 @@ def _stack(phy2logs: list[torch.Tensor], log2phys: list[torch.Tensor], logcnts: 
 
 
 def place(load: torch.Tensor, logcnt: torch.Tensor, num_gpus: int, num_nodes: int = 1, num_groups: int = 1,
-          original: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          original: torch.Tensor | None = None, rebalance: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`place_layer` for every layer. load, logcnt: ``[L, N]`` (every row of logcnt sums to the same
     ``P``); original: ``[L, N]`` bool or None. Returns ``phy2log [L, P]``, ``log2phy [L, N, X]`` (-1 padded),
-    ``logcnt [L, N]``."""
+    ``logcnt [L, N]`` as placed (the same ``P`` per layer; :func:`rebalance_copies` may move replicas)."""
     sums = logcnt.sum(-1)
     assert bool((sums == sums[0]).all()), f"every layer needs the same number of copies, got {sums.tolist()}"
     rows = [place_layer(load[i], logcnt[i], num_gpus, num_nodes, num_groups,
-                        None if original is None else original[i]) for i in range(load.shape[0])]
-    return _stack([r[0] for r in rows], [r[1] for r in rows], list(logcnt))
+                        None if original is None else original[i], rebalance) for i in range(load.shape[0])]
+    return _stack([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
 def trivial_placement(num_layers: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -359,7 +392,7 @@ def eplb_rebalance(weight: torch.Tensor, num_phy: int, num_groups: int, num_node
                                  for g in torch.nonzero(group_node == nd).flatten().tolist()])
             cnt = replicate_experts(w[experts], per_node_phy)
             logcnt[experts] = cnt
-            owner_local, rank = owners(cnt)
+            owner_local, rank = phy2log(cnt), copy_index(cnt)
             owner = experts[owner_local]
             per_copy = w[owner] / cnt[owner_local]
             device = nd * per_node_gpus + balanced_packing(per_copy, per_node_gpus, refine=False)
@@ -378,7 +411,7 @@ def eplb_rebalance(weight: torch.Tensor, num_phy: int, num_groups: int, num_node
 def slot_loads(load: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
     """``[P]`` float64 load of each slot when ``load [N]`` assignments reach the layer and copy c of e (in
     slot ``log2phy[e, c]``) gets its docs/spec.md §4 share (:func:`rq.core.replica.split_load`)."""
-    owner, copy = owners(logcnt)
+    owner, copy = phy2log(logcnt), copy_index(logcnt)
     out = torch.zeros(owner.numel(), dtype=torch.float64)
     out[log2phy[owner, copy]] = split_load(load, logcnt).to(torch.float64)
     return out

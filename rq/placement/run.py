@@ -14,18 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rq import __version__
-from rq.errors import RQError
-from rq.core.lis import fmt
-from rq.placement.place import (colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt, makespan_ratio, place,
-                          trivial_placement, unavoidable_colocated)
-from rq.placement.formats import (DTYPE_BYTES, ENGINES, FILENAMES, FORMATS, check_formats, decoder_layers,
-                                  import_loads, model_shape, write_formats)
-from rq.plan.planner import expert_int4_bytes
-from rq.plan.schema import Plan, atomic_write_text, load_plan
+from rq.atomic import atomic_write_text, staged_dir
 from rq.calibrate.stats import CalibrationStats
+from rq.errors import RQError
+from rq.placement import FILENAMES, FORMATS
+from rq.placement.engines import engine_flags, engine_warnings
+from rq.placement.formats import DTYPE_BYTES, check_formats, decoder_layers, model_shape, write_formats
+from rq.placement.loads import import_loads
+from rq.placement.place import (colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt, makespan_ratio, place,
+                                trivial_placement, unavoidable_colocated)
+from rq.placement.report import METHOD_LABELS, METHODS, layers_table, plot_layers, summary_table
+from rq.plan.planner import expert_int4_bytes
+from rq.plan.schema import Plan, load_plan
 
 PLACEMENT_VERSION = 1
 
@@ -40,9 +44,6 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
-METHODS = ("before", "eplb_same_slots", "eplb_same_memory", "rq")
-METHOD_LABELS = {"before": "no replicas, contiguous (engine default)", "eplb_same_slots": "EPLB, same slots",
-                 "eplb_same_memory": "EPLB, same memory", "rq": "R&Q placement"}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -101,8 +102,12 @@ def rq_bytes(plan: Plan, logcnt: torch.Tensor, orig: torch.Tensor, q: torch.Tens
 class Target:
     num_phy: int
     logcnt: torch.Tensor  # [L, N] fitted
-    added: list[int]
-    removed: list[int]
+
+
+def copy_changes(plan: Plan, logcnt: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Copies added and removed per layer, placed ``logcnt [L, N]`` against the plan's."""
+    diff = logcnt - torch.tensor([layer.logcnt for layer in plan.layers], dtype=torch.int64)
+    return diff.clamp(min=0).sum(-1).tolist(), (-diff).clamp(min=0).sum(-1).tolist()
 
 
 def target_logcnt(plan: Plan, loads: torch.Tensor, num_gpus: int, slots_per_device: int | None,
@@ -119,6 +124,12 @@ def target_logcnt(plan: Plan, loads: torch.Tensor, num_gpus: int, slots_per_devi
     least = math.ceil(n / num_gpus) * num_gpus
     if pad not in ("replicate", "trim", "error"):
         raise RQError(f"--pad must be 'replicate', 'trim' or 'error', got '{pad}'")
+    largest = int(per_layer.max())
+    if slots_per_device is None and largest < num_gpus:
+        raise RQError(f"the plan has at most {largest} copies per layer but --devices {num_gpus}: {num_gpus - largest} "
+                      f"devices would hold none of its copies (rq place would add replicas the plan did not budget); "
+                      f"use --devices {largest} or fewer, plan more replicas (rq plan --budget), or set "
+                      f"--slots-per-device to pad on purpose")
     if slots_per_device is not None:
         if slots_per_device * num_gpus < n:
             raise RQError(f"--slots-per-device {slots_per_device} x {num_gpus} devices = {slots_per_device * num_gpus} "
@@ -145,8 +156,7 @@ def target_logcnt(plan: Plan, loads: torch.Tensor, num_gpus: int, slots_per_devi
                           f"one per device do not balance devices: rerun with --pad replicate or "
                           f"rq plan --max-replicas")
     fitted = torch.stack([fit_logcnt(loads[i], logcnt[i], num_phy, num_gpus) for i in range(len(plan.layers))])
-    diff = fitted - logcnt
-    return Target(num_phy, fitted, diff.clamp(min=0).sum(-1).tolist(), (-diff).clamp(min=0).sum(-1).tolist())
+    return Target(num_phy, fitted)
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -203,144 +213,39 @@ def summary_rows(sim: Simulation, num_gpus: int) -> list[dict]:
                "slots_per_gpu": sim.slots[name] / num_gpus, "expert_bytes_per_gpu": sim.bytes_per_gpu[name],
                "expert_bytes_per_gpu_mean": mean}
         for key, loads in sim.loads[name].items():
-            values = device_lis(loads)
-            defined = values[~torch.isnan(values)]
-            row[key] = {"device_lis_mean": float(defined.mean()) if defined.numel() else math.nan,
-                        "device_lis_worst": float(defined.max()) if defined.numel() else math.nan,
+            values = device_lis(loads).numpy()
+            defined = values[~np.isnan(values)]  # a layer without load has no LIS (docs/spec.md §2)
+            row[key] = {"device_lis_mean": float(np.mean(defined)) if defined.size else math.nan,
+                        "device_lis_worst": float(np.max(defined)) if defined.size else math.nan,
                         "makespan_ratio": makespan_ratio(loads)}
         rows.append(row)
     return rows
 
 
-def byte_unit(rows: list[dict]) -> tuple[str, float]:
-    """The unit that prints the rows' bytes per GPU readably: GiB, MiB or KiB."""
-    largest = max(r["expert_bytes_per_gpu"] for r in rows)
-    return next((u, d) for u, d in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if largest >= d or u == "KiB")
-
-
-def markdown_summary(rows: list[dict], load_sets: list[str]) -> str:
-    unit, div = byte_unit(rows)
-    head = f"| method | slots | slots/GPU | expert {unit}/GPU max (mean) |"
-    sep = "|---|---:|---:|---:|"
-    for key in load_sets:
-        head += f" device LIS mean ({key}) | worst layer | makespan x ({key}) |"
-        sep += "---:|---:|---:|"
-    lines = [head, sep]
-    for r in rows:
-        line = (f"| {r['label']} | {r['slots']} | {r['slots_per_gpu']:.2f} | {r['expert_bytes_per_gpu'] / div:.2f} "
-                f"({r['expert_bytes_per_gpu_mean'] / div:.2f}) |")
-        for key in load_sets:
-            s = r[key]
-            line += f" {fmt(s['device_lis_mean'], 3)} | {fmt(s['device_lis_worst'], 3)} | {s['makespan_ratio']:.3f} |"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def markdown_layers(sim: Simulation, decoder: list[int], target: Target, plan_counts: list[int]) -> str:
-    load_sets = list(sim.loads["rq"])
-    head = "| layer | decoder | plan copies | placed (+pad/-trim) |"
-    sep = "|---:|---:|---:|---|"
-    for key in load_sets:
-        for name in METHODS:
-            head += f" {name} ({key}) |"
-            sep += "---:|"
-    lines = [head, sep]
-    lis = {name: {key: device_lis(v) for key, v in sim.loads[name].items()} for name in METHODS}
-    for li, d in enumerate(decoder):
-        line = f"| {li} | {d} | {plan_counts[li]} | {target.num_phy} (+{target.added[li]}/-{target.removed[li]}) |"
-        for key in load_sets:
-            for name in METHODS:
-                line += f" {fmt(float(lis[name][key][li]), 3)} |"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def plot_layers(sim: Simulation, plan: Plan, decoder: list[int], num_gpus: int, out_dir: Path) -> list[Path]:
-    """One PNG per layer (device loads / mean, devices sorted by load, per method and load set) and a
-    ``summary.png`` (device LIS per layer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    load_sets = list(sim.loads["rq"])
-    colors = {"before": "tab:gray", "eplb_same_slots": "tab:blue", "eplb_same_memory": "tab:orange", "rq": "tab:green"}
-    paths = []
-    for li, d in enumerate(decoder):
-        fig, axes = plt.subplots(1, len(load_sets), figsize=(5.5 * len(load_sets), 3.8), squeeze=False, sharey=True)
-        for ax, key in zip(axes[0], load_sets):
-            for name in METHODS:
-                loads = sim.loads[name][key][li]
-                if float(loads.sum()) == 0:
-                    continue
-                rel = (loads / loads.mean()).sort(descending=True).values
-                lis_v = float(rel[0])
-                ax.step(range(1, num_gpus + 1), rel.tolist(), where="mid", color=colors[name],
-                        label=f"{METHOD_LABELS[name]} [{sim.slots[name]} slots]: LIS {lis_v:.2f}")
-            ax.axhline(1.0, color="black", lw=0.8, ls=":")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("device, sorted by load (most loaded first)")
-            ax.set_title(f"{key} loads")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper right")
-        axes[0][0].set_ylabel("device load / mean device load")
-        fig.suptitle(f"MoE layer {li} (decoder layer {d}, {plan.layers[li].module}): {num_gpus} devices", fontsize=10)
-        fig.tight_layout()
-        path = out_dir / f"layer_{li:03d}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    fig, axes = plt.subplots(1, len(load_sets), figsize=(6.5 * len(load_sets), 4.6), squeeze=False, sharey=True)
-    for ax, key in zip(axes[0], load_sets):
-        for name in METHODS:
-            ax.plot(range(len(decoder)), device_lis(sim.loads[name][key]).tolist(), marker=".", color=colors[name],
-                    label=f"{METHOD_LABELS[name]} [{sim.slots[name]} slots]")
-        ax.axhline(1.0, color="black", lw=0.8, ls=":")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("MoE layer")
-        ax.set_title(f"{key} loads")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("device LIS (max / mean device load)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle(f"Device load imbalance per layer, {num_gpus} devices ({plan.model.architecture})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    path = out_dir / "summary.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path] + paths
-
-
-def engine_flags(num_gpus: int, num_phy: int, n: int, out_dir: Path) -> dict[str, str]:
-    """The command-line pieces that load each file (docs/multi-gpu.md has the full story)."""
-    redundant = num_phy - n
-    return {
-        "sglang": f"--ep-size {num_gpus} --ep-num-redundant-experts {redundant} --ep-dispatch-algorithm static "
-                  f"--init-expert-location {out_dir / FILENAMES['sglang']}",
-        "vllm-ascend": f"--enable-expert-parallel --additional-config '{{\"eplb_config\": {{\"expert_map_path\": "
-                       f"\"{out_dir / FILENAMES['vllm-ascend']}\", \"num_redundant_experts\": {redundant}}}}}'",
-        "vllm": f"--enable-expert-parallel --enable-eplb --eplb-config '{{\"num_redundant_experts\": {redundant}}}' "
-                f"(mainline vLLM has no flag to load {FILENAMES['vllm']}; see docs/multi-gpu.md)",
-        "trtllm": f"extra_llm_api_options.yaml: moe_config: {{load_balancer: {out_dir / FILENAMES['trtllm']}}} "
-                  f"with --ep_size {num_gpus}",
-    }
+def _check_out_dir(out_dir: Path) -> None:
+    """``rq place`` replaces its output folder whole (no half-written placement is ever left); refuse to replace a
+    folder that is not an earlier ``rq place`` output."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "placement.json").is_file())):
+        raise RQError(f"--out {out_dir} exists and is not an rq place output (no placement.json); rq place replaces its "
+                      f"folder whole: choose a new --out")
 
 
 def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Path("placement"),
                stats_dir: Path | None = None, heldout_stats: Path | None = None, config: Path | None = None,
                groups: int | None = None, slots_per_device: int | None = None, pad: str = "replicate",
                formats: str = ",".join(FORMATS), plots: bool = True,
-               echo: Callable[[str], None] | None = print) -> dict:
+               echo: Callable[[str], None] | None = print, warn: Callable[[str], None] | None = None) -> dict:
     """Place an R&Q plan's copies on ``devices`` GPUs, write the engine files, ``report.md``, ``placement.json``
-    and plots into ``out_dir``, and simulate device balance against EPLB (docs/multi-gpu.md). Returns the
-    ``placement.json`` document; ``echo`` (None: silent) receives the summary for humans."""
+    and plots into ``out_dir``, and simulate device balance against EPLB (docs/multi-gpu.md). Every input is
+    checked before anything is written, and ``out_dir`` is written whole or not at all. Returns the
+    ``placement.json`` document; ``echo`` (None: silent) receives the summary for humans, ``warn`` (default:
+    ``echo``) one line per engine file its engine will not use as written (also in ``placement.json``)."""
     if devices < 1 or nodes < 1 or devices % nodes:
         raise RQError(f"--devices {devices} must be a positive multiple of --nodes {nodes} (equal devices per node)")
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     check_formats(wanted)
     plan_path, out_dir = Path(plan_path), Path(out_dir)
+    _check_out_dir(out_dir)
     plan = load_plan(plan_path)
     stats = CalibrationStats.load(stats_dir) if stats_dir is not None else None
     loads = {"calibration": plan_loads(plan, stats)}
@@ -362,7 +267,9 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
     original = torch.tensor([[e.precision == "original" for e in layer.experts] for layer in plan.layers])
     placed = place(loads["calibration"], target.logcnt, devices, nodes, num_groups, original)
     phy2log, log2phy, logcnt = placed
-    written = write_formats(out_dir, wanted, phy2log, log2phy, logcnt, decoder, num_hidden, devices)
+    added, removed = copy_changes(plan, logcnt)
+    architecture = plan.model.architecture
+    warnings = engine_warnings(wanted, architecture)
 
     orig, q = copy_bytes(plan, stats)
     sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q)
@@ -375,47 +282,57 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
         f"router groups {num_groups}.",
         f"Placement: P = {target.num_phy} slots ({target.num_phy // devices} per device, "
         f"{target.num_phy - n} redundant); "
-        f"plan copies per layer {min(plan_counts)}..{max(plan_counts)}, fitted with +{sum(target.added)} / "
-        f"-{sum(target.removed)} copies in all.",
+        f"plan copies per layer {min(plan_counts)}..{max(plan_counts)}, placed with +{sum(added)} / "
+        f"-{sum(removed)} copies in all.",
         f"Copies sharing a device with a copy of the same expert: {colo} (unavoidable: {unavoidable}).",
         "Engines store every copy at one precision: the R&Q row's memory assumes per-copy precision (INT4 replicas) "
         "as rq's runtime executes it; in an engine serving bf16, R&Q's slots cost the EPLB-same-slots memory.",
     ]
     if sim.same_memory_clipped:
         notes.append("EPLB at the same memory would have fewer slots than experts; it is given one slot per expert.")
+    flags = engine_flags(devices, target.num_phy, n, out_dir, architecture)
     report = ["# Expert-parallel placement", "", *[f"- {x}" for x in notes], "",
               "## Model summary (device LIS: max / mean device load per layer; makespan: sum of per-layer max "
-              "over sum of per-layer mean)", "", markdown_summary(rows, load_sets), "",
-              "## Per layer: device LIS", "", markdown_layers(sim, decoder, target, plan_counts), ""]
-    flags = engine_flags(devices, target.num_phy, n, out_dir)
-    report += ["## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
-    atomic_write_text(out_dir / "report.md", "\n".join(report))
-    plot_paths = plot_layers(sim, plan, decoder, devices, out_dir / "plots") if plots else []
-    manifest = {
-        "format": "rq-placement", "version": PLACEMENT_VERSION, "tool_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(), "plan": str(plan_path),
-        "fingerprint": plan.model.fingerprint, "devices": devices, "nodes": nodes, "groups": num_groups,
-        "num_logical_experts": n, "num_physical_experts": target.num_phy,
-        "num_redundant_experts": target.num_phy - n, "slots_per_device": target.num_phy // devices,
-        "decoder_layers": decoder, "num_hidden_layers": num_hidden, "plan_copies": plan_counts,
-        "copies_added": target.added, "copies_removed": target.removed, "colocated": colo,
-        "logcnt": logcnt.tolist(), "files": {k: v.name for k, v in written.items()}, "engine_flags": flags,
-        "simulation": rows, "plots": [p.name for p in plot_paths],
-    }
-    atomic_write_text(out_dir / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
+              "over sum of per-layer mean)", "", summary_table(rows, load_sets), "",
+              "## Per layer: device LIS", "", layers_table(sim, decoder, target.num_phy, added, removed, plan_counts),
+              "", "## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
+    if warnings:
+        report += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    with staged_dir(out_dir) as tmp:
+        written = write_formats(tmp, wanted, phy2log, log2phy, logcnt, decoder, num_hidden, devices)
+        atomic_write_text(tmp / "report.md", "\n".join(report))
+        plot_paths = plot_layers(sim, plan, decoder, devices, tmp / "plots") if plots else []
+        manifest = {
+            "format": "rq-placement", "version": PLACEMENT_VERSION, "tool_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(), "plan": str(plan_path),
+            "fingerprint": plan.model.fingerprint, "architecture": architecture, "devices": devices, "nodes": nodes,
+            "groups": num_groups, "num_logical_experts": n, "num_physical_experts": target.num_phy,
+            "num_redundant_experts": target.num_phy - n, "slots_per_device": target.num_phy // devices,
+            "decoder_layers": decoder, "num_hidden_layers": num_hidden, "plan_copies": plan_counts,
+            "copies_added": added, "copies_removed": removed, "colocated": colo,
+            "logcnt": logcnt.tolist(), "files": {k: v.name for k, v in written.items()}, "engine_flags": flags,
+            "warnings": warnings, "simulation": rows, "plots": [p.name for p in plot_paths],
+        }
+        atomic_write_text(tmp / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
+    warn = warn or echo
+    if warn is not None:
+        for line in warnings:
+            warn(f"warning: {line}")
     if echo is not None:
         echo("\n".join(notes))
-        echo(markdown_summary(rows, load_sets))
-        echo(f"wrote {', '.join(sorted(p.name for p in written.values()))}, report.md, placement.json"
-                   + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
+        echo(summary_table(rows, load_sets))
+        echo(f"wrote {', '.join(sorted(FILENAMES[f] for f in written))}, report.md, placement.json"
+             + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
     return manifest
 
 
-def import_stats(engine: str, inputs: list[Path], config: Path, out: Path, group_size: int = 128) -> CalibrationStats:
-    """Per-expert loads recorded by a serving engine -> rq stats in ``out`` (importance = frequency)."""
+def import_stats(engine: str, inputs: list[Path], config: Path, out: Path, group_size: int = 128,
+                 placement: Path | None = None) -> CalibrationStats:
+    """Per-expert loads recorded by a serving engine -> rq stats in ``out`` (importance = frequency). ``placement``:
+    the TensorRT-LLM load balancer YAML whose slots the statistics count."""
     if group_size not in (64, 128):
         raise RQError(f"--group-size must be 64 or 128, got {group_size}")
     with single_thread():
-        stats = import_loads(engine, inputs, config, group_size)
+        stats = import_loads(engine, inputs, config, group_size, placement)
     stats.save(out)
     return stats
