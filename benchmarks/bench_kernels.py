@@ -101,7 +101,6 @@ def bench_grouped_gemm(name: str, peak: float, tokens_per_expert: tuple[int, ...
         print(f"{tpe:>10} {t4:>9.3f} {t16:>9.3f} {t16 / t4:>7.2f}x {bw / 1e9:>10.0f} {100 * bw / peak:>6.1f}%")
         rows.append({"shape": name, "tokens_per_expert": tpe, "int4_ms": t4, "fp16_ms": t16, "speedup": t16 / t4,
                      "int4_bytes_per_s": bw, "percent_of_copy_bandwidth": 100 * bw / peak})
-    del q, w16_in, w16_out
     torch.cuda.empty_cache()
     return rows
 

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         case_ok = passed and all(r.passed for r in rows)
         timing = re.search(r"enqueue \(graph replay\): ([\d.]+) us", output)
         print(f"{'PASSED' if case_ok else 'FAILED'} | {case.name}: driver checks {'passed' if passed else 'FAILED'}"
-              + ("" if args.build_only else f", outputs within docs/spec.md §9 of the float32 reference"
+              + ("" if args.build_only else ", outputs within docs/spec.md §9 of the float32 reference"
                  if case_ok else "") + (f", {timing.group(1)} us per call" if timing else ""))
         if not passed:
             print("\n".join(line for line in output.splitlines() if not line.startswith("PASS:")))
