@@ -1,4 +1,4 @@
-"""Issue #14 item 11 (placement part): random edits to valid files that `rq import-loads` reads (SGLang, vLLM and
+"""Random edits to valid files that `rq import-loads` reads (SGLang, vLLM and
 TensorRT-LLM load dumps, and the TensorRT-LLM load balancer YAML that maps slot ids). Whatever the edit, the
 import either succeeds and writes loadable stats, or fails with one RQError line and writes nothing: never
 another exception, never a partial output folder."""
@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from rq.calibrate.stats import CalibrationStats
 from rq.errors import RQError
 from rq.placement.run import import_stats
+from rq.testing.fuzz import edited
 
 N, LAYERS = 8, 3
 CONFIG = {"model_type": "qwen3_moe", "num_hidden_layers": LAYERS, "num_experts": N, "num_experts_per_tok": 2,
@@ -38,48 +39,6 @@ TRT_META = {"num_experts": N + 2, "num_experts_per_token": 2}
 TRT_COUNTS = {f"{it}_{li}": [(it + li + p) % 6 for p in range(N + 2)] for it in (100, 101) for li in range(LAYERS)}
 TRT_LB = {"num_slots": N + 2, "layer_updates_per_iter": 0,
           "initial_global_assignments": {li: [5, 1, 7, 0, 3, 2, 6, 4, 5, 1] for li in range(LAYERS)}}
-
-LEAVES = st.one_of(st.integers(-3, 2**40), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
-                   st.none(), st.booleans(), st.just([]), st.just({}), st.lists(st.integers(-2, 20), max_size=4))
-
-
-def _paths(doc, prefix=()):
-    """Every location in a nested dict/list document."""
-    yield prefix
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            yield from _paths(v, prefix + (i,))
-
-
-@st.composite
-def edited(draw, doc):
-    """``doc`` with one to three random edits: a value replaced, a key or item removed, an item added."""
-    doc = json.loads(json.dumps(doc))  # a deep copy (JSON keys become strings: restore int layer keys below)
-    for _ in range(draw(st.integers(1, 3))):
-        paths = list(_paths(doc))
-        where = draw(st.sampled_from(paths))
-        if not where:
-            doc = draw(LEAVES) if draw(st.booleans()) else doc
-            continue
-        parent = doc
-        for key in where[:-1]:
-            parent = parent[key]
-        key, action = where[-1], draw(st.sampled_from(["replace", "delete", "append"]))
-        if action == "replace":
-            parent[key] = draw(LEAVES)
-        elif action == "delete":
-            del parent[key]
-        elif isinstance(parent, list):
-            parent.append(draw(LEAVES))
-        else:
-            parent[draw(st.text(min_size=1, max_size=4))] = draw(LEAVES)
-        if not isinstance(doc, (dict, list)):
-            break
-    return doc
-
 
 def _outcome(engine: str, inputs: list[Path], root: Path, placement: Path | None = None) -> None:
     (root / "config.json").write_text(json.dumps(CONFIG))

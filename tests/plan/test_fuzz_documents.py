@@ -4,7 +4,6 @@ with a valid document or fails with one-line :class:`RQError` — never another 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -20,13 +19,9 @@ from rq.models.adapters import load_model
 from rq.plan.planner import PlanOptions, make_plan
 from rq.plan.schema import load_plan, save_plan
 from rq.plan.validate import check_plan_matches
+from rq.testing.fuzz import edited
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.sampled_from([0, -1, 1, 63, 64, 10**9]),
-                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.just([]), st.just({}),
-                   st.lists(st.integers(-3, 3), max_size=3))
-
 
 @pytest.fixture(scope="module")
 def documents(tiny_checkpoints, text_file, tmp_path_factory):
@@ -41,34 +36,6 @@ def documents(tiny_checkpoints, text_file, tmp_path_factory):
     return model, adapter, root
 
 
-def _paths(node, prefix=()):
-    """Every path (keys / indices) into a JSON document."""
-    yield prefix
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _paths(value, prefix + (key,))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _paths(value, prefix + (i,))
-
-
-def _edit(doc, path, action, value):
-    """Apply one edit at ``path``: replace the value, delete it, or duplicate a list element."""
-    if not path:
-        return value
-    parent = doc
-    for key in path[:-1]:
-        parent = parent[key]
-    last = path[-1]
-    if action == "delete":
-        del parent[last]
-    elif action == "duplicate" and isinstance(parent, list):
-        parent.insert(last, json.loads(json.dumps(parent[last])))
-    else:
-        parent[last] = value
-    return doc
-
-
 def _one_line_error(fn, *args):
     try:
         return fn(*args)
@@ -77,23 +44,11 @@ def _one_line_error(fn, *args):
         return None
 
 
-def _json_safe(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 @FUZZ
 @given(data=st.data())
 def test_edited_plans_are_valid_or_refused_in_one_line(documents, tmp_path, data):
     model, adapter, root = documents
-    doc = json.loads((root / "plan.json").read_text())
-    paths = list(_paths(doc))
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        action = data.draw(st.sampled_from(["replace", "delete", "duplicate"]))
-        try:
-            doc = _edit(doc, path, action, _json_safe(data.draw(VALUES)))
-        except (KeyError, IndexError, TypeError):
-            continue  # an earlier edit removed this path
+    doc = data.draw(edited(json.loads((root / "plan.json").read_text())))
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(doc))
     plan = _one_line_error(load_plan, path)
@@ -110,13 +65,7 @@ def test_edited_stats_are_valid_or_refused_in_one_line(documents, tmp_path, data
     shutil.copytree(root / "stats", stats_dir)
     target = data.draw(st.sampled_from(["json", "tensors"]))
     if target == "json":
-        doc = json.loads((stats_dir / "stats.json").read_text())
-        path = data.draw(st.sampled_from(list(_paths(doc))))
-        action = data.draw(st.sampled_from(["replace", "delete", "duplicate"]))
-        try:
-            doc = _edit(doc, path, action, _json_safe(data.draw(VALUES)))
-        except (KeyError, IndexError, TypeError):
-            pass
+        doc = data.draw(edited(json.loads((stats_dir / "stats.json").read_text())))
         (stats_dir / "stats.json").write_text(json.dumps(doc))
     else:
         blob = bytearray((stats_dir / "stats.safetensors").read_bytes())
