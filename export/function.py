@@ -14,9 +14,11 @@ Two functions of domain ``rq``, version 1, built with ``onnx.helper``:
   dequantized by opset-21 blocked ``DequantizeLinear``, zero point 0, ``block_size = group_size``: the exact
   product ``q * scale`` of docs/spec.md §5) and scales it by the routing weight. The ``[n, H]`` rows are
   scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order, like the PyTorch
-  reference. The §5 bytes (INT8-typed initializers) are unpacked to int8 values outside the loop, on the
-  whole stacked initializer, which ONNX Runtime constant-folds when the session is created (twice the
-  packed size in memory; the per-call work is then only the active copies' dequantization).
+  reference. The §5 bytes (INT8-typed initializers) are unpacked inside the loop, one active INT4 copy at a
+  time: unpacking the whole stacked initializer outside it would let ONNX Runtime constant-fold it when the
+  session is created, which holds twice the packed bytes as int8 for good and, while folding, about six
+  times them (a 1.7 GB mid-size export peaked at 4.8 GB); per call the work stays proportional to the
+  copies that received tokens.
 
 This body is the portable definition of the op: it runs on any ONNX runtime with opset 21. ONNX Runtime's
 fast route is a second file whose layers run on its fused MoE kernels (:mod:`rq.export.ort_fused`).
@@ -127,44 +129,45 @@ def _activation(b: _Nodes, h: str, activation: str) -> str:
 
 
 def _unpack_int4(b: _Nodes, packed: str, width: str) -> str:
-    """docs/spec.md §5 bytes -> int8 values: ``[P, O, ceil(W/2)]`` (INT8-typed in the file, element 2j in the low
-    nibble) -> ``[P, O, W]`` in [-8, 7], ``width`` (a ``[1]`` int64) dropping an odd row's padding nibble.
+    """docs/spec.md §5 bytes -> int8 values: ``[..., O, ceil(W/2)]`` (INT8-typed in the file, element 2j in the
+    low nibble) -> ``[..., O, W]`` in [-8, 7], ``width`` (a ``[1]`` int64) dropping an odd row's padding nibble.
 
-    Runs on the whole stacked initializer, outside the loop over copies, so ONNX Runtime folds it into an
-    int8 constant when the session is created (the weights are initializers). The bytes are stored INT8-typed
-    (TensorRT's parser would widen UINT8 ones to INT32); ``Cast`` to UINT8 keeps their bits (two's complement)."""
+    The bytes are stored INT8-typed (TensorRT's parser would widen UINT8 ones to INT32); ``Cast`` to UINT8 keeps
+    their bits (two's complement)."""
     as_bytes = b.op("Cast", packed, to=TensorProto.UINT8)
     low = b.op("BitwiseAnd", as_bytes, b.const(15, TensorProto.UINT8, dims=[]))
     high = b.op("BitShift", as_bytes, b.const(4, TensorProto.UINT8, dims=[]), direction="RIGHT")
     nibbles = b.op("Concat", b.op("Unsqueeze", low, b.const([-1])), b.op("Unsqueeze", high, b.const([-1])), axis=-1)
-    # explicit last dimension (2 * packed width), not -1: an empty precision class has P = 0 copies
-    shape = b.op("Concat", b.op("Shape", packed, end=2), b.op("Mul", b.op("Shape", packed, start=2), b.const([2])), axis=0)
-    unsigned = b.op("Cast", b.op("Reshape", nibbles, shape), to=TensorProto.INT8)  # (P, O, 2*ceil(W/2)) in 0..15
+    # explicit last dimension (2 * packed width), not -1: keeps the shape exact for any leading size
+    shape = b.op("Concat", b.op("Shape", packed, end=-1), b.op("Mul", b.op("Shape", packed, start=-1), b.const([2])),
+                 axis=0)
+    unsigned = b.op("Cast", b.op("Reshape", nibbles, shape), to=TensorProto.INT8)  # (..., O, 2*ceil(W/2)) in 0..15
     signed = b.op("Sub", b.op("BitwiseXor", unsigned, b.const(8, TensorProto.INT8, dims=[])),
                   b.const(8, TensorProto.INT8, dims=[]))  # two's-complement nibble -> -8..7
-    return b.op("Slice", signed, b.const([0]), width, b.const([2]))  # (P, O, W)
+    return b.op("Slice", signed, b.const([0]), width, b.const([-1]))  # (..., O, W)
 
 
-def _dequantize(b: _Nodes, values: str, scales: str, slot: str, like: str) -> str:
-    """One INT4 copy: int8 ``[O, W]`` values as ONNX ``INT4`` data through blocked ``DequantizeLinear`` (zero
-    point 0, ``block_size = group_size``, ``ceil(W/G)`` scales: the last block may be partial) with its float16
-    scales held in float32. A 4-bit integer times a float16 is exact in float32, so this is the dequantized
-    value of docs/spec.md §5 with no rounding at all (bit-identical to ``rq.core.int4.dequantize``); the body
-    computes in float32 like the reference, so a float16 graph rounds only the op's output."""
-    q = b.op("Cast", b.op("Gather", values, slot, axis=0), to=TensorProto.INT4)  # (O, W)
+def _dequantize(b: _Nodes, packed: str, width: str, scales: str, slot: str, like: str) -> str:
+    """One INT4 copy: its §5 bytes unpacked to int8 ``[O, W]`` values, as ONNX ``INT4`` data through blocked
+    ``DequantizeLinear`` (zero point 0, ``block_size = group_size``, ``ceil(W/G)`` scales: the last block may be
+    partial) with its float16 scales held in float32. A 4-bit integer times a float16 is exact in float32, so
+    this is the dequantized value of docs/spec.md §5 with no rounding at all (bit-identical to
+    ``rq.core.int4.dequantize``); the body computes in float32 like the reference, so a float16 graph rounds
+    only the op's output."""
+    values = _unpack_int4(b, b.op("Gather", packed, slot, axis=0), width)  # (O, W) int8
+    q = b.op("Cast", values, to=TensorProto.INT4)
     scale = b.op("Gather", scales, slot, axis=0)  # (O, ceil(W/G)) float32
     exact = b.ref("DequantizeLinear", q, scale, axis=1, refs={"block_size": ("group_size", _INT)})
     return b.op("CastLike", exact, like)
 
 
 def _expert_branch(name: str, activation: str, quantized: bool, xs: str, slot: str,
-                   int4: tuple[tuple[str, str], tuple[str, str]]) -> onnx.GraphProto:
-    """If-branch computing one copy's expert MLP on ``xs [n, H]``: reads outer-scope weights and ``slot``."""
+                   int4: tuple[tuple[str, str, str], tuple[str, str, str]]) -> onnx.GraphProto:
+    """If-branch computing one copy's expert MLP on ``xs [n, H]``: reads outer-scope weights and ``slot``;
+    ``int4`` names ``(packed bytes, row width, float32 scales)`` of the INT4 ``w_in`` and ``w_out``."""
     b = _Nodes(f"{name}_")
     if quantized:
-        (in_values, in_scales), (out_values, out_scales) = int4
-        w_in = _dequantize(b, in_values, in_scales, slot, xs)
-        w_out = _dequantize(b, out_values, out_scales, slot, xs)
+        w_in, w_out = (_dequantize(b, packed, width, scales, slot, xs) for packed, width, scales in int4)
     else:
         w_in = b.op("CastLike", b.op("Gather", "w_in", slot, axis=0), xs)
         w_out = b.op("CastLike", b.op("Gather", "w_out", slot, axis=0), xs)
@@ -192,13 +195,13 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     top_k = b.op("Shape", "topk_ids", start=1, end=2)  # (1,)
     # arithmetic in float32 whatever the graph's float type, as the reference (rq.core.op) computes
     flat_weights = b.op("Cast", b.op("Reshape", "topk_weights", b.const([-1])), to=TensorProto.FLOAT)  # (A,)
-    # (values, float32 scales) of the stacked INT4 copies; constant-folded by ONNX Runtime. Row widths:
-    # w_in rows are H wide, w_out rows I wide (I = the rows of w_in, halved for gated activations)
+    # (packed bytes, row width, float32 scales) of the stacked INT4 copies. Row widths: w_in rows are H wide,
+    # w_out rows I wide (I = the rows of w_in, halved for gated activations)
     hidden_width = b.op("Shape", "hidden", start=1, end=2)
     rows_in = b.op("Shape", "w_in_q", start=1, end=2)
     inter_width = b.op("Div", rows_in, b.const([2])) if activation.endswith("_glu") else rows_in
-    int4 = ((_unpack_int4(b, "w_in_q", hidden_width), b.op("Cast", "w_in_scales", to=TensorProto.FLOAT)),
-            (_unpack_int4(b, "w_out_q", inter_width), b.op("Cast", "w_out_scales", to=TensorProto.FLOAT)))
+    int4 = (("w_in_q", hidden_width, b.op("Cast", "w_in_scales", to=TensorProto.FLOAT)),
+            ("w_out_q", inter_width, b.op("Cast", "w_out_scales", to=TensorProto.FLOAT)))
     # rows and assignment indices of every copy are collected in sequences, then scattered once
     no_rows = b.op("SequenceConstruct", b.op("Cast", b.op("Slice", "hidden", b.const([0]), b.const([0])),
                                              to=TensorProto.FLOAT))  # [(0, H)]
