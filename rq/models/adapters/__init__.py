@@ -16,6 +16,7 @@ from rq.models.adapters.fused import DeepseekAdapter, MixtralAdapter, OlmoeAdapt
 from rq.models.adapters.llama_moe import LlamaMoeAdapter
 from rq.models.adapters.switch import SwitchAdapter
 from rq.errors import RQError
+from rq.memory import own_parameters
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 
@@ -66,6 +67,7 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     except OSError as err:
         raise RQError(f"cannot load weights from {model_dir}: {str(err).splitlines()[0]}") from None
     model.eval()
+    own_parameters(model)  # release the checkpoint's memory map (rq.memory)
     if not adapter.moe_layers(model):
         raise RQError(f"{model_dir} ({config.model_type}) has no MoE layers to balance")
     return model, adapter
