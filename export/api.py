@@ -7,7 +7,6 @@ failure never leaves a half-written export behind.
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import hashlib
 import json
 import shutil
@@ -22,13 +21,14 @@ from rq.models.adapters import load_model
 from rq.atomic import check_out_dir, failed_dir, staged_dir
 from rq.calibrate.data import load_tokenizer
 from rq.errors import RQError
+from rq.memory import release_freed_memory
 from rq.export import function, graphs, onnx_file, ort_fused, reference
 from rq.export.attention import use_rq_attention
 from rq.export.parity import ParityReport, check_export, tolerances
 from rq.export.patches import export_patches
 from rq.export.runtime import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from rq.progress import progress_bar
-from rq.rqmodel.model import apply_plan
+from rq.rqmodel.model import apply_plan, set_backend
 from rq.plan.schema import load_plan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -135,10 +135,14 @@ def _write_graphs(model, specs, wrappers, manifest: dict, tmp: Path, opset: int,
 
 
 def _write_rest(tokenizer, manifest: dict, tmp: Path, plan_path: Path | None) -> None:
+    """The tokenizer and the plan; the manifest records the tokenizer's files."""
     tokenizer.save_pretrained(tmp / "tokenizer")
     manifest["tokenizer"]["files"] = sorted(p.name for p in (tmp / "tokenizer").iterdir())
     if plan_path is not None:
         shutil.copyfile(plan_path, tmp / "plan.json")
+
+
+def _write_manifest(manifest: dict, tmp: Path) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -156,15 +160,15 @@ class ExportCheckFailed(RQError):
         self.report = report
 
 
-def _fused_routes(tmp: Path, specs: list[graphs.GraphSpec], rq_layers, manifest: dict) -> None:
+def _fused_routes(tmp: Path, manifest: dict, shapes: dict[int, tuple[int, int]]) -> None:
     """Write ``<graph>.ort.onnx`` (ONNX Runtime's fused route, :mod:`rq.export.ort_fused`) for every graph with
-    MoE layers and record the route of each layer in the manifest."""
-    shapes = {l: rq.layer.sizes for l, rq in enumerate(rq_layers)}
-    for spec in specs:
-        if not spec.moe_layers:
+    MoE layers and record the route of each layer in the manifest. Reads only the written files, so it runs
+    after the model is gone; ``shapes``: MoE layer -> ``(H, I)``."""
+    for graph in manifest["graphs"].values():
+        if not graph["moe_layers"]:
             continue
-        path, routes = ort_fused.write_ort_file(tmp / spec.file, shapes, manifest["dtype"])
-        manifest["graphs"][spec.name].update({"ort_file": path.name, "ort_data": path.name + ".data"})
+        path, routes = ort_fused.write_ort_file(tmp / graph["file"], shapes, manifest["dtype"])
+        graph.update({"ort_file": path.name, "ort_data": path.name + ".data"})
         for route in routes:
             manifest["moe_layers"][route.layer]["onnxruntime"] = route.to_json()
 
@@ -188,16 +192,20 @@ def _route_notes(manifest: dict) -> list[str]:
 
 
 def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: str, opset: int,
-                     trust_remote_code: bool, show_progress: bool) -> dict:
-    """Load, apply the plan, trace and write every file of the export into ``tmp``; returns the manifest.
+                     trust_remote_code: bool, show_progress: bool) -> tuple[dict, dict[int, tuple[int, int]]]:
+    """Load, apply the plan, trace and write the files that need the model into ``tmp``; returns the manifest
+    (not yet written) and the ``(H, I)`` of every MoE layer.
 
-    Everything that holds the model lives in this function, so its memory is released before the parity
-    check opens ONNX Runtime sessions on the files."""
+    Everything that holds the model lives in this function, so its memory is released before the steps that
+    only read the written files (ONNX Runtime's fused route, the parity check's sessions)."""
     model, adapter = load_model(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     attention = use_rq_attention(model)  # reference and graph agree on fully padded rows too
     moe_paths = [layer.path for layer in adapter.moe_layers(model)]
     rq_layers = apply_plan(model, adapter, plan)  # quantizes from the float32 weights the plan was made on
+    # the op's definition for every forward here (shape probes, parity data); the fast backend would also
+    # keep a float copy of every expert for the rest of the export
+    set_backend(model, "reference")
     _to_dtype(model, rq_layers, dtype)
     with progress_bar("exporting", total=3, enabled=show_progress) as advance:
         kv = graphs.kv_specs(model, adapter.encoder_decoder)
@@ -210,11 +218,9 @@ def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: s
         meta = {"rq.tool_version": __version__, "rq.plan_sha256": manifest["plan"]["sha256"],
                 "rq.model_fingerprint": plan.model.fingerprint, "rq.architecture": manifest["architecture"]}
         _write_graphs(model, specs, wrappers, manifest, tmp, opset, meta, advance)
-        _fused_routes(tmp, specs, rq_layers, manifest)
-        manifest["notes"] = _route_notes(manifest)
         _write_rest(tokenizer, manifest, tmp, plan_path)
         advance(1)
-    return manifest
+    return manifest, {l: rq.layer.sizes for l, rq in enumerate(rq_layers)}
 
 
 def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Path, *, force: bool = False,
@@ -240,9 +246,12 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
         f"; nothing was written to {out_dir} (--keep-failed keeps the attempt for debugging)"
     try:
         with staged_dir(out_dir, keep_failed=keep_failed) as tmp:
-            manifest = _write_rq_export(model_dir, plan, plan_path, tmp, dtype, opset, trust_remote_code,
-                                        show_progress)
-            gc.collect()  # the model's reference cycles, before ONNX Runtime sessions open
+            manifest, shapes = _write_rq_export(model_dir, plan, plan_path, tmp, dtype, opset, trust_remote_code,
+                                                show_progress)
+            release_freed_memory()  # the model: the rest only reads the files
+            _fused_routes(tmp, manifest, shapes)
+            manifest["notes"] = _route_notes(manifest)
+            _write_manifest(manifest, tmp)
             parity = check_export(tmp, label=out_dir) if check else None
             if parity is not None and not parity.passed:
                 failed = len(parity.failures())
@@ -290,5 +299,6 @@ def _write_baseline(model_dir: Path, tmp: Path, dtype: str, opset: int, trust_re
         meta = {"rq.tool_version": __version__, "rq.architecture": manifest["architecture"], "rq.baseline": "1"}
         _write_graphs(model, specs, [], manifest, tmp, opset, meta, advance)
         _write_rest(tokenizer, manifest, tmp, None)
+        _write_manifest(manifest, tmp)
         advance(1)
     return manifest

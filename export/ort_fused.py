@@ -89,6 +89,10 @@ class _Weights:
         offset, length = int(info.get("offset", 0)), int(info["length"])
         return self._maps[location][offset:offset + length].view(dtype).reshape(tuple(tensor.dims))
 
+    def release(self) -> None:
+        """Unmap the files once no view is left, so the pages read so far stop counting as this process's."""
+        self._maps.clear()
+
 
 class _DataWriter:
     """Appends tensors to one external data file, 64-byte aligned, and returns their TensorProto (no data).
@@ -266,6 +270,7 @@ def write_ort_file(onnx_path: Path, shapes: dict[int, tuple[int, int]], dtype: s
                 nodes.append(node)
                 continue
             new_nodes, inits = fuse_node(node, layer, weights, data, float_type)
+            weights.release()  # one layer's weights resident at a time
             nodes.extend(new_nodes)
             proto.graph.initializer.extend(inits)
             dropped.update(node.input[len(CALL_INPUTS):])
