@@ -20,37 +20,26 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rq_telemetry import LoadTelemetry  # noqa: E402
-
-
-def _param(config: dict, name: str, default: str) -> str:
-    value = config.get("parameters", {}).get(name, {}).get("string_value")
-    return default if value in (None, "") else value
+from rq_telemetry import LoadTelemetry, model_parameter, runtime_settings  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        repo_root = Path(args["model_repository"]).resolve().parent
-        build = (repo_root / _param(config, "rq_build_dir", "rq_onnx/1")).resolve()
+        build, threads, providers = runtime_settings(args, config)
         manifest = json.loads((build / "manifest.json").read_text())
-        graph = manifest["graphs"][_param(config, "graph", "decoder")]
+        graph = manifest["graphs"][model_parameter(config, "graph", "decoder")]
         options = ort.SessionOptions()
-        threads = int(_param(config, "intra_op_threads", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
-        providers = [p.strip() for p in _param(config, "providers", "CPUExecutionProvider").split(",") if p.strip()]
         file = graph.get("ort_file", graph["file"])  # ONNX Runtime's fused route where the export has one
         self.session = ort.InferenceSession(str(build / file), sess_options=options, providers=providers)
         self.inputs = [i["name"] for i in graph["inputs"]]
         self.outputs = [o["name"] for o in graph["outputs"]]
         self.moe_layers = [int(l) for l in graph["moe_layers"]]
         layers = [layer for layer in manifest["moe_layers"] if int(layer["index"]) in self.moe_layers]
-        self.telemetry = LoadTelemetry(
-            pb_utils, args["model_name"], args["model_instance_name"], layers,
-            window=int(_param(config, "lis_window", "64")),
-            flush_every=int(_param(config, "metrics_flush_every", "16")),
-            enabled=_param(config, "metrics", "true").lower() in ("1", "true", "yes"))
+        self.telemetry = LoadTelemetry.from_config(pb_utils, config, args["model_name"],
+                                                   args["model_instance_name"], layers)
 
     def execute(self, requests):
         responses = []

@@ -30,7 +30,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rq_runtime import OrtGenerator  # noqa: E402  (copied next to this file)
-from rq_telemetry import LoadTelemetry  # noqa: E402
+from rq_telemetry import LoadTelemetry, model_parameter, runtime_settings  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -39,38 +39,27 @@ class RequestError(ValueError):
     """A malformed request: answered with a Triton error response, the model keeps serving."""
 
 
-def _param(config: dict, name: str, default: str) -> str:
-    value = config.get("parameters", {}).get(name, {}).get("string_value")
-    return default if value in (None, "") else value
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.model_name = args["model_name"]
-        repo_root = Path(args["model_repository"]).resolve().parent
-        build = (repo_root / _param(config, "rq_build_dir", "rq_onnx/1")).resolve()
-        threads = int(_param(config, "intra_op_threads", "0"))
-        providers = [p.strip() for p in _param(config, "providers", "CPUExecutionProvider").split(",") if p.strip()]
+        build, threads, providers = runtime_settings(args, config)
         self.gen = OrtGenerator(build, streaming=True, providers=providers,
                                 intra_op_num_threads=threads if threads > 0 else None)
         self.tokenizer = self.gen.tokenizer
         manifest = self.gen.manifest
         self.vocab_size = int(manifest["vocab_size"])
         self.eos = manifest["generation"].get("eos_token_id")
-        self.default_max_tokens = int(_param(config, "default_max_tokens", "16"))
-        self.max_tokens_limit = int(_param(config, "max_tokens_limit", "512"))
-        self.max_context = int(_param(config, "max_context", "2048"))
-        self.scope = _param(config, "offsets_scope", "request")
+        self.default_max_tokens = int(model_parameter(config, "default_max_tokens", "16"))
+        self.max_tokens_limit = int(model_parameter(config, "max_tokens_limit", "512"))
+        self.max_context = int(model_parameter(config, "max_context", "2048"))
+        self.scope = model_parameter(config, "offsets_scope", "request")
         if self.scope not in ("request", "instance"):
             raise ValueError(f"offsets_scope must be 'request' or 'instance', got {self.scope!r}")
         self.layers = [int(layer["index"]) for layer in manifest["moe_layers"]]
         self.width = max(int(layer["num_experts"]) for layer in manifest["moe_layers"])
-        self.telemetry = LoadTelemetry(
-            pb_utils, self.model_name, args["model_instance_name"], manifest["moe_layers"],
-            window=int(_param(config, "lis_window", "64")),
-            flush_every=int(_param(config, "metrics_flush_every", "16")),
-            enabled=_param(config, "metrics", "true").lower() in ("1", "true", "yes"))
+        self.telemetry = LoadTelemetry.from_config(pb_utils, config, self.model_name, args["model_instance_name"],
+                                                   manifest["moe_layers"])
         pb_utils.Logger.log_info(f"rq generate: {manifest['architecture']} export from {build}, "
                                  f"{len(self.layers)} MoE layers, providers {providers}, offsets per {self.scope}")
 

@@ -25,13 +25,34 @@ Metrics (Prometheus names; Triton serves them on ``/metrics`` of its metrics por
 
 Counters are flushed every ``flush_every`` calls and by :meth:`LoadTelemetry.flush` (end of a request),
 so a scrape lags a running request by at most ``flush_every`` calls.
+
+Both models also read their shared ``config.pbtxt`` parameters here (:func:`model_parameter`,
+:func:`runtime_settings`, :meth:`LoadTelemetry.from_config`), so the two agree on names and defaults.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import numpy as np
+
+
+def model_parameter(config: dict, name: str, default: str) -> str:
+    """A ``parameters { key: name value { string_value } }`` entry of the model config, or ``default``."""
+    value = config.get("parameters", {}).get(name, {}).get("string_value")
+    return default if value in (None, "") else value
+
+
+def runtime_settings(args: dict, config: dict) -> tuple[Path, int, list[str]]:
+    """The export folder (``rq_build_dir``, relative to the repository root), ONNX Runtime's intra-op thread
+    count (``intra_op_threads``, 0: its default) and execution providers (``providers``, comma-separated)."""
+    repo_root = Path(args["model_repository"]).resolve().parent
+    build = (repo_root / model_parameter(config, "rq_build_dir", "rq_onnx/1")).resolve()
+    threads = int(model_parameter(config, "intra_op_threads", "0"))
+    providers = [p.strip() for p in model_parameter(config, "providers", "CPUExecutionProvider").split(",")
+                 if p.strip()]
+    return build, threads, providers
 
 
 def copy_loads(counts: np.ndarray, offsets: np.ndarray, copies: np.ndarray) -> np.ndarray:
@@ -74,6 +95,17 @@ class LoadTelemetry:
         self.calls = 0
         if not enabled:
             return
+        self._register_metrics(pb_utils, model, instance)
+
+    @classmethod
+    def from_config(cls, pb_utils, config: dict, model: str, instance: str, moe_layers: list[dict]) -> LoadTelemetry:
+        """Telemetry as the model config asks: ``metrics`` (on/off), ``lis_window``, ``metrics_flush_every``."""
+        return cls(pb_utils, model, instance, moe_layers,
+                   window=int(model_parameter(config, "lis_window", "64")),
+                   flush_every=int(model_parameter(config, "metrics_flush_every", "16")),
+                   enabled=model_parameter(config, "metrics", "true").lower() in ("1", "true", "yes"))
+
+    def _register_metrics(self, pb_utils, model: str, instance: str) -> None:
         family = pb_utils.MetricFamily
         # the families must outlive their metrics: keep references on self
         self.f_load = family(name="rq_moe_expert_load_total", kind=family.COUNTER,
