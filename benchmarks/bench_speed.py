@@ -1,6 +1,6 @@
 """Speed and peak memory of R&Q against the original model, measured in the same run (ratios, medians).
 
-    python -m benchmarks.bench_speed                 # demo model + a mid-size MoE the benchmark builds (~15 min)
+    python -m benchmarks.bench_speed                 # demo model + a mid-size MoE the benchmark builds (~20 min)
     python -m benchmarks.bench_speed --quick         # a tiny model, for a smoke test (~1 min)
     python -m benchmarks.bench_speed --models demo   # one model
 
@@ -8,13 +8,20 @@ Engines, each on one thread, run round-robin so a busy machine slows them alike;
 
 * PyTorch eager, original (Hugging Face's own ``grouped_mm`` experts) and R&Q (``fast`` backend; the
   ``reference`` backend too on small models);
-* ONNX Runtime (CPU), original (rq's baseline export, Hugging Face ``batched_mm`` experts in plain ops) and
-  R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``.
+* ONNX Runtime (CPU), original: the model exported with an identity plan (no replica, no INT4), so its
+  experts run on the same fused ``com.microsoft.MoE`` kernel as R&Q's original-precision copies: the fastest
+  way we know to run the original model in ONNX Runtime, so the fair baseline. On small models also the
+  original model with Hugging Face's ``batched_mm`` experts in plain ops (``rq``'s baseline export), which
+  gathers every token's expert weights and needs ``tokens x top_k x expert bytes`` of memory (25 GB for the
+  mid-size prefill);
+* ONNX Runtime, R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``.
 
 Workloads: prefill of 4 x 128 tokens; greedy decode at batch 1 and 8 (16 steps after a 16-token prompt).
-Memory, each in a fresh process (peak resident set size): ``rq-export`` (with its parity check) against the
-checkpoint's size, an ONNX Runtime session (one prefill) against the bytes of the weights its file reads,
-calibration against the model's own size, and ``rq eval`` at two data sizes.
+Memory, each in a fresh process (peak resident set size, also above the process's size once the libraries
+are imported): ``rq-export`` (with its parity check) against the checkpoint's size; ONNX Runtime sessions
+(creation and a 4 x 128 prefill) against the weights their files read, and R&Q's against the original's;
+PyTorch (load, apply the plan, a 4 x 128 prefill) of R&Q against the original; calibration against the
+model's own size; ``rq eval`` at two data sizes.
 
 The mid-size model is a random-weight Qwen3-MoE (hidden 1024, 4 layers, 64 experts, top-8, expert width 512:
 about 420M parameters, 1.7 GB in float32) whose routers are skewed (a Zipf-like bias per expert), so R&Q has
@@ -75,8 +82,10 @@ def build_mid_size(out: Path, seed: int = 0, quick: bool = False) -> Path:
     return out
 
 
-def make_plan(model_dir: Path, out: Path, group_size: int, sequences: int = 16, seq_len: int = 128) -> Path:
-    """Calibrate on seeded random tokens (the demo uses its own calibration split) and plan at budget 1.0."""
+def make_plans(model_dir: Path, folder: Path, group_size: int, sequences: int = 16,
+               seq_len: int = 128) -> tuple[Path, Path]:
+    """Calibrate on seeded random tokens (the demo uses its own calibration split); the R&Q plan at budget 1.0
+    and an identity plan (no replica, so no INT4 copy either) from the same statistics, for the baseline."""
     import torch
 
     from rq.calibrate.accumulate import calibrate
@@ -95,8 +104,10 @@ def make_plan(model_dir: Path, out: Path, group_size: int, sequences: int = 16, 
         tokens = torch.randint(2, model.config.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(0))
         data = TokenData(tokens, "seeded random tokens")
     stats = calibrate(model, adapter, data, group_size=group_size, show_progress=False)
-    save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0)), out)
-    return out
+    plan, identity = folder / "plan.json", folder / "identity-plan.json"
+    save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0)), plan)
+    save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0, max_replicas=0)), identity)
+    return plan, identity
 
 
 def checkpoint_bytes(model_dir: Path) -> int:
@@ -106,65 +117,100 @@ def checkpoint_bytes(model_dir: Path) -> int:
 # ------------------------------------------------------------------------------------------------ memory
 
 _CHILD = """\
-import json, resource, sys, time
-def rss():
+import json, sys, time
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+def rss():
+    return status("VmRSS")
 start = rss()
-marks = {{}}
+import numpy, onnxruntime, torch, transformers
+marks = {{"imported": rss()}}
+import_peak, peaks = status("VmHWM"), []
+def reset_peak():
+    # VmHWM := VmRSS (the high-water mark so far is kept in peaks): the peak of what follows
+    peaks.append(status("VmHWM"))
+    open("/proc/self/clear_refs", "w").write("5")
+    return status("VmHWM")
+reset_peak()  # the import's own transient is not the workload's peak
+peaks.clear()
 t0 = time.perf_counter()
 {body}
-print(json.dumps({{"start": start, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+after = max(peaks + [status("VmHWM")])
+print(json.dumps({{"start": start, "peak": max(import_peak, after), "peak_after_imports": after,
                   "seconds": time.perf_counter() - t0, **marks}}))
 """
 
 
 def measure(body: str, threads: int = 1) -> dict:
-    """Run ``body`` (Python, may set ``marks[...]``) in a fresh interpreter; its peak RSS, start RSS and marks."""
+    """Run ``body`` (Python, may set ``marks[...]``) in a fresh interpreter that has imported the heavy libraries
+    (RSS then: ``imported``); its peak RSS and marks.
+
+    The peak is the kernel's ``VmHWM`` of the child's own address space, not ``getrusage``'s ``ru_maxrss``:
+    Linux carries ``ru_maxrss`` over ``fork`` + ``exec``, so every child would report at least this process's
+    size when it forked (gigabytes here, with every engine loaded)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     script = _CHILD.format(body=textwrap.dedent(body))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=str(Path(__file__).resolve().parents[1]))
     if done.returncode != 0:
-        raise RuntimeError(f"measurement failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"measurement failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def memory(model_dir: Path, plan: Path, work: Path, quick: bool) -> dict:
-    """Peak memory of export, an ONNX Runtime session, calibration and eval, each in its own process."""
-    build = work / "mem-build"
-    out = {"checkpoint_bytes": checkpoint_bytes(model_dir)}
-    out["export"] = measure(f"""
+def measured_export(model_dir: Path, plan: Path, out: Path) -> dict:
+    """``rq-export`` with its parity check, in its own process: the R&Q build the speed runs use, and its peak."""
+    result = measure(f"""
         from rq.export import export_model
-        r = export_model({str(model_dir)!r}, {str(plan)!r}, {str(build)!r}, force=True, show_progress=False)
+        r = export_model({str(model_dir)!r}, {str(plan)!r}, {str(out)!r}, force=True, show_progress=False)
         marks["passed"] = r.passed
     """)
-    for flavour in ("onnxruntime", "portable"):
-        out[f"session_{flavour}"] = measure(f"""
-            import numpy as np
+    if not result["passed"]:
+        raise RuntimeError(f"the export of {model_dir} failed its parity check; see rq check {out}")
+    return result
+
+
+def memory(model_dir: Path, plan: Path, builds: dict[str, Path], quick: bool) -> dict:
+    """Peak memory of ONNX Runtime sessions, PyTorch, calibration and eval, each in its own process."""
+    prefill = "numpy.full((4, 128), 2, dtype=numpy.int64)"
+    out = {"checkpoint_bytes": checkpoint_bytes(model_dir)}
+    sessions = {"original (fused MoE)": (builds["identity"], "onnxruntime"),
+                "R&Q fused": (builds["rq"], "onnxruntime"), "R&Q portable": (builds["rq"], "portable")}
+    for label, (build, flavour) in sessions.items():
+        out[f"session: {label}"] = measure(f"""
             from rq.export.runtime import OrtGenerator
-            marks["before"] = rss()
             g = OrtGenerator({str(build)!r}, flavour={flavour!r}, intra_op_num_threads=1)
-            g.prefill(np.full((1, 16), 2, dtype=np.int64))
-            marks["after"] = rss()
+            marks["created"] = rss()
+            g.prefill({prefill})
         """)
-        out[f"session_{flavour}"]["weights_bytes"] = referenced_bytes(build, flavour)
+        out[f"session: {label}"]["file_bytes"] = referenced_bytes(build, flavour)
+    for label, apply in (("original", ""), ("R&Q (fast)", "apply_plan(model, adapter, load_plan(plan))")):
+        out[f"pytorch: {label}"] = measure(f"""
+            from rq.models.adapters import load_model
+            from rq.plan.schema import load_plan
+            from rq.rqmodel.model import apply_plan
+            plan = {str(plan)!r}
+            model, adapter = load_model({str(model_dir)!r})
+            {apply}
+            marks["loaded"] = rss()
+            with torch.no_grad():
+                model(input_ids=torch.from_numpy({prefill}), use_cache=False)
+        """)
     sequences = (4, 8) if quick else (8, 32)
     out["calibrate"] = measure(f"""
-        import torch
         from rq.calibrate.accumulate import calibrate
         from rq.calibrate.data import TokenData
         from rq.models.adapters import load_model
         model, adapter = load_model({str(model_dir)!r})
-        marks["loaded"] = rss()
+        marks["loaded"] = reset_peak()
         marks["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         tokens = torch.randint(2, model.config.vocab_size, ({sequences[1]}, 128), generator=torch.Generator().manual_seed(0))
         calibrate(model, adapter, TokenData(tokens, "random"), group_size=128, show_progress=False)
+        marks["calibration_peak"] = status("VmHWM")  # since the model was loaded
     """)
     for n in sequences:
         out[f"eval_{n}"] = measure(f"""
-            import torch
             from rq.eval.evaluate import evaluate
             from rq.models.adapters import load_model
             from rq.plan.schema import load_plan
@@ -180,7 +226,7 @@ def memory(model_dir: Path, plan: Path, work: Path, quick: bool) -> dict:
 
 
 def referenced_bytes(build: Path, flavour: str) -> int:
-    """Bytes of the initializers an export's file (``flavour``) reads, wherever they are stored."""
+    """Bytes of the initializers the graph files ONNX Runtime opens (``flavour``) read, wherever stored."""
     import onnx
 
     from rq.export.runtime import graph_file, load_manifest
@@ -196,7 +242,7 @@ def referenced_bytes(build: Path, flavour: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def engines(model_dir: Path, plan: Path, rq_build: Path, base_build: Path, reference: bool) -> dict:
+def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool) -> dict:
     """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps)."""
     import numpy as np
     import torch
@@ -250,25 +296,22 @@ def engines(model_dir: Path, plan: Path, rq_build: Path, base_build: Path, refer
         set_mode(ref_model, "streaming")
         set_backend(ref_model, "reference")
         out["PyTorch, R&Q (reference)"] = torch_engine(ref_model)
-    out["ONNX Runtime, original"] = ort_engine(base_build, "portable")
-    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_engine(rq_build, "onnxruntime")
-    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_engine(rq_build, "portable")
+    out["ONNX Runtime, original (fused MoE)"] = ort_engine(builds["identity"], "onnxruntime")
+    if "batched_mm" in builds:
+        out["ONNX Runtime, original (HF batched_mm)"] = ort_engine(builds["batched_mm"], "portable")
+    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_engine(builds["rq"], "onnxruntime")
+    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_engine(builds["rq"], "portable")
     return out
 
 
-def speed(model_dir: Path, plan: Path, work: Path, repeats: int, reference: bool) -> dict:
+def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool) -> dict:
     """tokens/s of every engine and workload (medians), engines interleaved."""
     import numpy as np
     import torch
 
-    from rq.export import export_model
-    from rq.export.api import export_baseline
-
     torch.set_num_threads(1)
-    rq_build = export_model(model_dir, plan, work / "rq-build", force=True, check=False, show_progress=False).out_dir
-    base_build = export_baseline(model_dir, work / "base-build", force=True, show_progress=False).out_dir
-    runs = engines(model_dir, plan, rq_build, base_build, reference)
-    vocab = json.loads((rq_build / "manifest.json").read_text())["vocab_size"]
+    runs = engines(model_dir, plan, builds, reference)
+    vocab = json.loads((builds["rq"] / "manifest.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
     results = {}
     for workload, (batch, prompt, steps) in WORKLOADS.items():
@@ -284,33 +327,67 @@ def speed(model_dir: Path, plan: Path, work: Path, repeats: int, reference: bool
     return results
 
 
+def baseline_builds(model_dir: Path, identity_plan: Path, work: Path, batched_mm: bool) -> dict[str, Path]:
+    """The original model's ONNX builds: the identity plan's (fused MoE) and, if asked, Hugging Face's
+    ``batched_mm`` experts in plain ops."""
+    from rq.export import export_model
+    from rq.export.api import export_baseline
+
+    builds = {"identity": export_model(model_dir, identity_plan, work / "identity-build", force=True, check=False,
+                                       show_progress=False).out_dir}
+    if batched_mm:
+        builds["batched_mm"] = export_baseline(model_dir, work / "base-build", force=True, show_progress=False).out_dir
+    return builds
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 def ratios(speeds: dict) -> dict:
     """The ratios the targets are stated in, per workload."""
-    out = {}
-    for workload, s in speeds.items():
-        out[workload] = {
-            "ORT R&Q fused / ORT original": s["ONNX Runtime, R&Q fused (model.ort.onnx)"] / s["ONNX Runtime, original"],
-            "ORT R&Q fused / PyTorch original": s["ONNX Runtime, R&Q fused (model.ort.onnx)"] / s["PyTorch, original"],
-            "PyTorch R&Q (fast) / PyTorch original": s["PyTorch, R&Q (fast)"] / s["PyTorch, original"],
-            "ORT R&Q portable / ORT original": s["ONNX Runtime, R&Q portable (model.onnx)"] / s["ONNX Runtime, original"],
-        }
-        if "PyTorch, R&Q (reference)" in s:
-            out[workload]["PyTorch R&Q (reference) / PyTorch original"] = s["PyTorch, R&Q (reference)"] / s["PyTorch, original"]
-    return out
+    fused, portable = "ONNX Runtime, R&Q fused (model.ort.onnx)", "ONNX Runtime, R&Q portable (model.onnx)"
+    ort_original, torch_original = "ONNX Runtime, original (fused MoE)", "PyTorch, original"
+    pairs = {"ORT R&Q fused / ORT original": (fused, ort_original),
+             "ORT R&Q fused / PyTorch original": (fused, torch_original),
+             "PyTorch R&Q (fast) / PyTorch original": ("PyTorch, R&Q (fast)", torch_original),
+             "ORT R&Q portable / ORT original": (portable, ort_original),
+             "ORT R&Q fused / ORT original (HF batched_mm)": (fused, "ONNX Runtime, original (HF batched_mm)"),
+             "PyTorch R&Q (reference) / PyTorch original": ("PyTorch, R&Q (reference)", torch_original)}
+    return {workload: {key: s[a] / s[b] for key, (a, b) in pairs.items() if a in s and b in s}
+            for workload, s in speeds.items()}
+
+
+def _above_imports(m: dict) -> int:
+    """Peak RSS once the libraries were imported, less the RSS then (older runs: the whole process's peak)."""
+    return m.get("peak_after_imports", m["peak"]) - m["imported"]
 
 
 def memory_ratios(mem: dict) -> dict:
-    """Peak memory against what each target compares it with."""
+    """Peak memory against what each target compares it with; ``above imports`` subtracts the process's size
+    once torch, transformers and onnxruntime are imported (~300 MiB, which dwarfs a tiny model)."""
     ckpt = mem["checkpoint_bytes"]
-    out = {"rq-export peak / checkpoint": mem["export"]["peak"] / ckpt}
-    for flavour in ("onnxruntime", "portable"):
-        s = mem[f"session_{flavour}"]
-        out[f"ORT session ({flavour}) / its weights"] = (s["after"] - s["before"]) / s["weights_bytes"]
+    export = mem["export"]
+    out = {"rq-export peak / checkpoint": export["peak"] / ckpt,
+           "rq-export peak above imports / checkpoint": _above_imports(export) / ckpt}
+    original = _above_imports(mem["session: original (fused MoE)"])
+    for label in ("original (fused MoE)", "R&Q fused", "R&Q portable"):
+        session = mem[f"session: {label}"]
+        out[f"ORT session peak above imports: {label} / its file's weights"] = (_above_imports(session)
+                                                                               / session["file_bytes"])
+    for label in ("R&Q fused", "R&Q portable"):
+        out[f"ORT session peak above imports: {label} / original"] = _above_imports(mem[f"session: {label}"]) / original
+    out["PyTorch peak above imports: R&Q (fast) / original"] = (_above_imports(mem["pytorch: R&Q (fast)"])
+                                                                / _above_imports(mem["pytorch: original"]))
+    # loading a checkpoint with Hugging Face peaks above the model's size by itself: the stages that load one
+    # are also compared with a plain load + prefill of the original model
+    plain = mem["pytorch: original"]["peak"]
+    out["PyTorch original peak (load + prefill) / checkpoint"] = plain / ckpt
+    out["rq-export peak / PyTorch original peak"] = export["peak"] / plain
+    out["calibration peak / PyTorch original peak"] = mem["calibrate"]["peak"] / plain
     c = mem["calibrate"]
-    out["calibration peak above the loaded model / model bytes"] = (c["peak"] - c["loaded"]) / c["model_bytes"]
-    evals = sorted(k for k in mem if k.startswith("eval_"))
+    if "calibration_peak" in c:
+        out["calibration peak after loading, above the loaded model / model bytes"] = (
+            (c["calibration_peak"] - c["loaded"]) / c["model_bytes"])
+    evals = sorted((k for k in mem if k.startswith("eval_")), key=lambda k: int(k[5:]))
     out["rq eval peak: " + " vs ".join(f"{k[5:]} seqs" for k in evals)] = " vs ".join(
         f"{mem[k]['peak'] / 2**20:.0f} MiB" for k in evals)
     return out
@@ -335,16 +412,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny model and two repeats (smoke test)")
     parser.add_argument("--models", default="demo,mid", help="comma-separated: demo, mid")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, help="where results.json goes (default: print only)")
+    parser.add_argument("--out", type=Path, help="where speed_memory.json goes (default: print only)")
     parser.add_argument("--workdir", type=Path, help="where builds go (default: a temporary folder)")
+    parser.add_argument("--only", choices=("speed", "memory"),
+                        help="measure only this half; the other half is kept from --out's stored run")
     args = parser.parse_args(argv)
     from rq.demo.corpus import demo_checkpoint_dir
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rq-bench-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     repeats = 2 if args.quick else args.repeats
+    stored = args.out / "speed_memory.json" if args.out is not None else None
     results = {"machine": {"platform": platform.platform(), "cores": len(os.sched_getaffinity(0)),
                            "loadavg_start": list(os.getloadavg()), "threads": 1}, "models": {}}
+    if args.only and stored is not None and stored.is_file():
+        results["models"] = json.loads(stored.read_text())["models"]
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         folder = work / name
         folder.mkdir(exist_ok=True)
@@ -357,18 +439,26 @@ def main(argv: list[str] | None = None) -> dict:
             group = 128
         else:
             parser.error(f"unknown model {name!r}; choose demo or mid")
-        plan = make_plan(model_dir, folder / "plan.json", group, sequences=4 if args.quick else 16,
-                         seq_len=32 if args.quick else 128)
+        plan, identity = make_plans(model_dir, folder, group, sequences=4 if args.quick else 16,
+                                    seq_len=32 if args.quick else 128)
         started = time.perf_counter()
-        speeds = speed(model_dir, plan, folder, repeats, reference=name == "demo" or args.quick)
-        mem = memory(model_dir, plan, folder, args.quick)
-        results["models"][name] = {"speeds": speeds, "ratios": ratios(speeds), "memory": mem,
-                                   "memory_ratios": memory_ratios(mem), "seconds": time.perf_counter() - started}
-        print(markdown(f"{name} ({model_dir})", speeds, mem), flush=True)
+        small = name == "demo" or args.quick
+        entry = results["models"].setdefault(name, {})
+        export = measured_export(model_dir, plan, folder / "rq-build")
+        builds = {"rq": folder / "rq-build", **baseline_builds(model_dir, identity, folder, batched_mm=small)}
+        if args.only != "memory":
+            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small)
+            entry["ratios"] = ratios(entry["speeds"])
+        if args.only != "speed":
+            entry["memory"] = {"export": export, **memory(model_dir, plan, builds, args.quick)}
+            entry["memory_ratios"] = memory_ratios(entry["memory"])
+        entry["seconds " + (args.only or "speed and memory")] = time.perf_counter() - started
+        if "speeds" in entry and "memory" in entry:
+            print(markdown(f"{name} ({model_dir})", entry["speeds"], entry["memory"]), flush=True)
     results["machine"]["loadavg_end"] = list(os.getloadavg())
-    if args.out is not None:
+    if stored is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "speed_memory.json").write_text(json.dumps(results, indent=1) + "\n")
+        stored.write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

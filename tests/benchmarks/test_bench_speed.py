@@ -1,0 +1,50 @@
+"""bench_speed's reporting: each ratio divides the engines its name says, memory against what the target names."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import bench_speed  # noqa: E402
+
+MIB = 2**20
+
+
+def test_ratios_pair_the_engines_they_name_and_skip_missing_ones():
+    speeds = {"decode B=1": {"PyTorch, original": 100.0, "PyTorch, R&Q (fast)": 90.0,
+                             "ONNX Runtime, original (fused MoE)": 200.0,
+                             "ONNX Runtime, R&Q fused (model.ort.onnx)": 300.0,
+                             "ONNX Runtime, R&Q portable (model.onnx)": 50.0}}
+    r = bench_speed.ratios(speeds)["decode B=1"]
+    assert r == pytest.approx({"ORT R&Q fused / ORT original": 1.5, "ORT R&Q fused / PyTorch original": 3.0,
+                               "PyTorch R&Q (fast) / PyTorch original": 0.9, "ORT R&Q portable / ORT original": 0.25})
+
+
+def _run(peak: int, imported: int = 300 * MIB, **extra) -> dict:
+    return {"peak": peak, "imported": imported, **extra}
+
+
+def test_memory_ratios_subtract_the_imports_and_divide_by_the_named_sizes():
+    mem = {"checkpoint_bytes": 1000 * MIB, "export": _run(1800 * MIB),
+           "session: original (fused MoE)": _run(1300 * MIB, file_bytes=1000 * MIB),
+           "session: R&Q fused": _run(1500 * MIB, file_bytes=1200 * MIB),
+           "session: R&Q portable": _run(1700 * MIB, file_bytes=1000 * MIB),
+           "pytorch: original": _run(2600 * MIB, peak_after_imports=2300 * MIB),
+           "pytorch: R&Q (fast)": _run(4900 * MIB, peak_after_imports=4900 * MIB),
+           "calibrate": {"peak": 2600 * MIB, "loaded": 1300 * MIB, "model_bytes": 1000 * MIB,
+                         "calibration_peak": 1500 * MIB},
+           "eval_32": _run(1400 * MIB), "eval_8": _run(1400 * MIB)}
+    r = bench_speed.memory_ratios(mem)
+    assert r["rq-export peak / checkpoint"] == pytest.approx(1.8)
+    assert r["rq-export peak above imports / checkpoint"] == pytest.approx(1.5)
+    assert r["ORT session peak above imports: R&Q fused / its file's weights"] == pytest.approx(1.0)
+    assert r["ORT session peak above imports: R&Q portable / original"] == pytest.approx(1.4)
+    assert r["PyTorch peak above imports: R&Q (fast) / original"] == pytest.approx(4600 / 2000)
+    assert r["calibration peak after loading, above the loaded model / model bytes"] == pytest.approx(0.2)
+    assert r["calibration peak / PyTorch original peak"] == pytest.approx(1.0)
+    assert r["rq-export peak / PyTorch original peak"] == pytest.approx(1800 / 2600)
+    assert r["rq eval peak: 8 seqs vs 32 seqs"] == "1400 MiB vs 1400 MiB"
