@@ -1,4 +1,4 @@
-"""Issue #14 items 5-9: what broke when `rq place` / `rq import-loads` were tried as a new user would. Each bad input
+"""What broke when `rq place` / `rq import-loads` were tried as a new user would. Each bad input
 is one RQError line with the fix, the CLI exits 2 without a traceback, and nothing is left half-written."""
 
 from __future__ import annotations
