@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
 STEPS = ("env", "plugin", "host", "pytest", "driver", "bench", "trt")
+NEEDS_HEADERS = ("plugin", "host", "driver")  # skipped, each with its reason, where no TensorRT headers are
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("cmake") is None, reason="needs bash, cmake")
 
@@ -35,7 +36,11 @@ def test_dry_run_plans_every_step_within_eight_minutes(tmp_path):
     run = _run("--dry-run", str(tmp_path / "out"))
     assert run.returncode == 0, run.stdout + run.stderr
     planned = [line.split("[")[1].split(",")[0] for line in run.stdout.splitlines() if line.startswith("would run [")]
-    assert tuple(planned) == STEPS, run.stdout
+    if "TensorRT headers not found" in run.stdout:  # e.g. a clone without ../shared
+        assert "SKIPPED plugin: no TensorRT headers" in run.stdout and "SKIPPED driver" in run.stdout, run.stdout
+        assert tuple(planned) == tuple(s for s in STEPS if s not in NEEDS_HEADERS), run.stdout
+    else:
+        assert tuple(planned) == STEPS, run.stdout
     limits = [int(line.split("<= ")[1].split("s]")[0]) for line in run.stdout.splitlines() if line.startswith("would run [")]
     assert sum(limits) <= 8 * 60
     assert "--tokens-per-expert 1 16 128 512" in run.stdout and "check" in run.stdout and "--trt" in run.stdout
