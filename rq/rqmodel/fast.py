@@ -8,9 +8,11 @@ dequantized exactly (``q * scale``). Assignments are mapped to copies by the rep
 to versions; since copies of one version compute the same function, their rows are multiplied together with
 ``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
 
-Memory: one float copy per version, i.e. the original experts' size plus one expert for every original-precision
-expert that has INT4 replicas, kept on the layer's :class:`~rq.core.op.RQLayerWeights` (which ``RQExperts``
-keeps while its buffers are unchanged). The reference stays the definition the tests compare this backend
+Memory: the original-precision copies are multiplied straight from the layer's own weights (transposed views:
+no copy when the compute dtype and device are theirs), so the backend adds one float copy per INT4 version
+(one expert per logical expert with INT4 copies), kept on the layer's :class:`~rq.core.op.RQLayerWeights`
+(which ``RQExperts`` keeps while its buffers are unchanged). Each projection is then two grouped products,
+original-precision versions first. The reference stays the definition the tests compare this backend
 with (within the §9 tolerances).
 """
 
@@ -27,13 +29,22 @@ from rq.core.op import RQLayerWeights, check_call, copy_weights
 
 
 class Versions(NamedTuple):
-    """The distinct weight versions of one layer in the compute dtype, and which version each copy uses."""
+    """The distinct weight versions of one layer in the compute dtype, and which version each copy uses.
+    Versions ``[0, n_orig)`` are the original-precision copies (their slots), the rest the INT4 versions."""
 
-    w_in_t: torch.Tensor  # [U, H, I_in]: transposed for grouped_mm (input @ weight)
-    w_out_t: torch.Tensor  # [U, I, H]
+    w_in_t: tuple[torch.Tensor, torch.Tensor]  # ([P_orig, H, I_in], [U_int4, H, I_in]): input @ weight
+    w_out_t: tuple[torch.Tensor, torch.Tensor]  # ([P_orig, I, H], [U_int4, I, H])
     version: torch.Tensor  # [P + 1] int64: version of each physical copy; entry P (dropped ids) = U
     logcnt: torch.Tensor  # [N] int64 on the device
     base: torch.Tensor  # [N] int64: first physical id of each expert
+
+    @property
+    def num_orig(self) -> int:
+        return self.w_in_t[0].shape[0]
+
+    @property
+    def num_versions(self) -> int:
+        return self.num_orig + self.w_in_t[1].shape[0]
 
 
 def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
@@ -42,26 +53,38 @@ def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
     return all(torch.equal(t[sa], t[sb]) for t in (layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales))
 
 
+def _stack_t(weights: list[torch.Tensor], like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[U, cols, rows]``: the transposed ``[rows, cols]`` weights stacked (empty: shaped like ``like``)."""
+    if not weights:
+        return like.new_empty(0, like.shape[2], like.shape[1], device=device)
+    return torch.stack([w.T for w in weights]).contiguous().to(device)
+
+
 def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
-    """Group the copies of ``layer`` by identical weights and materialize each group once in ``dtype``."""
-    phy2log = layer.tables.phy2log.tolist()
-    owner_of_version: list[int] = []  # a representative physical copy per version
+    """Group the copies of ``layer`` by identical weights; original-precision copies are views of the layer's
+    weights, each INT4 version is materialized once in ``dtype``."""
+    phy2log, slot = layer.tables.phy2log.tolist(), layer.tables.slot.tolist()
+    num_orig = layer.num_orig
+    owner_of_int4_version: list[int] = []  # a representative physical copy per INT4 version
     version = []
-    first_int4_of: dict[int, list[int]] = {}  # logical expert -> versions of its INT4 copies
+    int4_versions_of: dict[int, list[int]] = {}  # logical expert -> INT4 versions of its copies
     for p, precision in enumerate(layer.precision):
-        if precision == 1:
-            candidates = first_int4_of.setdefault(phy2log[p], [])
-            match = next((v for v in candidates if _same_bytes(layer, owner_of_version[v], p)), None)
-            if match is not None:
-                version.append(match)
-                continue
-            candidates.append(len(owner_of_version))
-        version.append(len(owner_of_version))
-        owner_of_version.append(p)
-    weights = [copy_weights(layer, p, dtype) for p in owner_of_version]
-    w_in_t = torch.stack([w.T for w, _ in weights]).contiguous().to(device)  # [U, H, I_in]
-    w_out_t = torch.stack([w.T for _, w in weights]).contiguous().to(device)  # [U, I, H]
-    version.append(len(owner_of_version))
+        if precision == 0:
+            version.append(slot[p])
+            continue
+        candidates = int4_versions_of.setdefault(phy2log[p], [])
+        match = next((v for v in candidates if _same_bytes(layer, owner_of_int4_version[v], p)), None)
+        if match is None:
+            match = len(owner_of_int4_version)
+            candidates.append(match)
+            owner_of_int4_version.append(p)
+        version.append(num_orig + match)
+    dequantized = [copy_weights(layer, p, dtype) for p in owner_of_int4_version]
+    orig_in = layer.w_in.to(device=device, dtype=dtype).transpose(1, 2)  # [P_orig, H, I_in], a view if no cast
+    orig_out = layer.w_out.to(device=device, dtype=dtype).transpose(1, 2)  # [P_orig, I, H]
+    w_in_t = (orig_in, _stack_t([w for w, _ in dequantized], orig_in.transpose(1, 2), device))
+    w_out_t = (orig_out, _stack_t([w for _, w in dequantized], orig_out.transpose(1, 2), device))
+    version.append(num_orig + len(owner_of_int4_version))
     logcnt = torch.tensor(layer.logcnt, dtype=torch.int64, device=device)
     return Versions(w_in_t, w_out_t, torch.tensor(version, dtype=torch.int64, device=device), logcnt,
                     replica.phys_base(logcnt))
@@ -92,6 +115,20 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch
     return out
 
 
+def _grouped_two(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor], ends: torch.Tensor) -> torch.Tensor:
+    """:func:`_grouped` over the original-precision versions, then over the INT4 ones (``ends`` covers both)."""
+    num_orig = weights[0].shape[0]
+    split = int(ends[num_orig - 1]) if num_orig else 0
+    parts = []
+    if num_orig and split:
+        parts.append(_grouped(x[:split], weights[0], ends[:num_orig]))
+    if weights[1].shape[0] and x.shape[0] > split:
+        parts.append(_grouped(x[split:], weights[1], ends[num_orig:] - split))
+    if not parts:  # no assignment has a copy
+        return x.new_empty(0, weights[0].shape[-1] if num_orig else weights[1].shape[-1])
+    return torch.cat(parts) if len(parts) == 2 else parts[0]
+
+
 def rq_moe_fast(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: RQLayerWeights,
                 offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and semantics as :func:`rq.core.op.rq_moe_reference`; computes in ``hidden``'s dtype."""
@@ -105,10 +142,9 @@ def rq_moe_fast(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     phys = phys.reshape(-1)  # [A], -1 = dropped
     version = v.version[phys]  # [A]; phys = -1 reads the last entry: U = dropped
     order = torch.argsort(version, stable=True)
-    num_versions = v.w_in_t.shape[0]
-    ends = torch.cumsum(torch.bincount(version, minlength=num_versions + 1)[:num_versions], 0)
+    ends = torch.cumsum(torch.bincount(version, minlength=v.num_versions + 1)[:v.num_versions], 0)
     kept = order[: int(ends[-1])]  # assignments with a copy, grouped by version
     x = hidden[kept // top_k]
-    h = apply_activation(_grouped(x, v.w_in_t, ends), layer.activation)
-    out = _grouped(h, v.w_out_t, ends) * topk_weights.reshape(-1)[kept].unsqueeze(1).to(hidden.dtype)
+    h = apply_activation(_grouped_two(x, v.w_in_t, ends), layer.activation)
+    out = _grouped_two(h, v.w_out_t, ends) * topk_weights.reshape(-1)[kept].unsqueeze(1).to(hidden.dtype)
     return y.index_add_(0, kept // top_k, out), counts

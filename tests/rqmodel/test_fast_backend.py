@@ -78,11 +78,11 @@ def test_fast_equals_reference(layout, tokens, activation):
 def test_replicas_share_one_version_only_when_their_bytes_agree():
     logcnt, precision = LAYOUTS[2]
     # expert 0: original + INT4 replica, 1: INT4, 2: original + two INT4 replicas sharing bytes, 3: INT4
-    assert build_versions(_layer(logcnt, precision), torch.float32, torch.device("cpu")).w_in_t.shape[0] == 6
+    assert build_versions(_layer(logcnt, precision), torch.float32, torch.device("cpu")).num_versions == 6
     # copies whose bytes differ are never merged (the op does not assume replicas are identical)
     different = _layer(logcnt, precision, same_replicas=False)
     versions = build_versions(different, torch.float32, torch.device("cpu"))
-    assert versions.w_in_t.shape[0] == 7 and versions.version.tolist() == list(range(8))
+    assert versions.num_versions == 7 and sorted(versions.version.tolist()) == list(range(8))
     ids, w = _routing(40, len(logcnt))
     x = torch.randn(40, 64)
     torch.testing.assert_close(rq_moe_fast(x, ids, w, different)[0], rq_moe_reference(x, ids, w, different)[0],
@@ -125,3 +125,23 @@ def test_float16_within_the_float16_tolerance():
     y, _ = rq_moe_fast(x.half(), ids, w.half(), layer)
     half_free = dataclasses.replace(layer, w_in=layer.w_in.float(), w_out=layer.w_out.float())
     torch.testing.assert_close(y.float(), rq_moe_reference(x, ids, w, half_free)[0], atol=2e-2, rtol=1e-2)
+
+
+def test_original_precision_copies_are_multiplied_from_the_layer_weights_without_a_copy():
+    logcnt, precision = LAYOUTS[2]
+    layer = _layer(logcnt, precision)
+    versions = build_versions(layer, torch.float32, torch.device("cpu"))
+    assert versions.w_in_t[0].data_ptr() == layer.w_in.data_ptr()
+    assert versions.w_out_t[0].data_ptr() == layer.w_out.data_ptr()
+    assert versions.num_orig == precision.count(0)
+    # another dtype casts once (the stored weights are not changed)
+    assert build_versions(layer, torch.float64, torch.device("cpu")).w_in_t[0].dtype == torch.float64
+
+
+def test_no_assignment_with_a_copy_gives_zeros_and_the_counts():
+    logcnt, precision = LAYOUTS[2]
+    layer = _layer(logcnt, precision)
+    ids = torch.full((5, 2), len(logcnt))  # every id out of range: dropped
+    y, counts = rq_moe_fast(torch.randn(5, 64), ids, torch.ones(5, 2), layer)
+    y_ref, counts_ref = rq_moe_reference(torch.randn(5, 64), ids, torch.ones(5, 2), layer)
+    assert torch.equal(y, torch.zeros(5, 64)) and torch.equal(y_ref, y) and torch.equal(counts, counts_ref)
