@@ -8,11 +8,12 @@ dequantized exactly (``q * scale``). Assignments are mapped to copies by the rep
 to versions; since copies of one version compute the same function, their rows are multiplied together with
 ``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
 
-Memory: the original-precision copies are multiplied straight from the layer's own weights (transposed views:
-no copy when the compute dtype and device are theirs), so the backend adds one float copy per INT4 version
-(one expert per logical expert with INT4 copies), kept on the layer's :class:`~rq.core.op.RQLayerWeights`
-(which ``RQExperts`` keeps while its buffers are unchanged). Each projection is then two grouped products,
-original-precision versions first. The reference stays the definition the tests compare this backend
+Memory: one float copy per INT4 version (one expert per logical expert with INT4 copies), kept on the layer's
+:class:`~rq.core.op.RQLayerWeights` (which ``RQExperts`` keeps while its buffers are unchanged). A layer whose
+original-precision weights exceed :data:`VIEW_BYTES` multiplies them straight from its own weights (transposed
+views: no copy when the compute dtype and device are theirs), at the price of a second grouped product per
+projection; smaller layers copy them next to the INT4 versions and make one call (the fixed cost of a call
+is what matters there: 10-20 % of a small layer's decode step, measured on the demo model). The reference stays the definition the tests compare this backend
 with (within the §9 tolerances).
 """
 
@@ -28,23 +29,23 @@ from rq.core.experts import apply_activation
 from rq.core.op import RQLayerWeights, check_call, copy_weights
 
 
+VIEW_BYTES = 64 << 20  # per layer: above, original-precision weights are used in place (module doc)
+
+
 class Versions(NamedTuple):
     """The distinct weight versions of one layer in the compute dtype, and which version each copy uses.
-    Versions ``[0, n_orig)`` are the original-precision copies (their slots), the rest the INT4 versions."""
+    Versions ``[0, P_orig)`` are the original-precision copies (their slots), the rest the INT4 versions; the
+    weights come in one or two groups of consecutive versions (one tensor each)."""
 
-    w_in_t: tuple[torch.Tensor, torch.Tensor]  # ([P_orig, H, I_in], [U_int4, H, I_in]): input @ weight
-    w_out_t: tuple[torch.Tensor, torch.Tensor]  # ([P_orig, I, H], [U_int4, I, H])
+    w_in_t: tuple[torch.Tensor, ...]  # groups of [U_g, H, I_in]: input @ weight
+    w_out_t: tuple[torch.Tensor, ...]  # groups of [U_g, I, H]
     version: torch.Tensor  # [P + 1] int64: version of each physical copy; entry P (dropped ids) = U
     logcnt: torch.Tensor  # [N] int64 on the device
     base: torch.Tensor  # [N] int64: first physical id of each expert
 
     @property
-    def num_orig(self) -> int:
-        return self.w_in_t[0].shape[0]
-
-    @property
     def num_versions(self) -> int:
-        return self.num_orig + self.w_in_t[1].shape[0]
+        return sum(w.shape[0] for w in self.w_in_t)
 
 
 def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
@@ -53,16 +54,19 @@ def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
     return all(torch.equal(t[sa], t[sb]) for t in (layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales))
 
 
-def _stack_t(weights: list[torch.Tensor], like: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``[U, cols, rows]``: the transposed ``[rows, cols]`` weights stacked (empty: shaped like ``like``)."""
-    if not weights:
-        return like.new_empty(0, like.shape[2], like.shape[1], device=device)
-    return torch.stack([w.T for w in weights]).contiguous().to(device)
+def _groups(original: torch.Tensor, dequantized: list[torch.Tensor], in_place: bool) -> tuple[torch.Tensor, ...]:
+    """Weights ``[U_g, cols, rows]`` per group: ``original [P_orig, rows, cols]`` transposed in place (a view)
+    and the INT4 versions stacked, or all of them stacked into one tensor. Empty groups are left out."""
+    original_t = original.transpose(1, 2)
+    int4_t = [w.T for w in dequantized]
+    if not in_place:
+        return (torch.cat([original_t, torch.stack(int4_t)]) if int4_t else original_t.contiguous(),)
+    return tuple(g for g in (original_t, torch.stack(int4_t) if int4_t else None) if g is not None and len(g))
 
 
 def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
-    """Group the copies of ``layer`` by identical weights; original-precision copies are views of the layer's
-    weights, each INT4 version is materialized once in ``dtype``."""
+    """Group the copies of ``layer`` by identical weights; each INT4 version is materialized once in ``dtype``,
+    original-precision copies are used in place (views of the layer's weights) above :data:`VIEW_BYTES`."""
     phy2log, slot = layer.tables.phy2log.tolist(), layer.tables.slot.tolist()
     num_orig = layer.num_orig
     owner_of_int4_version: list[int] = []  # a representative physical copy per INT4 version
@@ -79,11 +83,12 @@ def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.devi
             candidates.append(match)
             owner_of_int4_version.append(p)
         version.append(num_orig + match)
-    dequantized = [copy_weights(layer, p, dtype) for p in owner_of_int4_version]
-    orig_in = layer.w_in.to(device=device, dtype=dtype).transpose(1, 2)  # [P_orig, H, I_in], a view if no cast
-    orig_out = layer.w_out.to(device=device, dtype=dtype).transpose(1, 2)  # [P_orig, I, H]
-    w_in_t = (orig_in, _stack_t([w for w, _ in dequantized], orig_in.transpose(1, 2), device))
-    w_out_t = (orig_out, _stack_t([w for _, w in dequantized], orig_out.transpose(1, 2), device))
+    dequantized = [tuple(w.to(device) for w in copy_weights(layer, p, dtype)) for p in owner_of_int4_version]
+    orig_in = layer.w_in.to(device=device, dtype=dtype)  # [P_orig, I_in, H]; itself if no cast
+    orig_out = layer.w_out.to(device=device, dtype=dtype)
+    in_place = (layer.w_in.nbytes + layer.w_out.nbytes) > VIEW_BYTES
+    w_in_t = _groups(orig_in, [w for w, _ in dequantized], in_place)
+    w_out_t = _groups(orig_out, [w for _, w in dequantized], in_place)
     version.append(num_orig + len(owner_of_int4_version))
     logcnt = torch.tensor(layer.logcnt, dtype=torch.int64, device=device)
     return Versions(w_in_t, w_out_t, torch.tensor(version, dtype=torch.int64, device=device), logcnt,
@@ -115,18 +120,19 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch
     return out
 
 
-def _grouped_two(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor], ends: torch.Tensor) -> torch.Tensor:
-    """:func:`_grouped` over the original-precision versions, then over the INT4 ones (``ends`` covers both)."""
-    num_orig = weights[0].shape[0]
-    split = int(ends[num_orig - 1]) if num_orig else 0
-    parts = []
-    if num_orig and split:
-        parts.append(_grouped(x[:split], weights[0], ends[:num_orig]))
-    if weights[1].shape[0] and x.shape[0] > split:
-        parts.append(_grouped(x[split:], weights[1], ends[num_orig:] - split))
+def _grouped_groups(x: torch.Tensor, groups: tuple[torch.Tensor, ...], ends: torch.Tensor) -> torch.Tensor:
+    """:func:`_grouped` over consecutive groups of versions (``ends`` covers them all)."""
+    if len(groups) == 1:
+        return _grouped(x, groups[0], ends)
+    parts, first, start = [], 0, 0
+    for weight in groups:
+        stop = int(ends[first + weight.shape[0] - 1])
+        if stop > start:
+            parts.append(_grouped(x[start:stop], weight, ends[first:first + weight.shape[0]] - start))
+        first, start = first + weight.shape[0], stop
     if not parts:  # no assignment has a copy
-        return x.new_empty(0, weights[0].shape[-1] if num_orig else weights[1].shape[-1])
-    return torch.cat(parts) if len(parts) == 2 else parts[0]
+        return x.new_empty(0, groups[0].shape[-1])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def rq_moe_fast(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: RQLayerWeights,
@@ -145,6 +151,6 @@ def rq_moe_fast(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     ends = torch.cumsum(torch.bincount(version, minlength=v.num_versions + 1)[:v.num_versions], 0)
     kept = order[: int(ends[-1])]  # assignments with a copy, grouped by version
     x = hidden[kept // top_k]
-    h = apply_activation(_grouped_two(x, v.w_in_t, ends), layer.activation)
-    out = _grouped_two(h, v.w_out_t, ends) * topk_weights.reshape(-1)[kept].unsqueeze(1).to(hidden.dtype)
+    h = apply_activation(_grouped_groups(x, v.w_in_t, ends), layer.activation)
+    out = _grouped_groups(h, v.w_out_t, ends) * topk_weights.reshape(-1)[kept].unsqueeze(1).to(hidden.dtype)
     return y.index_add_(0, kept // top_k, out), counts

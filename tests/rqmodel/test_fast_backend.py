@@ -9,6 +9,7 @@ import torch
 
 from rq.core import int4
 from rq.core.op import RQLayerWeights, rq_moe_reference
+from rq.rqmodel import fast
 from rq.rqmodel.fast import build_versions, rq_moe_fast
 
 
@@ -127,18 +128,32 @@ def test_float16_within_the_float16_tolerance():
     torch.testing.assert_close(y.float(), rq_moe_reference(x, ids, w, half_free)[0], atol=2e-2, rtol=1e-2)
 
 
-def test_original_precision_copies_are_multiplied_from_the_layer_weights_without_a_copy():
+@pytest.mark.parametrize("in_place", [True, False])
+def test_original_precision_copies_in_place_above_the_threshold_else_one_stacked_group(monkeypatch, in_place):
+    monkeypatch.setattr(fast, "VIEW_BYTES", 0 if in_place else 1 << 40)
     logcnt, precision = LAYOUTS[2]
     layer = _layer(logcnt, precision)
     versions = build_versions(layer, torch.float32, torch.device("cpu"))
-    assert versions.w_in_t[0].data_ptr() == layer.w_in.data_ptr()
-    assert versions.w_out_t[0].data_ptr() == layer.w_out.data_ptr()
-    assert versions.num_orig == precision.count(0)
+    if in_place:  # the layer's own storage, transposed: no copy
+        assert len(versions.w_in_t) == 2 and versions.w_in_t[0].shape[0] == precision.count(0)
+        assert versions.w_in_t[0].data_ptr() == layer.w_in.data_ptr()
+        assert versions.w_out_t[0].data_ptr() == layer.w_out.data_ptr()
+    else:  # one tensor, one grouped product per projection
+        assert len(versions.w_in_t) == 1 and versions.w_in_t[0].is_contiguous()
+    assert versions.num_versions == 6
+    ids, w = _routing(40, len(logcnt))
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    y, counts = rq_moe_fast(x, ids, w, layer)
+    y_ref, counts_ref = rq_moe_reference(x, ids, w, layer)
+    assert torch.equal(counts, counts_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
     # another dtype casts once (the stored weights are not changed)
     assert build_versions(layer, torch.float64, torch.device("cpu")).w_in_t[0].dtype == torch.float64
 
 
-def test_no_assignment_with_a_copy_gives_zeros_and_the_counts():
+@pytest.mark.parametrize("view_bytes", [0, 1 << 40])
+def test_no_assignment_with_a_copy_gives_zeros_and_the_counts(monkeypatch, view_bytes):
+    monkeypatch.setattr(fast, "VIEW_BYTES", view_bytes)
     logcnt, precision = LAYOUTS[2]
     layer = _layer(logcnt, precision)
     ids = torch.full((5, 2), len(logcnt))  # every id out of range: dropped
