@@ -204,7 +204,7 @@ def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: s
     moe_paths = [layer.path for layer in adapter.moe_layers(model)]
     rq_layers = apply_plan(model, adapter, plan)  # quantizes from the float32 weights the plan was made on
     # the op's definition for every forward here (shape probes, parity data); the fast backend would also
-    # keep a float copy of every expert for the rest of the export
+    # keep a float copy of every INT4 version for the rest of the export
     set_backend(model, "reference")
     _to_dtype(model, rq_layers, dtype)
     with progress_bar("exporting", total=3, enabled=show_progress) as advance:
