@@ -154,16 +154,18 @@ def demo_export(tmp_path_factory):
 # --- the TensorRT plugin (tests/plugins, tests/engines) ------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-TENSORRT_HEADERS = REPO.parent / "shared" / "third_party" / "tensorrt"
-"""TensorRT's public headers (Apache-2.0), outside the repository: ``<version>/include`` for 10.16 and 11.1."""
+TENSORRT_HEADERS_ENV = "RQ_TENSORRT_HEADERS"
+"""Environment variable naming a folder of TensorRT's public headers (Apache-2.0), outside the repository, laid out
+as ``<version>/include`` for 10.16 and 11.1 (``.ci/run`` sets it where CI has them)."""
 
 
 def tensorrt_include(version: str) -> Path:
     """``include`` folder of TensorRT ``version``'s headers; skips the test, saying why, where it is absent."""
-    include = TENSORRT_HEADERS / version / "include"
-    if not (include / "NvInferRuntime.h").is_file():
-        pytest.skip(f"TensorRT {version} headers not found at {include} (../shared is this workplace's; outside it "
-                    f"pass -DTensorRT_INCLUDE_DIR to CMake yourself)")
+    root = os.environ.get(TENSORRT_HEADERS_ENV, "")
+    include = Path(root) / version / "include"
+    if not root or not (include / "NvInferRuntime.h").is_file():
+        pytest.skip(f"TensorRT {version} headers not found (set {TENSORRT_HEADERS_ENV} to a folder with "
+                    f"{version}/include/NvInferRuntime.h)")
     return include
 
 

@@ -15,7 +15,7 @@
 # "PASSED | FAILED | SKIPPED <step>: <why>" line each, and the exit code is 1 when a step failed:
 #   env     nvidia-smi and the versions of python, torch, triton, nvcc, cmake
 #   plugin  cmake build of plugins/ for this GPU's compute capability (TensorRT headers: $TensorRT_INCLUDE_DIR,
-#           else ../shared/third_party/tensorrt/11.1/include, else shared/third_party/...)
+#           else the system's /usr/include/x86_64-linux-gnu or /usr/local/tensorrt/include)
 #   host    the launcher's host test
 #   pytest  the @pytest.mark.gpu tests (tests/kernels, where they live; other folders need rq's full dependencies)
 #   driver  the plugin's IPluginV3 runtime path on CUDA vs the PyTorch reference (benchmarks/gpu/plugin_driver.py)
@@ -76,8 +76,7 @@ SUMMARY="$OUT/summary.txt"
 FAILED=0
 
 headers() {
-  for dir in "${TensorRT_INCLUDE_DIR:-}" "$ROOT/../shared/third_party/tensorrt/11.1/include" \
-             "$ROOT/shared/third_party/tensorrt/11.1/include" /usr/include/x86_64-linux-gnu /usr/local/tensorrt/include; do
+  for dir in "${TensorRT_INCLUDE_DIR:-}" /usr/include/x86_64-linux-gnu /usr/local/tensorrt/include; do
     if [ -n "$dir" ] && [ -f "$dir/NvInferRuntime.h" ]; then echo "$dir"; return 0; fi
   done
   return 1

@@ -19,6 +19,8 @@ Metrics (Prometheus names; Triton serves them on ``/metrics`` of its metrics por
   ``instantaneous`` (the latest call that could be balanced at all, i.e. with at least as many
   assignments as units, docs/spec.md §2), ``window`` (loads of the last ``window`` calls summed: the live view
   when decode steps are too small to balance one by one) and ``cumulative`` (since the instance started).
+  A series is created with its first value: an idle instance exports none (a gauge created up front
+  would read 0, which LIS never is).
 - ``rq_moe_unbalanceable_calls_total{model, layer, units}`` counter: calls with fewer assignments than
   units (their instantaneous LIS is not reported, docs/spec.md §2).
 - ``rq_moe_calls_total{model}`` counter: forward calls (prefill + decode steps) of the graph.
@@ -123,12 +125,22 @@ class LoadTelemetry:
                 for k in range(c):
                     self.m_load[(l, e, k)] = self.f_load.Metric(labels={
                         "model": model, "layer": str(l), "expert": str(e), "copy": str(k)})
-        self.m_lis = {(l, u, s): self.f_lis.Metric(labels={"model": model, "instance": instance, "layer": str(l),
-                                                           "units": u, "scope": s})
-                      for l in self.layers for u in self.UNITS for s in ("instantaneous", "window", "cumulative")}
+        self.lis_labels = {"model": model, "instance": instance}
+        self.m_lis = {}  # created on the first value: an instance that has no LIS exports no series
         self.m_unb = {(l, u): self.f_unb.Metric(labels={"model": model, "layer": str(l), "units": u})
                       for l in self.layers for u in self.UNITS}
         self.m_calls = self.f_calls.Metric(labels={"model": model})
+
+    def _set_lis(self, layer: int, units: str, scope: str, value: float) -> None:
+        """Set one ``rq_moe_lis`` gauge, creating its series the first time it has a value. Triton's gauges
+        start at 0, a value LIS never has (it is >= 1): a series created up front would read 0 on an idle
+        instance and fire alerts such as ``rq_moe_lis > 2`` or ``< 1.2``. An absent series is Prometheus'
+        way to say "no data" (``absent()`` alerts on it); docs/triton.md says so."""
+        key = (layer, units, scope)
+        if key not in self.m_lis:
+            self.m_lis[key] = self.f_lis.Metric(labels={**self.lis_labels, "layer": str(layer), "units": units,
+                                                        "scope": scope})
+        self.m_lis[key].set(value)
 
     def record(self, counts: dict[int, np.ndarray], offsets: dict[int, np.ndarray]) -> None:
         """One forward call: ``counts`` and the ``offsets`` it used, per MoE layer index."""
@@ -149,7 +161,7 @@ class LoadTelemetry:
                 if total >= loads.size:
                     value = lis(loads)
                     if value is not None:
-                        self.m_lis[(l, units, "instantaneous")].set(value)
+                        self._set_lis(l, units, "instantaneous", value)
                 elif total > 0:
                     self.pending_unbalanceable[(l, units)] += 1
         self.pending_calls += 1
@@ -177,11 +189,11 @@ class LoadTelemetry:
                 for units, loads in (("copies", phys), ("experts", logical)):
                     value = lis(loads)
                     if value is not None:
-                        self.m_lis[(l, units, "window")].set(value)
+                        self._set_lis(l, units, "window", value)
             for units, loads in zip(self.UNITS, self.cumulative[l]):
                 value = lis(loads)
                 if value is not None:
-                    self.m_lis[(l, units, "cumulative")].set(value)
+                    self._set_lis(l, units, "cumulative", value)
         for key, n in self.pending_unbalanceable.items():
             if n:
                 self.m_unb[key].increment(float(n))

@@ -101,7 +101,10 @@ def build(
     """Build a TensorRT engine with the RQMoE plugin inside (full TensorRT >= 10.7 on its GPU, or TensorRT-RTX >= 1.7
     ahead of time, no GPU needed; see docs/tensorrt.md)."""
     from rq.engines.tensorrt import ProfileLimits, build_engine, parse_targets
+    from rq.atomic import check_out_file
 
+    if out is not None:
+        check_out_file(out)
     limits = ProfileLimits(max_batch, max_seq, max_cache, _parse_dims(dim))
     result = build_engine(onnx_path, out, plugin, targets=parse_targets(target), limits=limits,
                           workspace_gib=workspace_gib, verbose=verbose)

@@ -31,8 +31,10 @@ def calibrate(
     from rq.calibrate.accumulate import calibrate as run
     from rq.calibrate.data import load_token_data, load_tokenizer
     from rq.core.int4 import check_group_size
+    from rq.atomic import check_out_dir
 
     quiet_transformers()
+    check_out_dir(out, force=True)  # before the model loads: a file in the way is an error in a second, not an hour
     try:
         check_group_size(group_size)
     except ValueError as err:
@@ -64,7 +66,9 @@ def plan(
     from rq.eval.report import plan_table
     from rq.plan.schema import save_plan
     from rq.calibrate.stats import CalibrationStats
+    from rq.atomic import check_out_file
 
+    check_out_file(out)
     stats = CalibrationStats.load(stats_dir)
     result = make_plan(stats, PlanOptions(budget_factor=budget, importance=importance,
                                           max_quantized_fraction=max_quantized_fraction, max_replicas=max_replicas,
@@ -96,9 +100,12 @@ def eval_(
     from rq.eval.evaluate import evaluate
     from rq.eval.report import print_eval
     from rq.rqmodel.model import apply_plan
-    from rq.plan.schema import atomic_write_text, load_plan
+    from rq.plan.schema import load_plan
+    from rq.atomic import atomic_write_text, check_out_file
 
     quiet_transformers()
+    if out is not None:
+        check_out_file(out)
     plan_doc = load_plan(plan_path)
     sizes = parse_int_list(batch_sizes, "--batch-sizes")
     original, adapter = load_model(model_dir, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)

@@ -27,7 +27,8 @@ from rq.core.lis import model_lis
 from rq.plan.planner import PlanOptions, make_plan
 from rq.progress import console
 from rq.rqmodel.model import apply_plan
-from rq.plan.schema import atomic_write_text, save_plan
+from rq.atomic import atomic_write_text, check_out_dir
+from rq.plan.schema import save_plan
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
         raise RQError(f"demo checkpoint not found at {model_dir}; reinstall rq or rebuild it with "
                       f"`python -m rq.demo.train --out {model_dir}`")
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, force=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     original, adapter = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rq.atomic import atomic_write_text
 from rq.errors import RQError
 
-__all__ = ["atomic_write_text", "load_plan", "save_plan"]
+__all__ = ["load_plan", "save_plan"]
 
 PLAN_VERSION = 1
 STATS_VERSION = 1

@@ -77,6 +77,70 @@ def test_bad_inputs(planned, tiny_checkpoints, text_file, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "broken.json", "empty.txt", "v9.json"]
 
 
+def _copy_checkpoint(ckpt, dest):
+    import shutil
+
+    shutil.copytree(ckpt, dest)
+    return dest
+
+
+def test_truncated_or_missing_shard_is_one_line(planned, text_file, tmp_path):
+    """A checkpoint copy that stopped early: every command that loads the model names the file and the fix."""
+    original, work = planned
+    ckpt = _copy_checkpoint(original, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    for args in (("calibrate", ckpt, "--data", text_file, "--out", out / "stats"),
+                 ("eval", ckpt, "--plan", work / "plan.json", "--data", text_file),
+                 ("export", ckpt, "--plan", work / "plan.json", "--out", out / "build")):
+        code, text = _run(*args)
+        _assert_clean_error(code, text, "model.safetensors is incomplete")
+        assert "copy it again" in text
+    # a sharded checkpoint whose index names a shard that is not there
+    weights.unlink()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    _assert_clean_error(*_run("calibrate", ckpt, "--data", text_file, "--out", out / "stats"),
+                        "model-00002-of-00002.safetensors, which is not in")
+    assert not out.exists()
+
+
+def test_out_of_the_wrong_kind_is_one_line(planned, text_file, tmp_path):
+    """``--out`` naming a file where a folder is written (or a folder where a file is), or lying below a file."""
+    ckpt, work = planned
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    a_folder = tmp_path / "folder"
+    a_folder.mkdir()
+    for args, needle in [
+        (("calibrate", ckpt, "--data", text_file, "--out", a_file), "is an existing file"),
+        (("calibrate", ckpt, "--data", text_file, "--out", a_file / "stats"), "notes.txt is a file, not a folder"),
+        (("plan", work / "stats", "--out", a_folder), "is an existing folder"),
+        (("eval", ckpt, "--plan", work / "plan.json", "--data", text_file, "--out", a_folder), "is an existing folder"),
+        (("export", ckpt, "--plan", work / "plan.json", "--out", a_file), "is an existing file"),
+        (("demo", "--out", a_file), "is an existing file"),
+    ]:
+        _assert_clean_error(*_run(*args), needle)
+    assert a_file.read_text() == "keep me" and not any(a_folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]
+
+
+def test_writers_refuse_the_wrong_kind(tmp_path):
+    """The atomic writers themselves refuse, so a command that forgot its early check still ends in one line."""
+    from rq.atomic import atomic_write_text, staged_dir
+    from rq.errors import RQError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RQError, match="is an existing file"):
+        with staged_dir(tmp_path / "f"):
+            pass
+    with pytest.raises(RQError, match="is an existing folder"):
+        atomic_write_text(tmp_path, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def test_group_size_not_dividing_the_weights_still_quantizes(tiny_checkpoints, text_file, tmp_path):
     """hidden 64 with group size 128: one partial block per row (docs/spec.md §5), so R&Q still applies."""
     ckpt = tiny_checkpoints("mixtral")

@@ -4,11 +4,14 @@ test_plugin_driver.py; the run itself needs a GPU)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+TENSORRT_HEADERS_ENV = "RQ_TENSORRT_HEADERS"  # as tests/conftest.py reads it
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
@@ -19,7 +22,11 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("cm
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = dict(os.environ)
+    headers = Path(os.environ.get(TENSORRT_HEADERS_ENV, "")) / "11.1" / "include"
+    if os.environ.get(TENSORRT_HEADERS_ENV) and "TensorRT_INCLUDE_DIR" not in env:
+        env["TensorRT_INCLUDE_DIR"] = str(headers)  # the kit's own variable, as a user would set it
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
 
 
 def test_syntax():
@@ -32,11 +39,11 @@ def test_arguments():
         assert run.returncode == 2 and "usage:" in run.stderr, (args, run.stderr)
 
 
-def test_dry_run_plans_every_step_within_eight_minutes(tmp_path):
+def test_dry_run_plans_every_step_within_its_time_limits(tmp_path):
     run = _run("--dry-run", str(tmp_path / "out"))
     assert run.returncode == 0, run.stdout + run.stderr
     planned = [line.split("[")[1].split(",")[0] for line in run.stdout.splitlines() if line.startswith("would run [")]
-    if "TensorRT headers not found" in run.stdout:  # e.g. a clone without ../shared
+    if "TensorRT headers not found" in run.stdout:  # no TensorRT_INCLUDE_DIR and none installed
         assert "SKIPPED plugin: no TensorRT headers" in run.stdout and "SKIPPED driver" in run.stdout, run.stdout
         assert tuple(planned) == tuple(s for s in STEPS if s not in NEEDS_HEADERS), run.stdout
     else:

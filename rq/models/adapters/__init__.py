@@ -15,6 +15,7 @@ from rq.models.adapters.deepseek_moe import DeepseekMoeAdapter
 from rq.models.adapters.fused import DeepseekAdapter, MixtralAdapter, OlmoeAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
 from rq.models.adapters.llama_moe import LlamaMoeAdapter
 from rq.models.adapters.switch import SwitchAdapter
+from rq.models.checkpoint import checkpoint_files
 from rq.errors import RQError
 from rq.memory import own_parameters
 
@@ -59,10 +60,11 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
                           f"if you trust it") from None
         raise RQError(f"cannot read {model_dir / 'config.json'}: {str(err).splitlines()[0]}") from None
     adapter = adapter_for(config.model_type)
+    checkpoint_files(model_dir)  # a truncated or missing shard is one line, before any weight is read
     auto = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
     try:
         with adapter.load_context():
-                model = auto.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+            model = auto.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                          local_files_only=True)
     except OSError as err:
         raise RQError(f"cannot load weights from {model_dir}: {str(err).splitlines()[0]}") from None

@@ -74,8 +74,14 @@ def test_lis_gauges_and_counters():
     layers = [{"index": 0, "copies": [2, 1, 1]}, {"index": 1, "copies": [1, 1, 1]}]
     t = tel.LoadTelemetry(_PbUtils, "generate", "generate_0_0", layers, window=2, flush_every=100)
 
+    def key(name, **labels):
+        return name, tuple(sorted({"model": "generate", **labels}.items()))
+
     def metric(name, **labels):
-        return _Family.registry[(name, tuple(sorted({"model": "generate", **labels}.items())))]
+        return _Family.registry[key(name, **labels)]
+
+    # an instance that has served nothing exports no LIS series at all (Triton's gauges would read 0)
+    assert not [k for k in _Family.registry if k[0] == "rq_moe_lis"]
 
     # a big call: 8 assignments >= 4 copies and >= 3 experts -> instantaneous LIS set
     t.record({0: np.array([4, 2, 2]), 1: np.array([0, 0, 0])}, {0: np.array([1, 0, 0]), 1: np.zeros(3, np.int64)})
@@ -84,7 +90,7 @@ def test_lis_gauges_and_counters():
     experts = metric("rq_moe_lis", instance="generate_0_0", layer="0", units="experts", scope="instantaneous")
     assert math.isclose(experts.value, lis_value(torch.tensor([4, 2, 2])))
     # layer 1 had no load: no LIS at all (never 0 or 1)
-    assert metric("rq_moe_lis", instance="generate_0_0", layer="1", units="copies", scope="instantaneous").sets == 0
+    assert not [k for k in _Family.registry if k[0] == "rq_moe_lis" and ("layer", "1") in k[1]]
     # a decode step of one token (K = 2): fewer assignments than units -> counted apart, gauge untouched
     t.record({0: np.array([1, 1, 0])}, {0: np.array([5, 2, 2])})
     assert inst.sets == 1
@@ -100,3 +106,5 @@ def test_lis_gauges_and_counters():
     window = metric("rq_moe_lis", instance="generate_0_0", layer="0", units="copies", scope="window")
     assert math.isclose(window.value, cumulative.value)  # both calls are in the window of 2
     assert metric("rq_moe_calls_total").value == 2
+    assert key("rq_moe_lis", instance="generate_0_0", layer="1", units="copies", scope="cumulative") not in _Family.registry
+    assert all(m.value >= 1.0 for k, m in _Family.registry.items() if k[0] == "rq_moe_lis")
