@@ -1,8 +1,8 @@
 """ONNX Runtime (CPU) speed and file size of the exported R&Q model, against PyTorch eager R&Q and against the
 original model exported without R&Q (Hugging Face ``batched_mm`` experts), all in the same run.
 
-    python benchmarks/bench_export.py                       # demo checkpoint if built, else a synthetic Mixtral
-    python benchmarks/bench_export.py --model DIR --plan plan.json --batch 1,8 --new-tokens 32
+    python -m benchmarks.bench_export                       # demo checkpoint if built, else a synthetic Mixtral
+    python -m benchmarks.bench_export --model DIR --plan plan.json --batch 1,8 --new-tokens 32
 
 Greedy generation of ``--new-tokens`` tokens after a ``--prompt-len`` prompt, batch sizes ``--batch``;
 median of ``--repeats`` runs after one warm-up. Every engine uses ``--threads`` intra-op threads.

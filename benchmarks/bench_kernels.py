@@ -6,7 +6,7 @@
    as % of the copy bandwidth measured in the same run.
 2. Whole RQMoE (dispatch + GEMMs + combine, mixed precision with replicas) vs the PyTorch reference MoE.
 
-    python benchmarks/bench_kernels.py [--quick] [--json OUT.json]
+    python -m benchmarks.bench_kernels [--quick] [--json OUT.json]
 
 Every ratio is against a baseline measured in the same run on the same GPU.
 """
@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {  # name: (hidden, intermediate, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),

@@ -2,9 +2,9 @@
 R&Q placement, against DeepSeek EPLB at the same number of slots and at the same memory, on calibration
 loads and on held-out loads the placement was not fitted to.
 
-    python benchmarks/bench_placement.py                 # DeepSeek-V3-like and Mixtral synthetic shapes
-    python benchmarks/bench_placement.py --demo-stats S --demo-heldout H   # plus the demo model's stats
-    python benchmarks/bench_placement.py --plots DIR     # also write rq place's per-layer PNGs
+    python -m benchmarks.bench_placement                 # DeepSeek-V3-like and Mixtral synthetic shapes
+    python -m benchmarks.bench_placement --demo-stats S --demo-heldout H   # plus the demo model's stats
+    python -m benchmarks.bench_placement --plots DIR     # also write rq place's per-layer PNGs
 
 Synthetic loads: :func:`rq.testing.synthetic.synthetic_stats` (seeded Zipf skew; held-out = same popularity ranking
 with log-normal drift 0.25 and fresh sampling). The demo model (rq/demo) is calibrated on its committed

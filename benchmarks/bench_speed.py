@@ -42,9 +42,6 @@ import textwrap
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/bench_speed.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 WORKLOADS = {"prefill 4x128": (4, 128, 0), "decode B=1": (1, 16, 16), "decode B=8": (8, 16, 16)}
 """name -> (batch, prompt tokens, decode steps); tokens/s counts the prefill tokens or the decoded ones."""
 

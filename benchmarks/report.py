@@ -42,19 +42,19 @@ ratios measured within one run (the machines are shared, absolute times are not 
 
 ## Kernels
 
-_Not measured yet: `python benchmarks/bench_kernels.py` on a CUDA machine._
+_Not measured yet: `python -m benchmarks.bench_kernels` on a CUDA machine._
 
 ## Export
 
-_Not measured yet: `python benchmarks/bench_export.py`._
+_Not measured yet: `python -m benchmarks.bench_export`._
 
 ## Placement
 
-_Not measured yet: `python benchmarks/bench_placement.py`._
+_Not measured yet: `python -m benchmarks.bench_placement`._
 
 ## TensorRT / Triton Inference Server
 
-_Not measured yet: `python benchmarks/bench_triton.py --concurrency 1,4,16`._
+_Not measured yet: `python -m benchmarks.bench_tritonserver --concurrency 1,4,16`._
 """
 
 

@@ -2,7 +2,7 @@
 the generated section of RESULTS.md.
 
     python -m benchmarks.run_all                 # demo checkpoint, full settings (3-5 min on 2 shared cores)
-    python benchmarks/run_all.py --quick         # tiny random model, seconds (smoke test)
+    python -m benchmarks.run_all --quick         # tiny random model, seconds (smoke test)
     python -m benchmarks.run_all --model DIR     # any local Hugging Face MoE checkpoint
 
 Outputs (default ``benchmarks/plots/``; with ``--quick`` ``$TMPDIR/rq-bench-quick/``): ``rq_vs_baselines.json``
@@ -29,11 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/run_all.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.report import RESULTS_JSON  # noqa: E402
-from rq.atomic import atomic_write_text  # noqa: E402
+from benchmarks.report import RESULTS_JSON
+from rq.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"

@@ -1,4 +1,4 @@
-"""Triton Inference Server deployment of an R&Q export (docs/triton.md).
+"""Triton Inference Server deployment of an R&Q export (docs/tritonserver.md).
 
 - :func:`write_model_repository` ``(build_dir, repo_dir, ...)``: an ``rq-export`` build folder -> a Triton model
   repository (``config.pbtxt`` + versioned folders), written atomically:
@@ -29,15 +29,17 @@ import inspect
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rq.atomic import check_out_dir, staged_dir
+from rq.documents import check_format, read_json
 from rq.errors import RQError
 
 TEMPLATES = Path(__file__).resolve().parent / "tritonserver_models"
 REPOSITORY_INFO = "rq_repository.json"
+REPOSITORY_FORMAT, REPOSITORY_VERSION = "rq-triton-repository", 1
 GENERATE = "generate"
 ONNX_MODEL = "rq_onnx"
 FORWARD_MODEL = "rq_forward"
@@ -135,7 +137,7 @@ def _onnx_config(name: str, graph: dict, filename: str, instances: int) -> str:
             "# external weights files sit next to it.\n" + _pbtxt(config))
 
 
-def _forward_config(name: str, graph_name: str, graph: dict, build_rel: str, opts: "_Options") -> str:
+def _forward_config(name: str, graph_name: str, graph: dict, build_rel: str, opts: ServingOptions) -> str:
     config = {
         "name": name, "backend": "python", "max_batch_size": 0,
         "input": [_tensor(t) for t in graph["inputs"]],
@@ -147,7 +149,7 @@ def _forward_config(name: str, graph_name: str, graph: dict, build_rel: str, opt
             "# ONNX Runtime backend model), with live expert-load metrics.\n" + _pbtxt(config))
 
 
-def _generate_config(manifest: dict, build_rel: str, opts: "_Options") -> str:
+def _generate_config(manifest: dict, build_rel: str, opts: ServingOptions) -> str:
     layers = manifest["moe_layers"]
     width = max(int(layer["num_experts"]) for layer in layers)
     config = {
@@ -194,19 +196,80 @@ def _trt_config(plugin_name: str | None) -> str:
 # model repository
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Options:
-    instances: int
-    intra_op_threads: int
-    providers: str
-    max_context: int
-    default_max_tokens: int
-    max_tokens_limit: int
-    offsets_scope: str
-    metrics: bool
+class ServingOptions:
+    """How the repository's models serve; checked when made, so a bad value fails before anything is written.
+
+    instances: model instances of each Python model (each is a process with its own ONNX Runtime session);
+    intra_op_threads: ONNX Runtime threads per instance (0: its default); providers: ONNX Runtime execution
+    providers of the Python models (e.g. ``("CUDAExecutionProvider", "CPUExecutionProvider")``; a comma-separated
+    string from a command line is split); max_context: prompt + generated tokens per request;
+    default_max_tokens / max_tokens_limit: the ``generate`` model's default and largest ``max_tokens``;
+    offsets_scope: ``"request"`` (replica offsets restart at zero per request: reproducible) or ``"instance"``
+    (they keep rotating across requests); forward_model: also write ``rq_forward``; metrics: export load
+    telemetry (docs/tritonserver.md).
+    """
+
+    instances: int = 1
+    intra_op_threads: int = 0
+    providers: tuple[str, ...] | str = ("CPUExecutionProvider",)
+    max_context: int = 2048
+    default_max_tokens: int = 16
+    max_tokens_limit: int = 512
+    offsets_scope: str = "request"
+    forward_model: bool = True
+    metrics: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.providers, str):
+            object.__setattr__(self, "providers", tuple(p.strip() for p in self.providers.split(",") if p.strip()))
+        if self.offsets_scope not in ("request", "instance"):
+            raise RQError(f"offsets_scope must be 'request' or 'instance', got {self.offsets_scope!r}")
+        if (self.instances < 1 or self.intra_op_threads < 0 or self.max_context < 2
+                or not 1 <= self.default_max_tokens <= self.max_tokens_limit or not self.providers):
+            raise RQError(f"invalid serving options (instances {self.instances}, intra_op_threads "
+                          f"{self.intra_op_threads}, max_context {self.max_context}, default_max_tokens "
+                          f"{self.default_max_tokens}, max_tokens_limit {self.max_tokens_limit}, providers "
+                          f"{list(self.providers)}): need instances >= 1, threads >= 0, max_context >= 2, "
+                          f"1 <= default_max_tokens <= max_tokens_limit, at least one provider")
 
     def runtime_parameters(self) -> dict[str, str]:
-        return {"providers": self.providers, "intra_op_threads": str(self.intra_op_threads),
+        return {"providers": ",".join(self.providers), "intra_op_threads": str(self.intra_op_threads),
                 "metrics": "true" if self.metrics else "false", "lis_window": "64", "metrics_flush_every": "16"}
+
+
+@dataclass(frozen=True)
+class _Export:
+    """What of an ``rq-export`` folder a repository serves, checked complete."""
+
+    build_dir: Path
+    manifest: dict
+    payload: list[str]  # files of the export placed in the repository (graphs, data, manifest, plan)
+    tokenizer_dir: Path
+
+    @property
+    def graphs(self) -> dict:
+        return self.manifest["graphs"]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Model names of one repository: one ONNX (and forward) model per graph; the export lives once, in the
+    version folder of the decoder's ONNX model (``build_rel``)."""
+
+    onnx: dict[str, str]
+    forward: dict[str, str]
+    home_graph: str
+
+    @classmethod
+    def of(cls, graphs: dict) -> _Layout:
+        encoder_decoder = len(graphs) > 1
+        return cls(onnx={g: (f"{ONNX_MODEL}_{g}" if encoder_decoder else ONNX_MODEL) for g in graphs},
+                   forward={g: (f"{FORWARD_MODEL}_{g}" if encoder_decoder else FORWARD_MODEL) for g in graphs},
+                   home_graph="decoder" if "decoder" in graphs else next(iter(graphs)))
+
+    @property
+    def build_rel(self) -> str:
+        return f"{self.onnx[self.home_graph]}/1"
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -226,48 +289,13 @@ def _runtime_source() -> str:
     return inspect.getsource(runtime)
 
 
-def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force: bool = False,
-                           engine_plan: str | Path | None = None, plugin_lib: str | Path | None = None,
-                           instances: int = 1, intra_op_threads: int = 0,
-                           providers: Sequence[str] | str = ("CPUExecutionProvider",), max_context: int = 2048,
-                           default_max_tokens: int = 16, max_tokens_limit: int = 512,
-                           offsets_scope: str = "request", forward_model: bool = True,
-                           metrics: bool = True) -> Path:
-    """Write a Triton model repository for the ``rq-export`` folder ``build_dir`` into ``repo_dir``.
+def _read_export(build_dir: Path) -> _Export:
+    """The export's manifest and the files a repository needs from it; one line naming what is missing."""
+    from rq.export.runtime import load_manifest
 
-    engine_plan / plugin_lib: a TensorRT engine (``.plan``) and the ``RQMoE`` plugin library, added as model
-    ``rq_trt`` (the library next to it, loaded with ``--backend-config=tensorrt,plugins=...`` or ``LD_PRELOAD``).
-    instances: model instances of each Python model (each is a process with its own ONNX Runtime session);
-    intra_op_threads: ONNX Runtime threads per instance (0: its default); providers: ONNX Runtime execution
-    providers of the Python models (e.g. ``("CUDAExecutionProvider", "CPUExecutionProvider")``);
-    max_context: prompt + generated tokens per request; default_max_tokens / max_tokens_limit: the ``generate``
-    model's default and largest ``max_tokens``; offsets_scope: ``"request"`` (replica offsets restart at zero
-    per request: reproducible) or ``"instance"`` (they keep rotating across requests); forward_model: also write
-    ``rq_forward``; metrics: export load telemetry. The folder is assembled next to ``repo_dir`` and renamed
-    into place; an existing non-empty ``repo_dir`` is refused without ``force``. Returns ``repo_dir``.
-    """
-    from rq.export.runtime import graph_file, load_manifest
-
-    build_dir, repo_dir = Path(build_dir), Path(repo_dir)
     manifest = load_manifest(build_dir)
-    if offsets_scope not in ("request", "instance"):
-        raise RQError(f"offsets_scope must be 'request' or 'instance', got {offsets_scope!r}")
-    if instances < 1 or intra_op_threads < 0 or max_context < 2 or not 1 <= default_max_tokens <= max_tokens_limit:
-        raise RQError(f"invalid serving options (instances {instances}, intra_op_threads {intra_op_threads}, "
-                      f"max_context {max_context}, default_max_tokens {default_max_tokens}, max_tokens_limit "
-                      f"{max_tokens_limit}): need instances >= 1, threads >= 0, max_context >= 2, "
-                      f"1 <= default_max_tokens <= max_tokens_limit")
-    if plugin_lib is not None and engine_plan is None:
-        raise RQError("a TensorRT plugin library was given without an engine; pass the engine (.plan) too, "
-                      "or drop the plugin")
-    engine_plan = Path(engine_plan) if engine_plan is not None else None
-    plugin_lib = Path(plugin_lib) if plugin_lib is not None else None
-    for path, what in ((engine_plan, "TensorRT engine"), (plugin_lib, "plugin library")):
-        if path is not None and not path.is_file():
-            raise RQError(f"{what} {path} does not exist; build it first (docs/tensorrt.md)")
-    graphs = manifest["graphs"]
     payload = ["manifest.json"]
-    for graph in graphs.values():
+    for graph in manifest["graphs"].values():
         payload += graph_files(graph)
     if (build_dir / "plan.json").is_file():
         payload.append("plan.json")
@@ -277,73 +305,116 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
         missing.append(f"{manifest['tokenizer']['dir']}/tokenizer.json")
     if missing:
         raise RQError(f"{build_dir} is incomplete (missing {', '.join(missing)}); re-run rq-export")
+    return _Export(build_dir, manifest, payload, tokenizer_dir)
+
+
+def _check_engine(engine_plan: str | Path | None, plugin_lib: str | Path | None) -> tuple[Path | None, Path | None]:
+    if plugin_lib is not None and engine_plan is None:
+        raise RQError("a TensorRT plugin library was given without an engine; pass the engine (.plan) too, "
+                      "or drop the plugin")
+    engine_plan = Path(engine_plan) if engine_plan is not None else None
+    plugin_lib = Path(plugin_lib) if plugin_lib is not None else None
+    for path, what in ((engine_plan, "TensorRT engine"), (plugin_lib, "plugin library")):
+        if path is not None and not path.is_file():
+            raise RQError(f"{what} {path} does not exist; build it first (docs/tensorrt.md)")
+    return engine_plan, plugin_lib
+
+
+def _place_export(export: _Export, layout: _Layout, tmp: Path) -> None:
+    """The export once, in the home ONNX model's version folder; other graphs' files in their own models."""
+    home = tmp / layout.build_rel
+    for name in export.payload:
+        _place(export.build_dir / name, home / name)
+    tokenizer_rel = export.manifest["tokenizer"]["dir"]
+    for src in sorted(p for p in export.tokenizer_dir.rglob("*") if p.is_file()):
+        _place(src, home / tokenizer_rel / src.relative_to(export.tokenizer_dir))
+    for g, graph in export.graphs.items():
+        if g != layout.home_graph:
+            for name in graph_files(graph):
+                _place(export.build_dir / name, tmp / layout.onnx[g] / "1" / name)
+
+
+def _python_model(version: Path, template: str, runtime_source: str | None = None) -> None:
+    """A Python-backend model's version folder: the template as ``model.py`` beside the telemetry it imports."""
+    version.mkdir(parents=True)
+    shutil.copyfile(TEMPLATES / template, version / "model.py")
+    shutil.copyfile(TEMPLATES / "rq_telemetry.py", version / "rq_telemetry.py")
+    if runtime_source is not None:
+        (version / "rq_runtime.py").write_text(runtime_source)
+
+
+def _models(export: _Export, layout: _Layout, opts: ServingOptions, engine_plan: Path | None,
+            plugin_lib: Path | None, tmp: Path) -> dict[str, str]:
+    """Every model's ``config.pbtxt`` text, with the Python models' code and the engine placed beside them."""
+    from rq.export.runtime import graph_file
+
+    models = {}
+    for g, graph in export.graphs.items():
+        models[layout.onnx[g]] = _onnx_config(layout.onnx[g], graph, graph_file(graph), 1)
+        if opts.forward_model:
+            models[layout.forward[g]] = _forward_config(layout.forward[g], g, graph, layout.build_rel, opts)
+            _python_model(tmp / layout.forward[g] / "1", "forward.py")
+    models[GENERATE] = _generate_config(export.manifest, layout.build_rel, opts)
+    _python_model(tmp / GENERATE / "1", "generate.py", _runtime_source())
+    if engine_plan is not None:
+        _place(engine_plan, tmp / TRT_MODEL / "1" / "model.plan")
+        if plugin_lib is not None:
+            _place(plugin_lib, tmp / TRT_MODEL / plugin_lib.name)
+        models[TRT_MODEL] = _trt_config(plugin_lib.name if plugin_lib is not None else None)
+    return models
+
+
+def _write_configs(models: dict[str, str], tmp: Path) -> None:
+    for name, text in models.items():
+        try:
+            validate_model_config(text)
+        except ImportError:
+            pass  # tritonclient absent: the text is still generated from typed fields
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        (tmp / name / "config.pbtxt").write_text(text)
+
+
+def _repository_document(export: _Export, layout: _Layout, opts: ServingOptions, models: dict[str, str],
+                         engine_plan: Path | None, plugin_lib: Path | None) -> dict:
+    """``rq_repository.json``: what was written from which export, read back by :func:`repository_info`."""
+    return {
+        "format": REPOSITORY_FORMAT, "version": REPOSITORY_VERSION, "build_dir": str(export.build_dir.resolve()),
+        "architecture": export.manifest["architecture"], "plan": export.manifest.get("plan"),
+        "models": sorted(models), "onnx_models": [layout.onnx[g] for g in export.graphs], "generate": GENERATE,
+        "forward_models": [layout.forward[g] for g in export.graphs] if opts.forward_model else [],
+        "tensorrt_model": TRT_MODEL if engine_plan is not None else None,
+        "plugin_library": plugin_lib.name if plugin_lib is not None else None,
+        "rq_build_dir": layout.build_rel, "options": {**asdict(opts), "providers": ",".join(opts.providers)},
+        "python_requirements": ["numpy", "onnxruntime (or onnxruntime-gpu)", "tokenizers"],
+    }
+
+
+def write_model_repository(build_dir: str | Path, repo_dir: str | Path, options: ServingOptions = ServingOptions(),
+                           *, force: bool = False, engine_plan: str | Path | None = None,
+                           plugin_lib: str | Path | None = None) -> Path:
+    """Write a Triton model repository for the ``rq-export`` folder ``build_dir`` into ``repo_dir``.
+
+    options: how the models serve (:class:`ServingOptions`). engine_plan / plugin_lib: a TensorRT engine
+    (``.plan``) and the ``RQMoE`` plugin library, added as model ``rq_trt`` (the library next to it, loaded with
+    ``--backend-config=tensorrt,plugins=...`` or ``LD_PRELOAD``). Every input is checked first; the folder is
+    assembled next to ``repo_dir`` and renamed into place; an existing non-empty ``repo_dir`` is refused without
+    ``force``. Returns ``repo_dir``.
+    """
+    build_dir, repo_dir = Path(build_dir), Path(repo_dir)
+    export = _read_export(build_dir)
+    engine_plan, plugin_lib = _check_engine(engine_plan, plugin_lib)
     templates = [TEMPLATES / f for f in ("generate.py", "forward.py", "rq_telemetry.py")]
     if not all(t.is_file() for t in templates):
         raise RQError(f"rq's Triton model templates are missing from {TEMPLATES}; reinstall rq "
                       f"(they are package data of rq.engines)")
     check_out_dir(repo_dir, force)
-    if isinstance(providers, str):  # "CUDAExecutionProvider,CPUExecutionProvider" from a command line
-        providers = [p.strip() for p in providers.split(",") if p.strip()]
-    opts = _Options(instances, intra_op_threads, ",".join(providers), max_context, default_max_tokens,
-                    max_tokens_limit, offsets_scope, metrics)
-
-    encoder_decoder = len(graphs) > 1
-    onnx_names = {g: (f"{ONNX_MODEL}_{g}" if encoder_decoder else ONNX_MODEL) for g in graphs}
-    forward_names = {g: (f"{FORWARD_MODEL}_{g}" if encoder_decoder else FORWARD_MODEL) for g in graphs}
-    home_graph = "decoder" if "decoder" in graphs else next(iter(graphs))
-    build_rel = f"{onnx_names[home_graph]}/1"  # where the full export lives inside the repository
-    runtime_source = _runtime_source()
-
-    repo_dir.parent.mkdir(parents=True, exist_ok=True)
+    layout = _Layout.of(export.graphs)
     with staged_dir(repo_dir) as tmp:
-        # the export: once, in the version folder of the decoder's ONNX model
-        home = tmp / build_rel
-        for name in payload:
-            _place(build_dir / name, home / name)
-        for src in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
-            _place(src, home / manifest["tokenizer"]["dir"] / src.relative_to(tokenizer_dir))
-        models = {}
-        for g, graph in graphs.items():
-            if g != home_graph:
-                for name in graph_files(graph):
-                    _place(build_dir / name, tmp / onnx_names[g] / "1" / name)
-            models[onnx_names[g]] = _onnx_config(onnx_names[g], graph, graph_file(graph), 1)
-            if forward_model:
-                models[forward_names[g]] = _forward_config(forward_names[g], g, graph, build_rel, opts)
-                version = tmp / forward_names[g] / "1"
-                version.mkdir(parents=True)
-                shutil.copyfile(TEMPLATES / "forward.py", version / "model.py")
-                shutil.copyfile(TEMPLATES / "rq_telemetry.py", version / "rq_telemetry.py")
-        models[GENERATE] = _generate_config(manifest, build_rel, opts)
-        version = tmp / GENERATE / "1"
-        version.mkdir(parents=True)
-        shutil.copyfile(TEMPLATES / "generate.py", version / "model.py")
-        shutil.copyfile(TEMPLATES / "rq_telemetry.py", version / "rq_telemetry.py")
-        (version / "rq_runtime.py").write_text(runtime_source)
-        plugin_name = None
-        if engine_plan is not None:
-            _place(engine_plan, tmp / TRT_MODEL / "1" / "model.plan")
-            if plugin_lib is not None:
-                plugin_name = plugin_lib.name
-                _place(plugin_lib, tmp / TRT_MODEL / plugin_name)
-            models[TRT_MODEL] = _trt_config(plugin_name)
-        for name, text in models.items():
-            try:
-                validate_model_config(text)
-            except ImportError:
-                pass  # tritonclient absent: the text is still generated from typed fields
-            (tmp / name).mkdir(parents=True, exist_ok=True)
-            (tmp / name / "config.pbtxt").write_text(text)
-        info = {
-            "format": "rq-triton-repository", "version": 1, "build_dir": str(build_dir.resolve()),
-            "architecture": manifest["architecture"], "plan": manifest.get("plan"),
-            "models": sorted(models), "onnx_models": [onnx_names[g] for g in graphs], "generate": GENERATE,
-            "forward_models": [forward_names[g] for g in graphs] if forward_model else [],
-            "tensorrt_model": TRT_MODEL if engine_plan is not None else None, "plugin_library": plugin_name,
-            "rq_build_dir": build_rel, "options": opts.__dict__,
-            "python_requirements": ["numpy", "onnxruntime (or onnxruntime-gpu)", "tokenizers"],
-        }
-        (tmp / REPOSITORY_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _place_export(export, layout, tmp)
+        models = _models(export, layout, options, engine_plan, plugin_lib, tmp)
+        _write_configs(models, tmp)
+        document = _repository_document(export, layout, options, models, engine_plan, plugin_lib)
+        (tmp / REPOSITORY_INFO).write_text(json.dumps(document, indent=2) + "\n")
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp is 0700: make the repository readable in containers
             if path.is_dir():
                 path.chmod(0o755)
@@ -353,7 +424,8 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
 def repository_info(repo_dir: str | Path) -> dict:
     """The ``rq_repository.json`` that :func:`write_model_repository` wrote (models, options, source build)."""
     path = Path(repo_dir) / REPOSITORY_INFO
-    if not path.is_file():
-        raise RQError(f"{repo_dir} is not an rq Triton repository (no {REPOSITORY_INFO}); write one with "
-                      f"`rq triton BUILD_DIR --out {repo_dir}`")
-    return json.loads(path.read_text())
+    fix = f"write it again with `rq tritonserver BUILD_DIR --out {repo_dir}`"
+    raw = read_json(path, missing=f"{repo_dir} is not an rq Triton repository (no {REPOSITORY_INFO}); write one with "
+                                  f"`rq tritonserver BUILD_DIR --out {repo_dir}`", fix=fix)
+    return check_format(raw, path, format=REPOSITORY_FORMAT, version=REPOSITORY_VERSION,
+                        what="an rq Triton repository", fix=fix)

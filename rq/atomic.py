@@ -1,6 +1,6 @@
 """Write outputs so that a failure never leaves a half-written file or folder behind.
 
-Every command that writes a folder (``rq calibrate``, ``rq-export``, ``rq triton``, ``rq place``, ...) checks it
+Every command that writes a folder (``rq calibrate``, ``rq-export``, ``rq tritonserver``, ``rq place``, ...) checks it
 with :func:`check_out_dir` before any work and assembles it with :func:`staged_dir`; a command that writes a file
 checks it with :func:`check_out_file` and writes it with :func:`atomic_path`. So refusing a file where a folder
 is asked for (and the other way round), refusing an occupied folder and replacing it on ``--force`` read the

@@ -6,7 +6,7 @@ inside a CUDA graph) and writes ``y`` and ``expert_counts``; they are compared w
 :func:`rq.core.op.rq_moe_reference` on the same weights by :func:`rq.export.parity.compare_run_results`
 (docs/spec.md §9: float16 ``atol 2e-2, rtol 1e-2``, float32 ``1e-4, 1e-3``; counts exact).
 
-    python benchmarks/gpu/plugin_driver.py --driver build/plugins/rq_moe_plugin_driver \\
+    python -m benchmarks.gpu.plugin_driver --driver build/plugins/rq_moe_plugin_driver \\
         --plugin build/plugins/librq_moe_plugin.so --out OUT [--build-only]
 
 ``--build-only`` stops the driver before its first CUDA call (machines without a GPU: CI).
@@ -15,23 +15,18 @@ inside a CUDA graph) and writes ``y`` and ``expert_counts``; they are compared w
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-if importlib.util.find_spec("rq") is None:  # not installed, nor on PYTHONPATH (benchmarks/gpu/run.sh puts it there)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from rq.core import int4  # noqa: E402
-from rq.core.experts import is_glu  # noqa: E402
-from rq.core.op import INPUTS, RQLayerWeights, rq_moe_reference  # noqa: E402
+from rq.core import int4
+from rq.core.experts import is_glu
+from rq.core.op import INPUTS, RQLayerWeights, rq_moe_reference
 
 DTYPES = {"f16": (torch.float16, "float16"), "f32": (torch.float32, "float32")}
 IDS = {"i32": torch.int32, "i64": torch.int64}

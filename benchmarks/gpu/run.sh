@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # GPU bring-up kit of the TensorRT plugin (docs/tensorrt.md, "GPU bring-up"): one run on a machine with an NVIDIA
-# GPU, PyTorch with CUDA, Triton, nvcc and CMake (TensorRT optional), results in OUT. At most 8 minutes: each step
-# has its own time limit and the limits add up to 480 s.
+# GPU, PyTorch with CUDA, Triton, nvcc and CMake (TensorRT optional), results in OUT. A few minutes: each step
+# has its own time limit, and the limits add up to 8 minutes at most, so a hung kernel cannot hold the GPU.
 #
 #   benchmarks/gpu/run.sh OUT              # from the repository root
 #   benchmarks/gpu/run.sh --dry-run OUT    # check arguments and tools, print the commands; no GPU needed (CI)
 #   benchmarks/gpu/run.sh --pydeps DIR OUT # DIR: wheels (or a folder of packages) the machine's Python lacks, e.g.
 #                                          # `pip download --no-deps -d DIR polygraphy` where a registry is reachable
 #
-# rq need not be installed there: its packages are put on PYTHONPATH (rq.export and rq.engines live in export/
-# and engines/). The Python is $PYTHON, else .venv/bin/python, else python3.
+# rq need not be installed there: the kit installs it editable without dependencies (pip install --no-deps -e .).
+# The Python is $PYTHON, else .venv/bin/python, else python3.
 #
 # Steps; each logs to OUT/<step>.log, a failed step does not stop the later ones, OUT/summary.txt has one
 # "PASSED | FAILED | SKIPPED <step>: <why>" line each, and the exit code is 1 when a step failed:
@@ -51,8 +51,7 @@ if [ -z "$PY" ]; then
 fi
 RQ=("$PY" -m rq.cli.main)
 
-# Python packages: the --pydeps ones, and rq itself when it is not installed (a folder of links that maps
-# rq.export -> export/ and rq.engines -> engines/, as pyproject.toml's package-dir does).
+# Python packages: the --pydeps ones, then rq itself (editable) when it is not installed.
 PYPATH=""
 if [ -n "$PYDEPS" ]; then
   if ls "$PYDEPS"/*.whl > /dev/null 2>&1; then
@@ -62,14 +61,15 @@ if [ -n "$PYDEPS" ]; then
     PYPATH="$PYDEPS"
   fi
 fi
-if ! PYTHONPATH="$PYPATH${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import rq.export, rq.engines" 2> /dev/null; then
-  mkdir -p "$OUT/.pyrq/rq"
-  for entry in "$ROOT"/rq/*; do ln -sfn "$entry" "$OUT/.pyrq/rq/"; done
-  ln -sfn "$ROOT/export" "$OUT/.pyrq/rq/export"
-  ln -sfn "$ROOT/engines" "$OUT/.pyrq/rq/engines"
-  PYPATH="$OUT/.pyrq${PYPATH:+:$PYPATH}"
-fi
 [ -z "$PYPATH" ] || export PYTHONPATH="$PYPATH${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import rq.export, rq.engines" 2> /dev/null; then
+  # rq itself, installed the way a developer installs it (editable, its dependencies left to the machine)
+  [ "$DRY" = 1 ] && echo "would install rq: $PY -m pip install --no-deps --no-build-isolation -e $ROOT"
+  if [ "$DRY" = 0 ] && ! "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" > "$OUT/install.log" 2>&1; then
+    echo "cannot install rq from $ROOT (log: $OUT/install.log): pip install -e . there, or pass setuptools>=77 with --pydeps" >&2
+    exit 2
+  fi
+fi
 BUILD="$OUT/plugin-build"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -127,8 +127,8 @@ TRT_COMMANDS=(
 if [ "$DRY" = 1 ]; then
   echo "dry run: python $PY, TensorRT headers ${HEADERS:-not found}, GPU compute capability ${CC:-none} (commands shown for ${CC:-90}), output $OUT"
   "$PY" -c "import rq, triton" || { echo "$PY lacks rq or triton" >&2; exit 2; }
-  "$PY" benchmarks/gpu/plugin_driver.py --help > /dev/null || exit 2
-  "$PY" benchmarks/bench_kernels.py --help > /dev/null || exit 2
+  "$PY" -m benchmarks.gpu.plugin_driver --help > /dev/null || exit 2
+  "$PY" -m benchmarks.bench_kernels --help > /dev/null || exit 2
   for c in "${TRT_COMMANDS[@]}"; do  # every option of the trt step exists (click stops at --help after parsing them)
     eval "${RQ[*]} $c --help" > /dev/null || { echo "bad options in: rq $c" >&2; exit 2; }
   done
@@ -156,12 +156,12 @@ step pytest 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --ju
 if [ "$PLUGIN_OK" = 0 ] && ! "$PY" -c "import polygraphy" 2> /dev/null && [ "$DRY" = 0 ]; then
   record driver SKIPPED "$PY has no polygraphy (the comparison of rq.export.parity): pass --pydeps DIR with its wheel"
 elif [ "$PLUGIN_OK" = 0 ]; then
-  step driver 40 "$PY" benchmarks/gpu/plugin_driver.py --driver "$BUILD/rq_moe_plugin_driver" \
+  step driver 40 "$PY" -m benchmarks.gpu.plugin_driver --driver "$BUILD/rq_moe_plugin_driver" \
       --plugin "$BUILD/librq_moe_plugin.so" --out "$OUT/driver" --repeat 50
 else
   record driver SKIPPED "no plugin build"
 fi
-step bench 100 "$PY" benchmarks/bench_kernels.py --no-whole-moe --tokens-per-expert 1 16 128 512 \
+step bench 100 "$PY" -m benchmarks.bench_kernels --no-whole-moe --tokens-per-expert 1 16 128 512 \
     --json "$OUT/bench_kernels.json"
 
 # TensorRT end to end, only where a TensorRT that runs on this GPU is installed.

@@ -135,7 +135,7 @@ class LoadTelemetry:
         """Set one ``rq_moe_lis`` gauge, creating its series the first time it has a value. Triton's gauges
         start at 0, a value LIS never has (it is >= 1): a series created up front would read 0 on an idle
         instance and fire alerts such as ``rq_moe_lis > 2`` or ``< 1.2``. An absent series is Prometheus'
-        way to say "no data" (``absent()`` alerts on it); docs/triton.md says so."""
+        way to say "no data" (``absent()`` alerts on it); docs/tritonserver.md says so."""
         key = (layer, units, scope)
         if key not in self.m_lis:
             self.m_lis[key] = self.f_lis.Metric(labels={**self.lis_labels, "layer": str(layer), "units": units,

@@ -17,7 +17,7 @@ from rq.core.experts import expert_forward
 from rq.models.fingerprint import model_fingerprint
 from rq.models.routing import record_calls
 from rq.progress import progress_bar
-from rq.plan.schema import CalibrationInfo, ModelInfo
+from rq.documents import CalibrationInfo, ModelInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
 
 

@@ -7,14 +7,13 @@ Per MoE layer and logical expert, float64: ``load`` (integer-valued counts), ``g
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -22,17 +21,18 @@ from rq import __version__
 from rq.atomic import staged_dir
 from rq.core.experts import ACTIVATIONS
 from rq.errors import RQError
-from rq.plan.schema import STATS_VERSION, CalibrationInfo, ModelInfo, PositiveInt, _Strict, first_error
+from rq.documents import CalibrationInfo, ModelInfo, PositiveInt, Strict, check_format, read_json, validate
 
 METRICS = ("load", "gate_mass", "contribution", "quant_sensitivity")
 IMPORTANCE_METRICS = ("frequency", "gate_mass", "contribution", "quant_sensitivity")
 
 
+STATS_VERSION = 1
 RECALIBRATE = "rerun `rq calibrate`"
 Shape = tuple[PositiveInt, PositiveInt]
 
 
-class StatsLayerMeta(_Strict):
+class StatsLayerMeta(Strict):
     """One MoE layer's entry in ``stats.json`` (its metrics are in ``stats.safetensors``)."""
 
     index: Annotated[int, Field(ge=0)]
@@ -54,7 +54,7 @@ class StatsLayerMeta(_Strict):
         return self
 
 
-class StatsMeta(_Strict):
+class StatsMeta(Strict):
     """``stats.json``: what was calibrated, on which data, and the layers' shapes and byte sizes."""
 
     format: Literal["rq-stats"] = "rq-stats"
@@ -129,16 +129,9 @@ class CalibrationStats:
         if not meta_path.is_file() or not tensor_path.is_file():
             raise RQError(f"{stats_dir} has no stats.json/stats.safetensors; create it with "
                           f"`rq calibrate MODEL_DIR --data FILE --out {stats_dir}`")
-        try:
-            raw = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-            raise RQError(f"{meta_path} is not readable JSON ({str(err).splitlines()[0]}); {RECALIBRATE}") from None
-        if not isinstance(raw, dict) or raw.get("format") != "rq-stats" or raw.get("version") != STATS_VERSION:
-            raise RQError(f"{meta_path} is not rq stats version {STATS_VERSION}; {RECALIBRATE}")
-        try:
-            meta = StatsMeta.model_validate(raw)
-        except ValidationError as err:
-            raise RQError(f"{meta_path} is malformed {first_error(err)}; {RECALIBRATE}") from None
+        raw = read_json(meta_path, missing="", fix=RECALIBRATE)
+        check_format(raw, meta_path, format="rq-stats", version=STATS_VERSION, what="rq stats", fix=RECALIBRATE)
+        meta = validate(StatsMeta, raw, meta_path, RECALIBRATE)
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as err:

@@ -42,11 +42,15 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def command(name: str | None = None, target: typer.Typer = app) -> Callable[[Callable], Callable]:
-    """``@command("plan")``: register ``fn`` on ``target`` (the ``rq`` app by default) with friendly errors."""
+def command(name: str | None = None, target: typer.Typer = app,
+            aliases: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """``@command("plan")``: register ``fn`` on ``target`` (the ``rq`` app by default) with friendly errors.
+    ``aliases``: former names of a renamed command, kept working (hidden from ``--help``) for a release."""
 
     def register(fn: Callable) -> Callable:
         target.command(name)(friendly_errors(fn))
+        for alias in aliases:
+            target.command(alias, hidden=True)(friendly_errors(fn))
         return fn
 
     return register

@@ -1,4 +1,4 @@
-"""Deployment commands: ``rq export`` (also installed as ``rq-export``), ``rq check``, ``rq build``, ``rq triton``."""
+"""Deployment commands: ``rq export`` (also installed as ``rq-export``), ``rq check``, ``rq build``, ``rq tritonserver``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def export(
     dtype: str = typer.Option("float32", help="Activation dtype of the exported graphs: float32 or float16."),
     check: bool = typer.Option(True, help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export."),
     keep_failed: bool = typer.Option(False, help="On failure keep the attempt at OUT.failed for debugging."),
-    triton: Optional[Path] = typer.Option(None, help="Also write a Triton Inference Server model repository here."),
+    tritonserver: Optional[Path] = typer.Option(None, "--tritonserver", "--triton",
+                                                help="Also write a Triton Inference Server model repository here "
+                                                     "(folder; --triton is its former name)."),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
 ) -> None:
     """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer (plus ONNX Runtime's fused route), and
@@ -44,11 +46,11 @@ def export(
         typer.echo(note)
     if result.parity is not None:
         typer.echo(result.parity.summary())
-    if triton is not None:
+    if tritonserver is not None:
         from rq.engines.tritonserver import write_model_repository
 
-        write_model_repository(out, triton, force=force)
-        typer.echo(f"Triton Inference Server model repository written to {triton}")
+        write_model_repository(out, tritonserver, force=force)
+        typer.echo(f"Triton Inference Server model repository written to {tritonserver}")
 
 
 @command()
@@ -111,8 +113,8 @@ def build(
     typer.echo(result.summary())
 
 
-@command()
-def triton(
+@command("tritonserver", aliases=("triton",))
+def tritonserver(
     build_dir: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
     out: Path = typer.Option(Path("model_repository"), "--out", help="Triton model repository to write."),
     force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
@@ -125,14 +127,11 @@ def triton(
     offsets_scope: str = typer.Option("request", help="Replica offsets rotate per request or per instance."),
 ) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime model, streaming generate model)."""
-    from rq.engines.tritonserver import write_model_repository
+    from rq.engines.tritonserver import ServingOptions, write_model_repository
 
-    if offsets_scope not in ("request", "instance"):
-        raise RQError(f"--offsets-scope must be 'request' or 'instance', got '{offsets_scope}'")
-    repo = write_model_repository(build_dir, out, force=force, engine_plan=engine, plugin_lib=plugin,
-                                  instances=instances, intra_op_threads=threads,
-                                  providers=tuple(p for p in providers.split(",") if p),
-                                  max_context=max_context, offsets_scope=offsets_scope)
+    options = ServingOptions(instances=instances, intra_op_threads=threads, providers=providers,
+                             max_context=max_context, offsets_scope=offsets_scope)
+    repo = write_model_repository(build_dir, out, options, force=force, engine_plan=engine, plugin_lib=plugin)
     typer.echo(f"model repository written to {repo}")
 
 

@@ -22,7 +22,7 @@ from rq.core.int4 import can_quantize
 from rq.errors import RQError
 from rq.placement import ENGINES
 from rq.placement.formats import ModelShape, model_shape
-from rq.plan.schema import CalibrationInfo, ModelInfo
+from rq.documents import CalibrationInfo, ModelInfo
 
 # TensorRT-LLM's per-rank bincounts; the same folder may hold rank{r}_raw.safetensors (raw token_selected_experts
 # per iteration and layer, written by some versions next to the counts) and rank{r}_numtokens.json: not counts.

@@ -24,8 +24,8 @@ from pydantic import ValidationError
 from rq import __version__
 from rq.core.int4 import int4_nbytes
 from rq.errors import RQError
-from rq.plan.schema import (MAX_REPLICAS, PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo,
-                            first_error)
+from rq.documents import first_error
+from rq.plan.schema import MAX_REPLICAS, PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
 
 

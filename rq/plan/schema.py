@@ -1,64 +1,37 @@
-"""Versioned, validated documents: ``plan.json`` (docs/spec.md §6) and the model and calibration descriptions
-it shares with the stats files (:mod:`rq.calibrate.stats`).
+"""The ``plan.json`` document (docs/spec.md §6), validated.
 
-Pydantic models with ``extra="forbid"`` so a foreign or hand-mangled file is refused with a message
-naming the field, and a ``format``/``version`` pair so future versions are refused, not misread.
+Pydantic models with ``extra="forbid"`` (:class:`rq.documents.Strict`) so a foreign or hand-mangled file is
+refused with a message naming the field, and a ``format``/``version`` pair so future versions are refused, not
+misread; reading follows :mod:`rq.documents`, whose model and calibration descriptions the plan shares with the
+stats files.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from rq.atomic import atomic_write_text
-from rq.errors import RQError
+from rq.documents import CalibrationInfo, ModelInfo, Strict, check_format, read_json, validate
 
 __all__ = ["load_plan", "save_plan"]
 
 PLAN_VERSION = 1
-STATS_VERSION = 1
 MAX_REPLICAS = 63
 """Replicas per expert a plan may hold (64 copies): more never balances a layer (a copy per device of the
 largest expert-parallel deployments) and would only multiply memory; hand-edited plans are refused above it."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
-class ModelInfo(_Strict):
-    architecture: str  # Hugging Face model_type
-    num_moe_layers: PositiveInt
-    num_experts: PositiveInt
-    top_k: PositiveInt
-    hidden_size: PositiveInt
-    intermediate_size: PositiveInt
-    dtype: str  # dtype of the original expert weights
-    fingerprint: str  # sha256 over config and router weights
-
-
-class CalibrationInfo(_Strict):
-    data: str  # description of the calibration data (paths, sizes)
-    sequences: int = Field(ge=0)
-    seq_len: int = Field(ge=0)
-    tokens: int = Field(ge=0)
-    seed: int
-
-
-class QuantizationInfo(_Strict):
+class QuantizationInfo(Strict):
     bits: Literal[4] = 4
     group_size: Literal[64, 128] = 128
     symmetric: Literal[True] = True
     scale_dtype: Literal["float16"] = "float16"
 
 
-class BudgetInfo(_Strict):
+class BudgetInfo(Strict):
     reference_bytes: int  # every expert at original precision
     planned_bytes: int
     budget_factor: float
@@ -70,7 +43,7 @@ class BudgetInfo(_Strict):
         return self
 
 
-class ExpertPlan(_Strict):
+class ExpertPlan(Strict):
     expert: int
     load_share: float
     importance: float
@@ -78,7 +51,7 @@ class ExpertPlan(_Strict):
     replicas: int = Field(ge=0, le=MAX_REPLICAS)  # all replicas are INT4
 
 
-class LayerPlan(_Strict):
+class LayerPlan(Strict):
     layer: int
     module: str
     experts: list[ExpertPlan]
@@ -107,7 +80,7 @@ class LayerPlan(_Strict):
         return out
 
 
-class Plan(_Strict):
+class Plan(Strict):
     format: Literal["rq-plan"] = "rq-plan"
     version: int
     tool_version: str
@@ -145,26 +118,8 @@ def save_plan(plan: Plan, path: Path) -> None:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan; every failure is a one-line :class:`RQError` naming the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise RQError(f"plan file {path} does not exist; create one with `rq plan STATS_DIR --out {path}`")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RQError(f"{path} is not valid JSON ({err}); regenerate it with `rq plan`") from None
-    if not isinstance(raw, dict) or raw.get("format") != "rq-plan":
-        raise RQError(f"{path} is not an rq plan (format is not 'rq-plan'); regenerate it with `rq plan`")
-    if raw.get("version") != PLAN_VERSION:
-        raise RQError(f"{path} has plan version {raw.get('version')!r}, this rq reads version {PLAN_VERSION}; "
-                      f"regenerate it with this rq's `rq plan`")
-    try:
-        return Plan.model_validate(raw)
-    except ValidationError as err:
-        raise RQError(f"{path} is malformed {first_error(err)}; regenerate it with `rq plan`") from None
-
-
-def first_error(err: ValidationError) -> str:
-    """``at 'layers.0.experts.3.replicas': <message>`` of a pydantic error: one line naming the field."""
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return f"at '{where}': {first['msg']}" if where else f"({first['msg']})"
+    fix = "regenerate it with `rq plan`"
+    raw = read_json(path, missing=f"plan file {path} does not exist; create one with `rq plan STATS_DIR --out {path}`",
+                    fix=fix)
+    check_format(raw, path, format="rq-plan", version=PLAN_VERSION, what="an rq plan", fix=fix)
+    return validate(Plan, raw, path, fix)

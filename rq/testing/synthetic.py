@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rq.core.int4 import can_quantize
-from rq.plan.schema import CalibrationInfo, ModelInfo
+from rq.documents import CalibrationInfo, ModelInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
 
 

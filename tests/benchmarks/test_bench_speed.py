@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks import bench_speed  # noqa: E402
+from benchmarks import bench_speed
 
 MIB = 2**20
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from benchmarks import baselines, markdown, report
+from rq.core.replica import copy_loads
 
-from benchmarks import baselines, markdown, report  # noqa: E402
-from rq.core.replica import copy_loads  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_eplb_gives_each_replica_to_the_highest_load_per_copy():
@@ -170,10 +169,10 @@ def test_bootstrap_interval_is_the_paired_percentile_bootstrap():
 
 
 def test_run_all_quick_smoke(tmp_path):
-    """`python benchmarks/run_all.py --quick` on a tiny random model writes every plot, the JSON and the section."""
+    """`python -m benchmarks.run_all --quick` on a tiny random model writes every plot, the JSON and the section."""
     md = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(tmp_path),
-                           "--results-md", str(md)], cwd=tmp_path, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(tmp_path),
+                           "--results-md", str(md)], cwd=REPO, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("lis_vs_budget.png", "lis_vs_batch.png", "importance_accuracy.png", "calibration_size.png",
                  "planner_scale.png"):

@@ -162,3 +162,14 @@ def test_importing_the_cli_loads_no_stage():
             " print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import rq.cli.main loaded {out}"
+
+
+def test_renamed_commands_keep_their_former_names():
+    """``rq tritonserver`` (formerly ``rq triton``) and ``rq export --tritonserver`` (formerly ``--triton``)."""
+    code, out = _run("--help")
+    assert code == 0 and "tritonserver" in out and " triton " not in out
+    for args in (("tritonserver", "--help"), ("triton", "--help")):
+        code, out = _run(*args)
+        assert code == 0 and "Triton Inference Server model repository" in out, out
+    code, out = _run("export", "--help")
+    assert code == 0 and "--tritonserver" in out and "--triton" in out

@@ -6,17 +6,15 @@ runtime half (attachToContext, onShapeChange, enqueue, CUDA graph) runs on a GPU
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from benchmarks.gpu import plugin_driver as driver
 
-from benchmarks.gpu import plugin_driver as driver  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("case", driver.CASES, ids=lambda c: c.name)

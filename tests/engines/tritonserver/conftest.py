@@ -47,12 +47,12 @@ def rq_build(tiny_checkpoints, text_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_repo(rq_build, tmp_path_factory):
-    from rq.engines.tritonserver import write_model_repository
+    from rq.engines.tritonserver import ServingOptions, write_model_repository
 
     # 2 instances x 1 ONNX Runtime thread: two requests run at once on a 2-core CI machine
-    return write_model_repository(rq_build, tmp_path_factory.mktemp("triton") / "repo", instances=2,
-                                  intra_op_threads=1, max_context=MAX_CONTEXT, default_max_tokens=8,
-                                  max_tokens_limit=32)
+    options = ServingOptions(instances=2, intra_op_threads=1, max_context=MAX_CONTEXT, default_max_tokens=8,
+                             max_tokens_limit=32)
+    return write_model_repository(rq_build, tmp_path_factory.mktemp("triton") / "repo", options)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Triton Inference Server deployment, tested against a live server on CPU (docs/triton.md).
+"""Triton Inference Server deployment, tested against a live server on CPU (docs/tritonserver.md).
 
 A tiny R&Q export (with replicas and INT4 copies) -> ``write_model_repository`` -> ``tritonserver`` from the
 ``nvidia-pytriton`` wheel, then with ``tritonclient`` over HTTP and gRPC: ``rq_forward`` outputs equal the offline
 ONNX Runtime run, ``generate``'s streamed tokens (and per-token expert counts and replica offsets) equal offline
 greedy generation with ``rq.export.runtime.OrtGenerator``, ``/metrics`` shows the expert-load counters moving by
 exactly the replica rule, malformed requests get clear errors without hurting the server, and 500 requests at
-concurrency 16 all come back correct (p50/p99 latency printed and written for benchmarks/bench_triton.py).
+concurrency 16 all come back correct (p50/p99 latency printed and written for benchmarks/bench_tritonserver.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 import pytest
 
-from rq.engines.tritonserver import (FORWARD_MODEL, GENERATE, ONNX_MODEL, TRT_MODEL, validate_model_config,
+from rq.engines.tritonserver import (FORWARD_MODEL, GENERATE, ONNX_MODEL, TRT_MODEL, ServingOptions, validate_model_config,
                                      write_model_repository)
 from rq.errors import RQError
-from rq.testing.tritonserver import (SMOKE_PROMPTS, TritonInstall, generate_inputs, model_backends, run_load,
-                                    scrape_metrics, servable_models, stream_generate)
+from rq.engines.tritonserver_client import generate_inputs, run_load, scrape_metrics, stream_generate
+from rq.testing.tritonserver import SMOKE_PROMPTS, TritonInstall, model_backends, servable_models
 
 if importlib.util.find_spec("pytest_timeout") is not None:  # the dev extra installs it
     pytestmark = pytest.mark.timeout(600)
@@ -154,6 +154,13 @@ def test_repository_refuses_and_tensorrt(model_repo, rq_build, tmp_path):
         write_model_repository(rq_build, tmp_path / "repo", plugin_lib=tmp_path / "lib.so")
     with pytest.raises(RQError, match="does not exist"):
         write_model_repository(rq_build, tmp_path / "repo", engine_plan=tmp_path / "missing.plan")
+    for bad in ({"instances": 0}, {"default_max_tokens": 64, "max_tokens_limit": 32}, {"providers": ""}):
+        with pytest.raises(RQError, match="invalid serving options"):
+            ServingOptions(**bad)
+    with pytest.raises(RQError, match="offsets_scope"):
+        ServingOptions(offsets_scope="global")
+    assert ServingOptions(providers="CUDAExecutionProvider, CPUExecutionProvider").providers == (
+        "CUDAExecutionProvider", "CPUExecutionProvider")
     assert not (tmp_path / "repo").exists()  # nothing half-written
 
     engine, plugin = tmp_path / "rq.plan", tmp_path / "librq_moe_plugin.so"
@@ -405,7 +412,7 @@ def test_malformed_requests_get_clear_errors(triton_server, offline, model_repo,
 
 def _load_json_path(request, tmp_path) -> Path:
     """Where the load numbers go: $RQ_TRITON_LOAD_JSON, else pytest's cache (.pytest_cache/d/rq-triton/load.json),
-    which ``benchmarks/bench_triton.py --from-test`` reads."""
+    which ``benchmarks/bench_tritonserver.py --from-test`` reads."""
     if os.environ.get("RQ_TRITON_LOAD_JSON"):
         return Path(os.environ["RQ_TRITON_LOAD_JSON"])
     cache = getattr(request.config, "cache", None)
@@ -455,7 +462,7 @@ def test_onnx_model_with_tritons_loader(triton_server, triton_install, capsys, r
         print(f"\n[triton] note: {ONNX_MODEL} not served: this tritonserver has backends "
               f"{triton_install.backend_names} (no onnxruntime). Triton parsed its config and resolved it to the "
               f"onnxruntime backend; its tensors were checked against the ONNX file in "
-              f"test_repository_layout_and_configs. Serve it with NVIDIA's Triton container (docs/triton.md).")
+              f"test_repository_layout_and_configs. Serve it with NVIDIA's Triton container (docs/tritonserver.md).")
     # the failed model only affects itself: the others stay READY and keep serving
     assert client.is_model_ready(GENERATE) and client.is_model_ready(FORWARD_MODEL)
     assert stream_generate(triton_server.grpc_url, PROMPTS[0], 2).error is None

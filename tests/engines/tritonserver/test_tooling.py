@@ -1,4 +1,4 @@
-"""The server tooling of ``rq.testing.tritonserver`` without a server: stopping a process group, reading
+"""The server tooling of ``rq.testing.tritonserver`` and the client's pure parts (``rq.engines.tritonserver_client``) without a server: stopping a process group, reading
 Prometheus text, latency percentiles. (The live tests in test_serving.py drive the same code against tritonserver.)
 """
 
@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from rq.testing.tritonserver import LoadResult, group_members, parse_metrics, stop_group
+from rq.engines.tritonserver_client import LoadResult, parse_metrics
+from rq.testing.tritonserver import group_members, stop_group
 
 
 def _group(script: str) -> subprocess.Popen:

@@ -1,10 +1,10 @@
 """Triton Inference Server load test of the R&Q ``generate`` model: latency percentiles and throughput.
 
-    python benchmarks/bench_triton.py                        # tiny random Qwen3-MoE export, 500 req @ 16
-    python benchmarks/bench_triton.py --concurrency 1,4,16   # one row per concurrency
-    python benchmarks/bench_triton.py --build build/         # an existing rq-export folder
-    python benchmarks/bench_triton.py --model DIR --data F   # calibrate + plan + export a local checkpoint
-    python benchmarks/bench_triton.py --from-test            # the numbers tests/engines/tritonserver wrote last run
+    python -m benchmarks.bench_tritonserver                        # tiny random Qwen3-MoE export, 500 req @ 16
+    python -m benchmarks.bench_tritonserver --concurrency 1,4,16   # one row per concurrency
+    python -m benchmarks.bench_tritonserver --build build/         # an existing rq-export folder
+    python -m benchmarks.bench_tritonserver --model DIR --data F   # calibrate + plan + export a local checkpoint
+    python -m benchmarks.bench_tritonserver --from-test            # the numbers tests/engines/tritonserver wrote last run
 
 Starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel (CPU, Python backend) on free local ports
 (:class:`rq.testing.tritonserver.TritonServer`) with a repository from
@@ -26,10 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/bench_triton.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.markdown import MISSING, table  # noqa: E402
+from benchmarks.markdown import MISSING, table
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_JSON = REPO / ".pytest_cache" / "d" / "rq-triton" / "load.json"
@@ -38,7 +35,7 @@ HEADER = ["concurrency", "requests", "errors", "mismatches", "p50 ms", "p90 ms",
 
 
 def row(s: dict) -> list:
-    """One table row of a :meth:`rq.testing.tritonserver.LoadResult.summary`."""
+    """One table row of a :meth:`rq.engines.tritonserver_client.LoadResult.summary`."""
     lat, ttft = s["latency_ms"], s.get("first_token_ms", {})
     return [s["concurrency"], s["requests"], s["errors"], s["mismatches"], lat["p50"], lat.get("p90", MISSING),
             lat["p99"], f"{ttft.get('p50', MISSING)} / {ttft.get('p99', MISSING)}", s["throughput_rps"],
@@ -83,9 +80,10 @@ def make_build(root: Path, model: str | None, data: str | None) -> Path:
 
 def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, instances: int, threads: int,
         label: str) -> list[dict]:
-    from rq.engines.tritonserver import write_model_repository
+    from rq.engines.tritonserver import ServingOptions, write_model_repository
     from rq.export.runtime import OrtGenerator
-    from rq.testing.tritonserver import SMOKE_PROMPTS, TritonServer, run_load
+    from rq.engines.tritonserver_client import run_load
+    from rq.testing.tritonserver import SMOKE_PROMPTS, TritonServer
 
     offline = OrtGenerator(build, intra_op_num_threads=1)
     cases = []
@@ -94,8 +92,9 @@ def run(build: Path, concurrencies: list[int], requests: int, max_tokens: int, i
         ids = offline.tokenizer.encode(prompt).ids
         cases.append((prompt, max_tokens, offline.generate([ids], max_new_tokens=max_tokens).tokens[0].tolist()))
     with tempfile.TemporaryDirectory(prefix="rq-bench-triton-") as tmp:
-        repo = write_model_repository(build, Path(tmp) / "repo", instances=instances, intra_op_threads=threads,
-                                      default_max_tokens=max_tokens, max_tokens_limit=max(512, max_tokens))
+        options = ServingOptions(instances=instances, intra_op_threads=threads, default_max_tokens=max_tokens,
+                                 max_tokens_limit=max(512, max_tokens))
+        repo = write_model_repository(build, Path(tmp) / "repo", options)
         with TritonServer(repo, models=["generate"]) as server:
             run_load(server.grpc_url, cases, requests=min(requests, 32), concurrency=2)  # warm-up
             out = []
