@@ -1,1 +1,2 @@
-"""The GPU bring-up kit: ``benchmarks/gpu/run.sh`` and the plugin's IPluginV3 driver (``python -m benchmarks.gpu.plugin_driver``)."""
+"""The GPU bring-up kit: ``benchmarks/gpu/run.sh`` and the IPluginV3 driver of the plugin
+(``python -m benchmarks.gpu.plugin_driver``)."""
