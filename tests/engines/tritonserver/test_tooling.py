@@ -1,5 +1,6 @@
 """The server tooling of ``rq.testing.tritonserver`` and the client's pure parts (``rq.engines.tritonserver_client``)
-without a server: stopping a process group, reading Prometheus text, latency percentiles. (The live tests in test_serving.py drive the same code against tritonserver.)
+without a server: stopping a process group, reading Prometheus text, latency percentiles. (The live tests in
+test_serving.py drive the same code against tritonserver.)
 """
 
 from __future__ import annotations
