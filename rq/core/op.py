@@ -315,5 +315,5 @@ def rq_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
         out[rows] = h @ wo.T  # [M, H]
     weights = topk_weights.to(compute_dtype).reshape(-1, 1)
     weighted = torch.where((phys >= 0).unsqueeze(1), out * weights, torch.zeros_like(out))
-    y = weighted.reshape(num_tokens, top_k, -1).sum(dim=1)  # slot order
+    y = weighted.reshape(num_tokens, top_k, hidden.shape[1]).sum(dim=1)  # slot order (T may be 0)
     return y.to(hidden.dtype), counts
