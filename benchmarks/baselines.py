@@ -28,7 +28,7 @@ import torch
 
 from rq.plan.planner import plan_from_decisions
 from rq.plan.schema import Plan
-from rq.calibrate.stats import CalibrationStats, LayerStats
+from rq.calibrate.stats import METRICS, OPTIONAL_METRICS, CalibrationStats, LayerStats
 
 
 def eplb_logcnt(load: torch.Tensor, num_replicas: int, max_copies: int | None = None) -> torch.Tensor:
@@ -89,8 +89,8 @@ def sum_stats(parts: list[CalibrationStats]) -> CalibrationStats:
     layers = []
     for per_layer in zip(*(p.layers for p in parts)):
         base = per_layer[0]
-        sums = {m: sum(getattr(s, m) for s in per_layer) for m in ("load", "gate_mass", "contribution",
-                                                                  "quant_sensitivity")}
+        sums = {m: sum(getattr(s, m) for s in per_layer) for m in METRICS + OPTIONAL_METRICS
+                if all(getattr(s, m) is not None for s in per_layer)}
         layers.append(dataclasses.replace(base, **sums))
     calibration = first.calibration.model_copy(update={
         "sequences": sum(p.calibration.sequences for p in parts), "tokens": sum(p.calibration.tokens for p in parts),

@@ -44,7 +44,7 @@ from rq.demo.pipeline import spearman
 from rq.errors import RQError
 from rq.eval.evaluate import LISPoint, group_calls, sequence_loads, streaming_lis
 from rq.core.lis import InstantSummary, lis_value, model_lis
-from rq.plan.planner import PlanOptions, expert_int4_bytes, make_plan
+from rq.plan.planner import PlanOptions, expert_int4_bytes, expert_int8_bytes, make_plan
 from rq.core.replica import copy_loads, expert_counts, split_load
 from rq.rqmodel.model import apply_plan
 from rq.calibrate.stats import IMPORTANCE_METRICS, CalibrationStats
@@ -73,6 +73,7 @@ class LISSettings:
     max_quantized_fraction: float = 0.5
     max_replicas: int = 7
     extra_max_replicas: int | None = 15  # one more R&Q row at the headline budget with this replica cap
+    mixed_tolerances: tuple[float, ...] = (0.0, 0.05, 0.15)  # mixed INT4/INT8 plans (exact solver) at every budget
     run_batch: int = 16
     seed: int = 0
     bootstrap: int = 1000
@@ -255,15 +256,15 @@ def stream_points(step_ids: list[list[torch.Tensor]], logcnts: list[torch.Tensor
     return summarize(points)
 
 
-def int4_share(counts: list[torch.Tensor], plan) -> float:
-    """Share of all assignments (every layer) that the replica rule sends to an INT4 copy under ``plan``
-    (``counts``: per layer ``[n, N]``, run as one call)."""
-    on_int4 = total = 0
+def precision_shares(counts: list[torch.Tensor], plan) -> dict[str, float]:
+    """Share of all assignments (every layer) that the replica rule sends to copies of each precision under
+    ``plan`` (``counts``: per layer ``[n, N]``, run as one call): ``original_share``, ``int4_share``, ``int8_share``."""
+    on = torch.zeros(3, dtype=torch.int64)
     for layer_counts, layer in zip(counts, plan.layers):
         loads = split_load(layer_counts.sum(0, keepdim=True), torch.tensor(layer.logcnt))[0]
-        on_int4 += int(loads[torch.tensor(layer.precision) == 1].sum())
-        total += int(loads.sum())
-    return on_int4 / total if total else math.nan
+        on.index_add_(0, torch.tensor(layer.precision), loads.to(torch.int64))
+    total = int(on.sum())
+    return {f"{name}_share": int(v) / total if total else math.nan for name, v in zip(("original", "int4", "int8"), on)}
 
 
 # --------------------------------------------------------------------------------------------- calibration
@@ -282,6 +283,11 @@ def calibrate_nested(model, adapter, pool: torch.Tensor, sizes: tuple[int, ...],
         out[n] = sum_stats(parts)
         log(f"  calibrated {n} sequences")
     return out
+
+
+def mixed_name(budget: float, tolerance: float) -> str:
+    """Plan name of a mixed INT4/INT8 plan in the results."""
+    return f"rq_mixed@{budget:g}" if tolerance == 0 else f"rq_mixed_tol{tolerance:g}@{budget:g}"
 
 
 def make_plan_or_none(stats: CalibrationStats, **options):
@@ -412,8 +418,12 @@ def run(model_dir, settings: LISSettings, log=print) -> dict:
             return
         plans[name] = plan
         counts = plan_counts(plan)
+        codes = [p for layer in plan.layers for p in layer.precision]
+        errors = [l.predicted_error for l in plan.layers if l.predicted_error is not None]
         meta[name] = {"method": method, "budget": budget, "memory": memory_factor(plan),
                       "int4": sum(q for q, _ in counts), "replicas": sum(r for _, r in counts),
+                      "copies_int4": codes.count(1), "copies_int8": codes.count(2),
+                      "predicted_error": sum(errors) if errors else None,
                       "copies": [l.logcnt for l in plan.layers],
                       "pred_before": _nanmean([l.lis_before for l in plan.layers if l.lis_before is not None]),
                       "pred_after": _nanmean([l.lis_after for l in plan.layers if l.lis_after is not None]), **extra}
@@ -423,6 +433,11 @@ def run(model_dir, settings: LISSettings, log=print) -> dict:
             if metric in settings.sweep_metrics or b == settings.headline_budget:
                 add(f"rq[{metric}]@{b:g}", make_plan_or_none(stats, budget_factor=b, importance=metric, **opts),
                     f"R&Q ({metric})", b, importance=metric)
+    for b in settings.budgets:
+        for tol in settings.mixed_tolerances:
+            add(mixed_name(b, tol), make_plan_or_none(stats, budget_factor=b, precisions=("int4", "int8"),
+                                                       lis_tolerance=tol, **opts),
+                f"R&Q mixed INT4/INT8 (exact solver, LIS tolerance {tol:g})", b, lis_tolerance=tol)
     headline = f"rq[quant_sensitivity]@{settings.headline_budget:g}"
     if headline in plans:
         for seed in settings.random_seeds:
@@ -491,7 +506,7 @@ def run(model_dir, settings: LISSettings, log=print) -> dict:
             before = [c[:p.counts[0].shape[0]] for c in originals[d].counts]
             lis[d][name] = lis_entry(before, p.counts, logcnts, full)
             acc[d][name] = accuracy_summary(originals[d], p, settings.bootstrap, settings.seed)
-            acc[d][name]["int4_share"] = int4_share([c[:acc_n] for c in p.counts], plan)
+            acc[d][name].update(precision_shares([c[:acc_n] for c in p.counts], plan))
         log(f"  {name}: memory {meta[name]['memory']:.3f}x, code LIS {lis['heldout_code'][name]['cumulative']['reduction']:.3f}x, "
             f"ppl {acc['heldout_code'][name]['ppl_change_pct']:+.3f}% code / {acc['heldout_prose'][name]['ppl_change_pct']:+.3f}% prose")
         del model
@@ -553,7 +568,8 @@ def run(model_dir, settings: LISSettings, log=print) -> dict:
                   "stored_dtype": stats_real.model.dtype,
                   "expert_bytes_stored": stats_real.layers[0].original_bytes[0],
                   "expert_bytes_accounted": stats.layers[0].original_bytes[0],
-                  "expert_bytes_int4": expert_int4_bytes(stats.layers[0], settings.group_size)},
+                  "expert_bytes_int4": expert_int4_bytes(stats.layers[0], settings.group_size),
+                  "expert_bytes_int8": expert_int8_bytes(stats.layers[0], settings.group_size)},
         "data": {"calibration_main_sequences": main_n, "calibration_main_tokens": stats.calibration.tokens,
                  "calibration_pool": list(pool.shape), **{d: list(v.shape) for d, v in evals.items()},
                  "accuracy_sequences": acc_n},

@@ -344,6 +344,63 @@ def budget_sweep(r: Run) -> list[str]:
                    "EPLB LIS red. prose"], rows)]
 
 
+def mixed_precision(r: Run) -> list[str]:
+    """INT4-only (greedy) against mixed INT4/INT8 (exact solver) at every budget and LIS tolerance: memory, copies
+    per precision, predicted error, computations per precision, LIS reduction, perplexity / KL / top-1."""
+    P, A = r.plans, r.acc
+    tolerances = r.s.get("mixed_tolerances", [])
+    if not tolerances:
+        return []
+    rows, met = [], []
+    for b in r.s["budgets"]:
+        names = [f"rq[quant_sensitivity]@{b:g}"] + [f"rq_mixed@{b:g}" if t == 0 else f"rq_mixed_tol{t:g}@{b:g}"
+                                                    for t in tolerances]
+        for name in names:
+            if name not in P:
+                continue
+            if "infeasible" in P[name] or name not in A[CODE]:
+                rows.append([f"{b:g}x", f"`{name}`", "infeasible", *[""] * 7])
+                continue
+            shares = "/".join(f"{100 * A[CODE][name].get(k, 0.0):.0f}" for k in ("original_share", "int8_share",
+                                                                                  "int4_share"))
+            error = P[name].get("predicted_error")
+            rows.append([f"{b:g}x", f"`{name}`", f"{P[name]['memory']:.3f}x",
+                         f"{P[name].get('copies_int8', 0)} / {P[name].get('copies_int4', P[name]['int4'] + P[name]['replicas'])}",
+                         "n/a" if error is None else f"{error:.3g}", shares,
+                         f"{r.cum(CODE, name):.2f}x / {r.cum(CODE, name, 'inst_reduction', 'table_inst'):.2f}x",
+                         f"{ppl_cell(A[CODE][name])}; KL {A[CODE][name]['kl_mean']:.4f}; top-1 "
+                         f"{100 * A[CODE][name]['top1_agreement']:.1f} %",
+                         f"{r.cum(PROSE, name):.2f}x",
+                         f"{ppl_cell(A[PROSE][name])}; KL {A[PROSE][name]['kl_mean']:.4f}; top-1 "
+                         f"{100 * A[PROSE][name]['top1_agreement']:.1f} %"])
+            ok = (r.cum(CODE, name) >= 2.0 and abs(A[CODE][name]["ppl_change_pct"]) <= 0.3
+                  and abs(A[PROSE][name]["ppl_change_pct"]) <= 0.3)
+            if ok:
+                met.append((P[name]["memory"], name))
+    if met:
+        memory, name = min(met)
+        verdict = (f"Smallest memory meeting >= 2x cumulative LIS reduction on held-out code **and** <= 0.3 % "
+                   f"perplexity change on both domains: `{name}` at **{memory:.3f}x** ("
+                   + ("within" if memory <= 1.0 + 1e-9 else "above") + " the 1.0x budget).")
+    else:
+        verdict = ("No plan in this run meets >= 2x cumulative LIS reduction on held-out code and <= 0.3 % "
+                   "perplexity change on both domains.")
+    return ["### Mixed precision: INT8 copies beside INT4",
+            "Same data and accounting as above. `rq[quant_sensitivity]@b` is the INT4-only greedy (the default); "
+            "`rq_mixed@b` is `rq plan --precisions int4,int8`: the same replica counts (the LIS goal) with every "
+            "copy's precision chosen by the exact per-layer solver (docs/spec.md §6) to minimise the predicted "
+            "error; `rq_mixed_tol{t}@b` lets the solver keep fewer replicas when the predicted LIS stays within "
+            "(1 + t) of the best, spending the bytes on INT8 copies. An INT8 copy (docs/spec.md §5a) is "
+            f"{r.lis['model'].get('expert_bytes_int8', 0) / max(r.lis['model']['expert_bytes_accounted'], 1):.3f} "
+            "of a bf16 expert. *copies INT8 / INT4* over all layers; *computations* = % of held-out code "
+            "assignments on original / INT8 / INT4 copies; *predicted error* = the plan's summed per-layer "
+            "`predicted_error` on the calibration stats.",
+            verdict,
+            table(["budget", "plan", "memory", "copies INT8 / INT4", "predicted error", "computations orig/INT8/INT4 %",
+                   "LIS red. code (cum / per batch)", "code: ppl change % [95% CI]; KL; top-1", "LIS red. prose",
+                   "prose: ppl change % [95% CI]; KL; top-1"], rows)]
+
+
 def baselines(r: Run) -> list[str]:
     """Every method at the headline budget on the same tokens, one table per domain."""
     L, A, P, m = r.lis["lis"], r.acc, r.plans, r.lis["model"]
@@ -500,7 +557,7 @@ def planner(r: Run) -> list[str]:
             f"{p['drift']:g} per expert and fresh sampling (`synthetic_stats(..., drift=, sample_seed=1)`)."]
 
 
-SECTIONS = (setup, goal_check, figures, budget_sweep, baselines, batch_size, streaming, importance, calibration,
+SECTIONS = (setup, goal_check, figures, budget_sweep, mixed_precision, baselines, batch_size, streaming, importance, calibration,
             planner)
 
 

@@ -490,6 +490,20 @@ def _configure(rt: TensorRT, builder: Any, onnx_path: Path, plugin: PluginLibrar
     return config
 
 
+def refuse_int8(onnx_path: Path) -> None:
+    """The plugin has no INT8 path yet (docs/spec.md §8): a model with INT8 copies is refused before building."""
+    import onnx
+
+    from rq.core.op import INPUTS
+    from rq.export.onnx_file import rq_nodes
+
+    for node in rq_nodes(onnx.load(str(onnx_path), load_external_data=False)):
+        precision = next((list(a.ints) for a in node.attribute if a.name == "precision"), [])
+        if 2 in precision or len(node.input) > len(INPUTS):
+            raise RQError(f"{onnx_path} has INT8 expert copies (node {node.name}); the TensorRT plugin runs original "
+                          f"and INT4 copies only: plan with `rq plan --precisions int4` and export again")
+
+
 def build_engine(onnx_path: str | Path, out_path: str | Path | None = None,
                  plugin_lib: str | Path = "build/plugins/librq_moe_plugin.so", *, targets: Sequence[int] | None = None,
                  limits: ProfileLimits = ProfileLimits(), workspace_gib: float | None = None,
@@ -505,6 +519,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None,
     out_path = Path(out_path) if out_path is not None else default_engine_path(onnx_path)
     if not onnx_path.is_file():
         raise RQError(f"{onnx_path} does not exist; export first with `rq-export MODEL_DIR --plan plan.json`")
+    refuse_int8(onnx_path)
     plugin = plugin_library(plugin_lib)
     rt = load_tensorrt()
     chosen = _resolve_targets(rt, plugin, list(targets) if targets is not None else None)

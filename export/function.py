@@ -12,7 +12,8 @@ Two functions of domain ``rq``, version 1, built with ``onnx.helper``:
   assignments in this call. Each iteration gathers its tokens, runs the expert MLP with the copy's
   weights (an ``If`` on ``precision[p]``: the original-precision slot, or the INT4 slot as ``INT4`` data
   dequantized by opset-21 blocked ``DequantizeLinear``, zero point 0, ``block_size = group_size``: the exact
-  product ``q * scale`` of docs/spec.md §5) and scales it by the routing weight. The ``[n, H]`` rows are
+  product ``q * scale`` of docs/spec.md §5; in a model with INT8 copies a first ``If`` takes precision 2 to
+  the INT8 slot, int8 data through the same ``DequantizeLinear``, §5a) and scales it by the routing weight. The ``[n, H]`` rows are
   scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order, like the PyTorch
   reference. The §5 bytes (INT8-typed initializers) are unpacked inside the loop, one active INT4 copy at a
   time: unpacking the whole stacked initializer outside it would let ONNX Runtime constant-fold it when the
@@ -35,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from rq.core.experts import ACTIVATIONS
-from rq.core.op import INPUTS, OUTPUTS, RQLayerWeights
+from rq.core.op import INPUTS, INPUTS_INT8, OUTPUTS, RQLayerWeights
 
 DOMAIN = "rq"
 OP_NAME = "RQMoE"
@@ -161,12 +162,25 @@ def _dequantize(b: _Nodes, packed: str, width: str, scales: str, slot: str, like
     return b.op("CastLike", exact, like)
 
 
-def _expert_branch(name: str, activation: str, quantized: bool, xs: str, slot: str,
+def _dequantize_int8(b: _Nodes, values: str, scales: str, slot: str, like: str) -> str:
+    """One INT8 copy (docs/spec.md §5a): its int8 ``[O, W]`` values through blocked ``DequantizeLinear`` (zero
+    point 0, ``block_size = group_size``) with float32 scales: the exact product ``q * scale``."""
+    scale = b.op("Gather", scales, slot, axis=0)  # (O, ceil(W/G)) float32
+    exact = b.ref("DequantizeLinear", b.op("Gather", values, slot, axis=0), scale, axis=1,
+                  refs={"block_size": ("group_size", _INT)})
+    return b.op("CastLike", exact, like)
+
+
+def _expert_branch(name: str, activation: str, quantized: bool | str, xs: str, slot: str,
                    int4: tuple[tuple[str, str, str], tuple[str, str, str]]) -> onnx.GraphProto:
     """If-branch computing one copy's expert MLP on ``xs [n, H]``: reads outer-scope weights and ``slot``;
-    ``int4`` names ``(packed bytes, row width, float32 scales)`` of the INT4 ``w_in`` and ``w_out``."""
+    ``int4`` names ``(packed bytes, row width, float32 scales)`` of the INT4 ``w_in`` and ``w_out``;
+    ``quantized == "int8"`` reads the INT8 class instead (float32 scales named ``f_s8_in`` / ``f_s8_out``)."""
     b = _Nodes(f"{name}_")
-    if quantized:
+    if quantized == "int8":
+        w_in = _dequantize_int8(b, "w_in_q8", "f_s8_in", slot, xs)
+        w_out = _dequantize_int8(b, "w_out_q8", "f_s8_out", slot, xs)
+    elif quantized:
         w_in, w_out = (_dequantize(b, packed, width, scales, slot, xs) for packed, width, scales in int4)
     else:
         w_in = b.op("CastLike", b.op("Gather", "w_in", slot, axis=0), xs)
@@ -176,7 +190,7 @@ def _expert_branch(name: str, activation: str, quantized: bool, xs: str, slot: s
     return helper.make_graph(b.nodes, name, [], [helper.make_value_info(f"{name}_out", onnx.TypeProto())])
 
 
-def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
+def _moe_function(activation: str, opset: int, int8: bool = False) -> onnx.FunctionProto:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation '{activation}', expected one of {ACTIVATIONS}")
     b = _Nodes("f_")
@@ -186,9 +200,16 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     precision = b.ref("Constant", refs={"value_ints": ("precision", _INTS)})  # (P,) 0 original, 1 INT4
     zero, one = b.const(0, dims=[]), b.const(1, dims=[])
     # slot of each physical copy inside its precision class (docs/spec.md §8)
-    is_orig = b.op("Sub", one, precision)
-    slot = b.op("Where", b.op("Equal", precision, one),
-                b.op("Sub", b.op("CumSum", precision, zero), one), b.op("Sub", b.op("CumSum", is_orig, zero), one))
+    if int8:  # three classes: the rank of each copy among those of its own code
+        slot = zero
+        for code in range(3):
+            members = b.op("Equal", precision, b.const(code, dims=[]))
+            rank = b.op("Sub", b.op("CumSum", b.op("Cast", members, to=TensorProto.INT64), zero), one)
+            slot = b.op("Where", members, rank, slot)
+    else:
+        is_orig = b.op("Sub", one, precision)
+        slot = b.op("Where", b.op("Equal", precision, one),
+                    b.op("Sub", b.op("CumSum", precision, zero), one), b.op("Sub", b.op("CumSum", is_orig, zero), one))
     flat_phys = b.op("Reshape", phys, b.const([-1]))  # (A,)
     active = b.op("Unique", b.op("Compress", flat_phys, b.op("GreaterOrEqual", flat_phys, zero)), sorted=1)
     trips = b.op("Squeeze", b.op("Shape", active), b.const([0]))  # copies used in this call
@@ -202,6 +223,9 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     inter_width = b.op("Div", rows_in, b.const([2])) if activation.endswith("_glu") else rows_in
     int4 = (("w_in_q", hidden_width, b.op("Cast", "w_in_scales", to=TensorProto.FLOAT)),
             ("w_out_q", inter_width, b.op("Cast", "w_out_scales", to=TensorProto.FLOAT)))
+    if int8:
+        b.op("Cast", "w_in_scales8", to=TensorProto.FLOAT, out="f_s8_in")
+        b.op("Cast", "w_out_scales8", to=TensorProto.FLOAT, out="f_s8_out")
     # rows and assignment indices of every copy are collected in sequences, then scattered once
     no_rows = b.op("SequenceConstruct", b.op("Cast", b.op("Slice", "hidden", b.const([0]), b.const([0])),
                                              to=TensorProto.FLOAT))  # [(0, H)]
@@ -213,9 +237,19 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     xs = lb.op("Cast", lb.op("Gather", "hidden", lb.op("Div", picked, top_k), axis=0), to=TensorProto.FLOAT,
                out="l_xs")  # (n, H) their tokens, float32
     p_slot = lb.op("Gather", slot, p, out="l_slot")
-    is_int4 = lb.op("Equal", lb.op("Gather", precision, p), one)
-    out = lb.op("If", is_int4, then_branch=_expert_branch("int4", activation, True, xs, p_slot, int4),
-                else_branch=_expert_branch("orig", activation, False, xs, p_slot, int4))  # (n, H)
+    code = lb.op("Gather", precision, p)
+    if int8:  # If(INT8) else If(INT4) else original
+        inner = _Nodes("int8_else_")
+        inner.op("If", inner.op("Equal", code, one), out="int8_else_out",
+                 then_branch=_expert_branch("int4", activation, True, xs, p_slot, int4),
+                 else_branch=_expert_branch("orig", activation, False, xs, p_slot, int4))
+        not_int8 = helper.make_graph(inner.nodes, "int8_else", [],
+                                     [helper.make_value_info("int8_else_out", onnx.TypeProto())])
+        out = lb.op("If", lb.op("Equal", code, lb.const(2, dims=[])), else_branch=not_int8,
+                    then_branch=_expert_branch("int8", activation, "int8", xs, p_slot, int4))  # (n, H)
+    else:
+        out = lb.op("If", lb.op("Equal", code, one), then_branch=_expert_branch("int4", activation, True, xs, p_slot, int4),
+                    else_branch=_expert_branch("orig", activation, False, xs, p_slot, int4))  # (n, H)
     scaled = lb.op("Mul", out, lb.op("Unsqueeze", lb.op("Gather", flat_weights, picked), lb.const([1])))
     lb.op("SequenceInsert", "l_rows", scaled, out="l_rows_out")
     lb.op("SequenceInsert", "l_index", picked, out="l_index_out")
@@ -237,16 +271,18 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     y = b.op("ReduceSum", b.op("Reshape", per_slot, y_shape), b.const([1]), keepdims=0)  # sum over k in order
     b.op("CastLike", y, "hidden", out="y")
     return helper.make_function(
-        DOMAIN, OP_NAME, list(INPUTS), list(OUTPUTS), b.nodes,
+        DOMAIN, OP_NAME, list(INPUTS_INT8 if int8 else INPUTS), list(OUTPUTS), b.nodes,
         [helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)], attributes=list(ATTRIBUTES),
         doc_string=f"rq::RQMoE reference semantics (docs/spec.md §4, §5, §8), activation {activation}.")
 
 
-def rq_functions(activation: str, opset: int = MIN_OPSET) -> list[onnx.FunctionProto]:
-    """The model-local functions to add to a model whose ``rq::RQMoE`` nodes use ``activation``."""
+def rq_functions(activation: str, opset: int = MIN_OPSET, int8: bool = False) -> list[onnx.FunctionProto]:
+    """The model-local functions to add to a model whose ``rq::RQMoE`` nodes use ``activation``; ``int8``: the
+    nodes carry the INT8 class (inputs 10-13, docs/spec.md §8), and the body runs precision 2 too. Without it
+    the body is the one of files made before the INT8 class existed, byte for byte."""
     if opset < MIN_OPSET:
         raise ValueError(f"the RQMoE function body needs opset >= {MIN_OPSET} (INT4 DequantizeLinear), got {opset}")
-    return [_replica_map_function(opset), _moe_function(activation, opset)]
+    return [_replica_map_function(opset), _moe_function(activation, opset, int8)]
 
 
 def node_attributes(layer: RQLayerWeights) -> dict:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 
 from rq.errors import RQError
-from rq.core.op import CALL_INPUTS, WEIGHT_INPUTS
+from rq.core.op import CALL_INPUTS, INPUTS_INT8, WEIGHT_INPUTS
 from rq.export.function import DOMAIN, OP_NAME, VERSION, rq_functions
 from rq.export.graphs import GraphSpec
 
@@ -102,7 +102,11 @@ def finalize(model: ir.Model, spec: GraphSpec, opset: int, metadata: dict[str, s
         store_packed_as_int8(node)
     if nodes:
         model.opset_imports[DOMAIN] = VERSION
-        for proto in rq_functions(activations.pop(), opset):
+        int8 = {len(n.inputs) == len(INPUTS_INT8) for n in nodes}
+        if len(int8) > 1:
+            raise RQError("some MoE layers carry the INT8 weight class and some do not; apply the plan with "
+                          "rq.rqmodel.apply_plan, which gives every layer of a plan with INT8 copies that class")
+        for proto in rq_functions(activations.pop(), opset, int8.pop()):
             fn = ir.serde.deserialize_function(proto)
             model.functions[fn.identifier()] = fn
     for value in [*model.graph.inputs, *model.graph.outputs]:
@@ -157,9 +161,10 @@ def rq_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def rq_node_weights(onnx_path: Path) -> dict[int, dict[str, str]]:
-    """MoE layer -> ``{op input name: initializer name}`` for the weight inputs (4..9) of each RQMoE node."""
+    """MoE layer -> ``{op input name: initializer name}`` for the weight inputs (4..9, and 10..13 where the model
+    has INT8 copies) of each RQMoE node."""
     proto = onnx.load(onnx_path, load_external_data=False)
-    return {int(node.name.rsplit("_", 1)[1]): dict(zip(WEIGHT_INPUTS, node.input[len(CALL_INPUTS):]))
+    return {int(node.name.rsplit("_", 1)[1]): dict(zip(INPUTS_INT8[len(CALL_INPUTS):], node.input[len(CALL_INPUTS):]))
             for node in rq_nodes(proto)}
 
 

@@ -136,6 +136,9 @@ def route_of(layer: int, activation: str, precision: list[int], hidden: int, int
     """Whether ONNX Runtime's fused kernels compute this layer exactly (see the module doc)."""
     if activation not in FUSED_ACTIVATIONS:
         return LayerRoute(layer, False, WHY_NOT.get(activation, f"no fused kernel for {activation}"))
+    if 2 in precision:
+        return LayerRoute(layer, False, "INT8 copies: the fused route has no INT8 node yet (the portable body runs "
+                                        "them exactly)")
     if 1 in precision and (hidden % group or inter % group):
         return LayerRoute(layer, False, f"QMoE needs H={hidden} and I={inter} to be multiples of the group size "
                                         f"{group} (this layer's last INT4 block is partial)")

@@ -141,7 +141,8 @@ Status validateAttributes(MoeAttributes const& a, std::string& message) noexcept
         {
             if (p != 0 && p != 1)
             {
-                message = concat("precision entries must be 0 (original) or 1 (int4), got ", p);
+                message = concat("precision entries must be 0 (original) or 1 (int4), got ", p,
+                    p == 2 ? " (INT8 copies are not supported by this plugin: plan with --precisions int4)" : "");
                 return Status::kBAD_ATTRIBUTE;
             }
             anyInt4 = anyInt4 || p == 1;

@@ -1,5 +1,5 @@
 """Calibration (docs/spec.md §3): run data through the unmodified model and accumulate, per MoE layer and
-logical expert, load, gate mass, output contribution and INT4 sensitivity.
+logical expert, load, gate mass, output contribution and the output error of INT4 and of INT8 (one pass).
 
 Forward pre-hooks on each experts module see exactly what the router chose (the model is not
 changed); accumulators are float64 ``[N]`` vectors, so memory does not grow with the data.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rq.core import int4
+from rq.core import int4, int8
 from rq.models.adapters import Adapter, MoELayer
 from rq.calibrate.data import TokenData, batches
 from rq.core.experts import expert_forward
@@ -34,6 +34,7 @@ class _LayerAccumulator:
         self.gate_mass = torch.zeros(n, dtype=torch.float64)
         self.contribution = torch.zeros(n, dtype=torch.float64)
         self.quant_sensitivity = torch.zeros(n, dtype=torch.float64)
+        self.quant_sensitivity_int8 = torch.zeros(n, dtype=torch.float64)
         self.quantizable = int4.can_quantize(layer.w_in_shape) and int4.can_quantize(layer.w_out_shape)
 
     @torch.no_grad()
@@ -53,9 +54,10 @@ class _LayerAccumulator:
             y = expert_forward(x, w_in.to(torch.float32), w_out.to(torch.float32), self.layer.activation)
             self.contribution[expert] += (g * y.to(torch.float64).norm(dim=-1).cpu()).sum()
             if self.quantizable:
-                q_in, q_out = (int4.dequantize(int4.quantize(w, self.group_size)) for w in (w_in, w_out))
-                err = (y - expert_forward(x, q_in, q_out, self.layer.activation)).to(torch.float64)
-                self.quant_sensitivity[expert] += (g.square() * err.square().sum(-1).cpu()).sum()
+                for fmt, sums in ((int4, self.quant_sensitivity), (int8, self.quant_sensitivity_int8)):
+                    q_in, q_out = (fmt.dequantize(fmt.quantize(w, self.group_size)) for w in (w_in, w_out))
+                    err = (y - expert_forward(x, q_in, q_out, self.layer.activation)).to(torch.float64)
+                    sums[expert] += (g.square() * err.square().sum(-1).cpu()).sum()
 
     def result(self) -> LayerStats:
         layer = self.layer
@@ -65,7 +67,7 @@ class _LayerAccumulator:
                           activation=layer.activation, w_in_shape=layer.w_in_shape, w_out_shape=layer.w_out_shape,
                           original_bytes=per_expert, quantizable=self.quantizable, load=self.load,
                           gate_mass=self.gate_mass, contribution=self.contribution,
-                          quant_sensitivity=self.quant_sensitivity)
+                          quant_sensitivity=self.quant_sensitivity, quant_sensitivity_int8=self.quant_sensitivity_int8)
 
 
 def model_info(model: nn.Module, adapter: Adapter, layers: list[MoELayer]) -> ModelInfo:

@@ -1,7 +1,8 @@
 """Calibration statistics (docs/spec.md §3) and their on-disk form: ``stats.json`` + ``stats.safetensors``.
 
 Per MoE layer and logical expert, float64: ``load`` (integer-valued counts), ``gate_mass``,
-``contribution``, ``quant_sensitivity``; plus the real byte sizes the planner budgets with.
+``contribution``, ``quant_sensitivity`` (INT4) and ``quant_sensitivity_int8``; plus the real byte sizes the
+planner budgets with. Stats written before the INT8 metric existed load with it missing (``None``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from rq.errors import RQError
 from rq.documents import CalibrationInfo, ModelInfo, PositiveInt, Strict, check_format, read_json, validate
 
 METRICS = ("load", "gate_mass", "contribution", "quant_sensitivity")
+OPTIONAL_METRICS = ("quant_sensitivity_int8",)
+"""Metrics a stats file may lack (written before they existed); a planner that needs one says so."""
 IMPORTANCE_METRICS = ("frequency", "gate_mass", "contribution", "quant_sensitivity")
 
 
@@ -90,6 +93,11 @@ class LayerStats:
     gate_mass: torch.Tensor = field(repr=False)
     contribution: torch.Tensor = field(repr=False)
     quant_sensitivity: torch.Tensor = field(repr=False)
+    quant_sensitivity_int8: torch.Tensor | None = field(default=None, repr=False)
+
+    def sensitivity(self, precision: str) -> torch.Tensor | None:
+        """``[N]`` float64 output error of each expert at ``precision`` (``int4``, ``int8``; ``None`` if not measured)."""
+        return {"int4": self.quant_sensitivity, "int8": self.quant_sensitivity_int8}[precision]
 
     def importance(self, metric: str) -> torch.Tensor:
         """``[N]`` float64 importance by ``metric`` (``frequency`` is the load)."""
@@ -116,7 +124,7 @@ class CalibrationStats:
                                    original_bytes=s.original_bytes, quantizable=s.quantizable) for s in self.layers],
         )
         tensors = {f"layer{s.index}.{m}": getattr(s, m).to(torch.float64).contiguous()
-                   for s in self.layers for m in METRICS}
+                   for s in self.layers for m in METRICS + OPTIONAL_METRICS if getattr(s, m) is not None}
         with staged_dir(out_dir) as tmp:
             (tmp / "stats.json").write_text(meta.model_dump_json(indent=2) + "\n")
             save_file(tensors, str(tmp / "stats.safetensors"))
@@ -144,11 +152,14 @@ class CalibrationStats:
 
 
 def _layer_metrics(tensors: dict[str, torch.Tensor], entry: StatsLayerMeta, path: Path) -> dict[str, torch.Tensor]:
-    """The four ``[N]`` float64 metrics of one layer, checked: present, shaped, finite and non-negative."""
+    """The ``[N]`` float64 metrics of one layer, checked: present (optional ones may be missing), shaped, finite
+    and non-negative."""
     metrics = {}
-    for metric in METRICS:
+    for metric in METRICS + OPTIONAL_METRICS:
         key = f"layer{entry.index}.{metric}"
         value = tensors.get(key)
+        if value is None and metric in OPTIONAL_METRICS:
+            continue
         if value is None:
             raise RQError(f"{path} lacks '{key}'; {RECALIBRATE}")
         if tuple(value.shape) != (entry.num_experts,) or not value.is_floating_point():

@@ -60,9 +60,12 @@ def plan(
     max_replicas: int = typer.Option(7, help="At most this many INT4 replicas per expert."),
     lis_tolerance: float = typer.Option(0.0, help="Keep the fewest replicas whose predicted LIS is within "
                                                   "(1 + this) of the best: trades a little balance for accuracy."),
+    precisions: str = typer.Option("int4", help="Quantized formats copies may use: int4, int8 or int4,int8 (with "
+                                                "int8: the exact per-layer solver, least predicted error)."),
 ) -> None:
-    """Choose INT4 experts and replicas per layer within the memory budget; write a validated plan.json."""
+    """Choose each copy's precision and the replicas per layer within the memory budget; write a validated plan.json."""
     from rq.plan.planner import PlanOptions, make_plan
+    from rq.plan.solver import parse_precisions
     from rq.eval.report import plan_table
     from rq.plan.schema import save_plan
     from rq.calibrate.stats import CalibrationStats
@@ -72,7 +75,7 @@ def plan(
     stats = CalibrationStats.load(stats_dir)
     result = make_plan(stats, PlanOptions(budget_factor=budget, importance=importance,
                                           max_quantized_fraction=max_quantized_fraction, max_replicas=max_replicas,
-                                          lis_tolerance=lis_tolerance))
+                                          lis_tolerance=lis_tolerance, precisions=parse_precisions(precisions)))
     save_plan(result, out)
     console.print(plan_table(result))
     console.print(f"plan written to {out}")

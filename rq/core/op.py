@@ -1,14 +1,14 @@
 """``rq::RQMoE`` (docs/spec.md §8): one bundle for a layer's weights and attributes, and the op's reference.
 
 :class:`RQLayerWeights` is everything of one R&Q MoE layer that is not per call: the node attributes
-(``top_k``, ``activation``, ``group_size``, ``copies`` = ``logcnt``, ``precision``) and the six weight inputs in
-the op's stacked layout. Every implementation takes ``(hidden, topk_ids, topk_weights, layer, offsets)``:
+(``top_k``, ``activation``, ``group_size``, ``copies`` = ``logcnt``, ``precision``) and the weight inputs in
+the op's stacked layout: six (original and INT4 classes), or ten when the bundle carries the INT8 class too. Every implementation takes ``(hidden, topk_ids, topk_weights, layer, offsets)``:
 :func:`rq_moe_reference` here, the Triton kernels (:func:`rq.kernels.moe.rq_moe`), the PyTorch R&Q model's
 experts, the ONNX exporter (which writes ``layer.tensors()`` as initializers and ``layer.attributes()`` on
 the node) and, through those attributes and tensors, the TensorRT plugin.
 
 The reference is deliberately simple: one Python loop over the physical copies that received assignments,
-INT4 weights dequantized with :mod:`rq.core.int4` (the exact product ``q * scale``), the token -> copy mapping
+INT4 and INT8 weights dequantized with :mod:`rq.core.int4` / :mod:`rq.core.int8` (the exact product ``q * scale``), the token -> copy mapping
 from :mod:`rq.core.replica`, arithmetic in float32 (``compute_dtype``), and the weighted sum over the top-k
 slots in slot order. Only ``torch`` and ``rq.core`` are imported.
 """
@@ -21,16 +21,23 @@ from typing import NamedTuple
 
 import torch
 
-from rq.core import int4, replica
+from rq.core import int4, int8, replica
 from rq.core.experts import ACTIVATIONS, activation_code, apply_activation, is_glu
 
-__all__ = ["ACTIVATIONS", "CALL_INPUTS", "INPUTS", "OUTPUTS", "WEIGHT_INPUTS", "CopyTables", "RQLayerWeights",
-           "activation_code", "check_call", "copy_tables", "is_glu", "rq_moe_reference"]
+__all__ = ["ACTIVATIONS", "CALL_INPUTS", "INPUTS", "INPUTS_INT8", "INT8_INPUTS", "OUTPUTS", "PRECISIONS", "WEIGHT_INPUTS", "CopyTables", "RQLayerWeights",
+           "activation_code", "check_call", "copy_tables", "is_glu", "rq_moe_reference", "stack_layer"]
 
 CALL_INPUTS = ("hidden", "topk_ids", "topk_weights", "offsets")
+INT8_INPUTS = ("w_in_q8", "w_in_scales8", "w_out_q8", "w_out_scales8")
 WEIGHT_INPUTS = ("w_in", "w_out", "w_in_q", "w_in_scales", "w_out_q", "w_out_scales")
+"""The six weight inputs every node has; the four :data:`INT8_INPUTS` follow them only where a model has INT8
+copies (docs/spec.md §8), so a file without INT8 copies is the same as before the INT8 class existed."""
 INPUTS = CALL_INPUTS + WEIGHT_INPUTS
-"""The op's inputs in order (docs/spec.md §8)."""
+"""The op's inputs in order (docs/spec.md §8), without the optional INT8 class."""
+INPUTS_INT8 = INPUTS + INT8_INPUTS
+"""The op's inputs in order with the INT8 class."""
+PRECISIONS = ("original", "int4", "int8")
+"""Precision names by code (docs/spec.md §8 ``precision`` attribute): 0 original, 1 INT4, 2 INT8."""
 OUTPUTS = ("y", "expert_counts")
 
 
@@ -38,7 +45,7 @@ class CopyTables(NamedTuple):
     """Per-physical-copy bookkeeping derived from the op attributes (all int64, on ``logcnt.device``).
 
     phy2log: ``[P]`` logical expert of each copy; phys_base: ``[N]`` first copy of each expert;
-    slot: ``[P]`` index of the copy inside its precision class (docs/spec.md §8); precision: ``[P]`` 0/1.
+    slot: ``[P]`` index of the copy inside its precision class (docs/spec.md §8); precision: ``[P]`` 0/1/2.
     """
 
     phy2log: torch.Tensor
@@ -48,7 +55,7 @@ class CopyTables(NamedTuple):
 
 
 def copy_tables(logcnt: torch.Tensor, precision: torch.Tensor) -> CopyTables:
-    """Build :class:`CopyTables`; checks that ``precision`` has one 0/1 entry per physical copy."""
+    """Build :class:`CopyTables`; checks that ``precision`` has one 0/1/2 entry per physical copy."""
     logcnt = torch.as_tensor(logcnt, dtype=torch.int64)
     precision = torch.as_tensor(precision, dtype=torch.int64, device=logcnt.device)
     num_phys = int(logcnt.sum())
@@ -56,10 +63,12 @@ def copy_tables(logcnt: torch.Tensor, precision: torch.Tensor) -> CopyTables:
         raise ValueError(f"copies (logcnt) must be a [N] vector of integers >= 1, got {logcnt.tolist()}")
     if tuple(precision.shape) != (num_phys,):
         raise ValueError(f"precision must have one entry per physical copy: expected [{num_phys}], got {list(precision.shape)}")
-    if bool(((precision != 0) & (precision != 1)).any()):
-        raise ValueError(f"precision entries must be 0 (original) or 1 (int4), got {precision.tolist()}")
-    is_int4 = precision == 1
-    slot = torch.where(is_int4, torch.cumsum(is_int4, 0) - 1, torch.cumsum(~is_int4, 0) - 1)
+    if bool(((precision < 0) | (precision >= len(PRECISIONS))).any()):
+        raise ValueError(f"precision entries must be 0 (original), 1 (int4) or 2 (int8), got {precision.tolist()}")
+    slot = torch.zeros_like(precision)
+    for code in range(len(PRECISIONS)):
+        members = precision == code
+        slot = torch.where(members, torch.cumsum(members, 0) - 1, slot)
     return CopyTables(replica.phy2log(logcnt), replica.phys_base(logcnt), slot, precision)
 
 
@@ -68,10 +77,13 @@ class RQLayerWeights:
     """One R&Q MoE layer as the op sees it: attributes and stacked weights (docs/spec.md §8).
 
     logcnt: ``[N]`` copies per logical expert (the ``copies`` attribute); precision: ``[P]`` 0 original / 1 INT4
-    per physical copy, logical-major; w_in ``[P_orig, I_in, H]``, w_out ``[P_orig, H, I]`` (float);
+    / 2 INT8 per physical copy, logical-major; w_in ``[P_orig, I_in, H]``, w_out ``[P_orig, H, I]`` (float);
     w_in_q ``[P_int4, I_in, ceil(H/2)]`` uint8, w_in_scales ``[P_int4, I_in, ceil(H/G)]`` float16,
-    w_out_q ``[P_int4, H, ceil(I/2)]``, w_out_scales ``[P_int4, H, ceil(I/G)]``. Copy ``p`` reads slot
-    ``#{q < p : precision[q] == precision[p]}`` of its class; an empty class is a ``[0, ...]`` tensor.
+    w_out_q ``[P_int4, H, ceil(I/2)]``, w_out_scales ``[P_int4, H, ceil(I/G)]``; the INT8 class (``None`` when the
+    bundle does not carry it, which allows no precision 2): w_in_q8 ``[P_int8, I_in, H]`` int8, w_in_scales8
+    ``[P_int8, I_in, ceil(H/G)]`` float16, w_out_q8 ``[P_int8, H, I]``, w_out_scales8 ``[P_int8, H, ceil(I/G)]``.
+    Copy ``p`` reads slot ``#{q < p : precision[q] == precision[p]}`` of its class; an empty class is a
+    ``[0, ...]`` tensor.
     """
 
     top_k: int
@@ -85,6 +97,15 @@ class RQLayerWeights:
     w_in_scales: torch.Tensor
     w_out_q: torch.Tensor
     w_out_scales: torch.Tensor
+    w_in_q8: torch.Tensor | None = None
+    w_in_scales8: torch.Tensor | None = None
+    w_out_q8: torch.Tensor | None = None
+    w_out_scales8: torch.Tensor | None = None
+
+    @property
+    def has_int8_class(self) -> bool:
+        """Whether the bundle carries the INT8 weight inputs (all four, possibly empty)."""
+        return self.w_in_q8 is not None
 
     @property
     def num_experts(self) -> int:
@@ -102,9 +123,18 @@ class RQLayerWeights:
     def num_int4(self) -> int:
         return self.precision.count(1)
 
+    @property
+    def num_int8(self) -> int:
+        return self.precision.count(2)
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """:data:`WEIGHT_INPUTS`, plus :data:`INT8_INPUTS` when the bundle carries the INT8 class."""
+        return WEIGHT_INPUTS + INT8_INPUTS if self.has_int8_class else WEIGHT_INPUTS
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The six weight inputs in op order (:data:`WEIGHT_INPUTS`)."""
-        return tuple(getattr(self, name) for name in WEIGHT_INPUTS)
+        """The weight inputs in op order (:attr:`weight_names`)."""
+        return tuple(getattr(self, name) for name in self.weight_names)
 
     def attributes(self) -> dict:
         """The node attributes, in docs/spec.md §8 order (``copies`` is ``logcnt``)."""
@@ -123,12 +153,64 @@ class RQLayerWeights:
         return copy_tables(torch.tensor(self.logcnt), torch.tensor(self.precision))
 
 
+def stack_layer(top_k: int, activation: str, group_size: int, logcnt: tuple[int, ...], precision: tuple[int, ...],
+                copies: list[tuple[torch.Tensor, torch.Tensor]], *, int8_class: bool = False,
+                dtype: torch.dtype | None = None) -> RQLayerWeights:
+    """The bundle of one layer from each physical copy's float ``(w_in [I_in, H], w_out [H, I])``, quantized to
+    its precision (docs/spec.md §5, §5a). Copies passing the same tensor objects (an expert's replicas) are
+    quantized once and share the result. ``int8_class`` adds the INT8 inputs even when no copy is INT8 (every
+    node of a model with INT8 copies has them); it is implied by a precision 2. ``dtype`` is that of the
+    original-precision stack (default: the first copy's)."""
+    assert len(copies) == len(precision) == sum(logcnt), "one (w_in, w_out) per physical copy"
+    if not copies:
+        raise ValueError("a layer needs at least one copy")
+    w_in0, w_out0 = copies[0]
+    (in_rows, hidden), inter = w_in0.shape, w_out0.shape[1]
+    dtype = dtype or w_in0.dtype
+    g = group_size
+    memo: dict[tuple[int, int, int], tuple] = {}
+
+    def quantized(p: int, module):
+        key = (id(copies[p][0]), id(copies[p][1]), precision[p])
+        if key not in memo:
+            memo[key] = tuple(module.quantize(w.detach(), g) for w in copies[p])
+        return memo[key]
+
+    def stack(items, empty_shape, dt):
+        return torch.stack(items) if items else torch.zeros((0, *empty_shape), dtype=dt)
+
+    orig = [tuple(w.detach() for w in copies[p]) for p in range(len(precision)) if precision[p] == 0]  # stack copies
+    q4 = [quantized(p, int4) for p in range(len(precision)) if precision[p] == 1]
+    q8 = [quantized(p, int8) for p in range(len(precision)) if precision[p] == 2]
+    int8_tensors = {}
+    if int8_class or q8:
+        int8_tensors = dict(
+            w_in_q8=stack([a.values for a, _ in q8], (in_rows, hidden), torch.int8),
+            w_in_scales8=stack([a.scales for a, _ in q8], (in_rows, int4.num_blocks(hidden, g)), torch.float16),
+            w_out_q8=stack([b.values for _, b in q8], (hidden, inter), torch.int8),
+            w_out_scales8=stack([b.scales for _, b in q8], (hidden, int4.num_blocks(inter, g)), torch.float16))
+    return RQLayerWeights(
+        top_k=top_k, activation=activation, group_size=group_size, logcnt=tuple(logcnt), precision=tuple(precision),
+        w_in=stack([a for a, _ in orig], (in_rows, hidden), dtype), w_out=stack([b for _, b in orig], (hidden, inter), dtype),
+        w_in_q=stack([a.packed for a, _ in q4], (in_rows, int4.packed_width(hidden)), torch.uint8),
+        w_in_scales=stack([a.scales for a, _ in q4], (in_rows, int4.num_blocks(hidden, g)), torch.float16),
+        w_out_q=stack([b.packed for _, b in q4], (hidden, int4.packed_width(inter)), torch.uint8),
+        w_out_scales=stack([b.scales for _, b in q4], (hidden, int4.num_blocks(inter, g)), torch.float16),
+        **int8_tensors)
+
+
 def _check_layer(layer: RQLayerWeights) -> tuple[int, int]:
     activation_code(layer.activation)
     copy_tables(torch.tensor(layer.logcnt), torch.tensor(layer.precision))
     glu = is_glu(layer.activation)
-    n_orig, n_int4 = layer.num_orig, layer.num_int4
-    if n_int4:
+    n_orig, n_int4, n_int8 = layer.num_orig, layer.num_int4, layer.num_int8
+    int8_fields = [getattr(layer, name) is None for name in INT8_INPUTS]
+    if any(int8_fields) and not all(int8_fields):
+        raise ValueError(f"the INT8 class needs all of {', '.join(INT8_INPUTS)} (or none of them)")
+    if n_int8 and not layer.has_int8_class:
+        raise ValueError(f"precision has {n_int8} INT8 copies (code 2) but the layer carries no INT8 weights "
+                         f"({', '.join(INT8_INPUTS)})")
+    if n_int4 or n_int8:
         try:
             int4.check_group_size(layer.group_size)
         except ValueError as err:
@@ -139,6 +221,8 @@ def _check_layer(layer: RQLayerWeights) -> tuple[int, int]:
     elif n_int4:
         in_rows = layer.w_in_q.shape[-2]
         hidden, inter = layer.w_out_q.shape[-2], in_rows // 2 if glu else in_rows
+    elif n_int8:
+        hidden, inter = layer.w_out_q8.shape[-2], layer.w_out_q8.shape[-1]
     else:
         return 0, 0
     in_rows = 2 * inter if glu else inter
@@ -151,17 +235,25 @@ def _check_layer(layer: RQLayerWeights) -> tuple[int, int]:
         "w_out_q": (n_int4, hidden, int4.packed_width(inter)),
         "w_out_scales": (n_int4, hidden, int4.num_blocks(inter, g)),
     }
+    if layer.has_int8_class:
+        expected |= {"w_in_q8": (n_int8, in_rows, hidden), "w_in_scales8": (n_int8, in_rows, int4.num_blocks(hidden, g)),
+                     "w_out_q8": (n_int8, hidden, inter), "w_out_scales8": (n_int8, hidden, int4.num_blocks(inter, g))}
     for name, shape in expected.items():
         tensor = getattr(layer, name)
         if shape[0] == 0 and tensor.numel() == 0:
             continue  # an empty class may come with any empty placeholder
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must be {list(shape)} (activation={layer.activation}), got {list(tensor.shape)}")
+    dtypes = {}
     if n_int4:
-        for name, dtype in (("w_in_q", torch.uint8), ("w_out_q", torch.uint8), ("w_in_scales", torch.float16),
-                            ("w_out_scales", torch.float16)):
-            if getattr(layer, name).dtype != dtype:
-                raise ValueError(f"{name} must be {dtype} (docs/spec.md §5), got {getattr(layer, name).dtype}")
+        dtypes |= {"w_in_q": torch.uint8, "w_out_q": torch.uint8, "w_in_scales": torch.float16,
+                   "w_out_scales": torch.float16}
+    if n_int8:
+        dtypes |= {"w_in_q8": torch.int8, "w_out_q8": torch.int8, "w_in_scales8": torch.float16,
+                   "w_out_scales8": torch.float16}
+    for name, dtype in dtypes.items():
+        if getattr(layer, name).dtype != dtype:
+            raise ValueError(f"{name} must be {dtype} (docs/spec.md §5, §5a), got {getattr(layer, name).dtype}")
     return hidden, inter
 
 
@@ -186,12 +278,16 @@ def check_call(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
 
 
 def copy_weights(layer: RQLayerWeights, p: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w_in [I_in, H], w_out [H, I])`` of physical copy ``p`` in ``dtype``: INT4 copies dequantized exactly."""
+    """``(w_in [I_in, H], w_out [H, I])`` of physical copy ``p`` in ``dtype``: INT4 and INT8 copies dequantized
+    exactly."""
     hidden, inter = layer.sizes
     s = int(layer.tables.slot[p])
+    g = layer.group_size
     if layer.precision[p] == 0:
         return layer.w_in[s].to(dtype), layer.w_out[s].to(dtype)
-    g = layer.group_size
+    if layer.precision[p] == 2:
+        return (int8.dequantize_values(layer.w_in_q8[s], layer.w_in_scales8[s], g, dtype),
+                int8.dequantize_values(layer.w_out_q8[s], layer.w_out_scales8[s], g, dtype))
     return (int4.dequantize_values(layer.w_in_q[s], layer.w_in_scales[s], g, hidden, dtype),
             int4.dequantize_values(layer.w_out_q[s], layer.w_out_scales[s], g, inter, dtype))
 
@@ -219,5 +315,5 @@ def rq_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
         out[rows] = h @ wo.T  # [M, H]
     weights = topk_weights.to(compute_dtype).reshape(-1, 1)
     weighted = torch.where((phys >= 0).unsqueeze(1), out * weights, torch.zeros_like(out))
-    y = weighted.reshape(num_tokens, top_k, -1).sum(dim=1)  # slot order
+    y = weighted.reshape(num_tokens, top_k, hidden.shape[1]).sum(dim=1)  # slot order (T may be 0)
     return y.to(hidden.dtype), counts

@@ -55,6 +55,9 @@ def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     or CPU under ``TRITON_INTERPRET=1``); the layer's copy tables are cached per device.
     """
     hidden_size, inter = check_call(hidden, topk_ids, topk_weights, layer, offsets)
+    if layer.num_int8:
+        raise ValueError(f"the Triton kernels run original and INT4 copies only, this layer has {layer.num_int8} INT8 "
+                         f"copies: use the 'fast' or 'reference' backend, or plan with --precisions int4")
     device = hidden.device
     tables = _cached_tables(layer.logcnt, layer.precision, str(device))
     num_tokens, top_k = topk_ids.shape

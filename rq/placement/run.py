@@ -84,18 +84,34 @@ def copy_bytes(plan: Plan, stats: CalibrationStats | None) -> tuple[torch.Tensor
     orig = torch.full((num_layers,), per, dtype=torch.float64)
     q = torch.full((num_layers,), estimate, dtype=torch.float64)
     for i, layer in enumerate(plan.layers):
-        n_orig = sum(e.precision == "original" for e in layer.experts)
-        n_int4 = sum(e.precision == "int4" for e in layer.experts) + sum(e.replicas for e in layer.experts)
-        if n_int4:
-            q[i] = (layer.planned_bytes - n_orig * per) / n_int4
+        codes = [c for e in layer.experts for c in e.copy_precisions]
+        n_int4 = codes.count(1)
+        if n_int4:  # INT8 copies at their estimated size (twice INT4's values, the same scales)
+            int8_estimate = per * (1 + 2 / plan.quantization.group_size) / elem
+            q[i] = (layer.planned_bytes - codes.count(0) * per - codes.count(2) * int8_estimate) / n_int4
     return orig, q
 
 
+def copy_byte_table(plan: Plan, logcnt: torch.Tensor, orig: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``[L, N, max copies]`` bytes of copy ``c`` of expert ``e`` as placed (0 past ``logcnt``): the plan's
+    precision for the copies it has (docs/spec.md §6 order), INT4 for copies the placement added. INT8 copies
+    are ``q * (1 + 2/G) / (0.5 + 2/G)`` of an INT4 one: the same scales, a byte per value."""
+    g = plan.quantization.group_size
+    q8 = q * (1 + 2 / g) / (0.5 + 2 / g)
+    num_layers, n = logcnt.shape
+    table = torch.zeros(num_layers, n, int(logcnt.max()), dtype=torch.float64)
+    for li, layer in enumerate(plan.layers):
+        size = (float(orig[li]), float(q[li]), float(q8[li]))
+        for e, expert in enumerate(layer.experts):
+            codes = expert.copy_precisions
+            for c in range(int(logcnt[li, e])):
+                table[li, e, c] = size[codes[c] if c < len(codes) else 1]
+    return table
+
+
 def rq_bytes(plan: Plan, logcnt: torch.Tensor, orig: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``[L]`` bytes of the placed copies with per-copy precision: primaries as planned, other copies INT4."""
-    primary_int4 = torch.tensor([[e.precision == "int4" for e in layer.experts] for layer in plan.layers])
-    primaries = torch.where(primary_int4, q[:, None], orig[:, None]).sum(-1)
-    return primaries + (logcnt - 1).sum(-1) * q
+    """``[L]`` bytes of the placed copies with per-copy precision (:func:`copy_byte_table`)."""
+    return copy_byte_table(plan, logcnt, orig, q).sum((-1, -2))
 
 
 @dataclass
@@ -195,11 +211,12 @@ def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Ten
     out = {name: {key: device_loads(value, m[1], m[2], num_gpus) for key, value in loads.items()}
            for name, m in methods.items()}
     per_gpu = {name: float(orig.sum()) * math.ceil(slots[name] / num_gpus) for name in methods if name != "rq"}
-    primary_int4 = torch.tensor([[e.precision == "int4" for e in layer.experts] for layer in plan.layers])
+    table = copy_byte_table(plan, logcnt, orig, q)
     rq_dev = torch.zeros(num_gpus, dtype=torch.float64)
-    for li in range(num_layers):  # per-copy precision: the primary as planned, every other copy INT4
-        copy_b = torch.full((num_phy,), float(q[li]), dtype=torch.float64)
-        copy_b[log2phy[li, :, 0]] = torch.where(primary_int4[li], q[li], orig[li]).to(torch.float64)
+    for li in range(num_layers):  # per-copy precision (copy_byte_table)
+        copy_b = torch.zeros(num_phy, dtype=torch.float64)
+        copy_slots = log2phy[li, :, :table.shape[-1]]
+        copy_b[copy_slots[copy_slots >= 0]] = table[li][copy_slots >= 0]
         rq_dev += copy_b.view(num_gpus, -1).sum(-1)
     per_gpu["rq"] = float(rq_dev.max())
     return Simulation(slots, out, per_gpu, float(rq_dev.mean()), mem_slots < floor)

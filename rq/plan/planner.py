@@ -23,10 +23,12 @@ from pydantic import ValidationError
 
 from rq import __version__
 from rq.core.int4 import int4_nbytes
+from rq.core.int8 import int8_nbytes
 from rq.errors import RQError
 from rq.documents import first_error
 from rq.plan.schema import MAX_REPLICAS, PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
+from rq.plan.solver import parse_precisions, predicted_error, solve_layer
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class PlanOptions:
     max_quantized_fraction: float = 0.5
     max_replicas: int = 7  # per expert, so at most 8 copies
     lis_tolerance: float = 0.0  # keep the fewest replicas whose LIS is within (1 + tol) of the best
+    precisions: tuple[str, ...] = ("int4",)  # quantized formats allowed; with int8 the exact solver plans
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,25 @@ def layer_bytes(original_bytes: list[int], int4_bytes: list[int], int4_primary: 
     return primaries + sum(r * q for r, q in zip(replicas, int4_bytes))
 
 
+def copies_bytes(original_bytes: list[int], int4_bytes: int, int8_bytes: int, copy_precisions: list[list[int]]) -> int:
+    """Bytes of one layer's copies, each at its own precision (codes of docs/spec.md §8 per expert)."""
+    per_code = lambda e: (original_bytes[e], int4_bytes, int8_bytes)  # noqa: E731
+    return sum(per_code(e)[code] for e, codes in enumerate(copy_precisions) for code in codes)
+
+
 def expert_int4_bytes(stats: LayerStats, group_size: int) -> int:
     return int4_nbytes(stats.w_in_shape, group_size) + int4_nbytes(stats.w_out_shape, group_size)
+
+
+def expert_int8_bytes(stats: LayerStats, group_size: int) -> int:
+    return int8_nbytes(stats.w_in_shape, group_size) + int8_nbytes(stats.w_out_shape, group_size)
+
+
+def _sensitivities(s: LayerStats) -> dict[int, torch.Tensor]:
+    """Per precision code, the expert errors of docs/spec.md §6 (INT8 treated as INT4 where it was not measured,
+    which only the INT4-only planner reaches)."""
+    s8 = s.quant_sensitivity_int8 if s.quant_sensitivity_int8 is not None else s.quant_sensitivity
+    return {1: s.quant_sensitivity, 2: s8}
 
 
 def plan_from_decisions(template: Plan, stats: CalibrationStats, decisions: list[tuple[torch.Tensor, torch.Tensor]],
@@ -167,9 +187,10 @@ def plan_from_decisions(template: Plan, stats: CalibrationStats, decisions: list
         q_bytes = [expert_int4_bytes(s, group)] * s.num_experts
         planned = layer_bytes(s.original_bytes, q_bytes, quantized.tolist(), (logcnt - 1).tolist())
         experts = [e.model_copy(update={"precision": "int4" if bool(quantized[e.expert]) else "original",
-                                        "replicas": int(logcnt[e.expert]) - 1}) for e in layer.experts]
+                                        "replicas": int(logcnt[e.expert]) - 1, "int8_replicas": 0})
+                   for e in layer.experts]
         layers.append(layer.model_copy(update={"experts": experts, "planned_bytes": planned,
-                                               "lis_before": None, "lis_after": None}))
+                                               "lis_before": None, "lis_after": None, "predicted_error": None}))
     planned = sum(layer.planned_bytes for layer in layers)
     factor = max(template.budget.budget_factor, planned / template.budget.reference_bytes)
     budget = BudgetInfo(reference_bytes=template.budget.reference_bytes, planned_bytes=planned, budget_factor=factor)
@@ -190,6 +211,12 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
         raise RQError(f"--max-replicas must be in 0..{MAX_REPLICAS}, got {options.max_replicas}")
     if stats.calibration.tokens == 0 or all(float(s.load.sum()) == 0 for s in stats.layers):
         raise RQError("the calibration stats hold no routed tokens; calibrate on more data")
+    precisions = parse_precisions(options.precisions)
+    if "int8" in precisions and any(s.quant_sensitivity_int8 is None for s in stats.layers):
+        raise RQError("these stats have no INT8 sensitivity (calibrated before INT8 existed); rerun `rq calibrate` "
+                      "or plan with --precisions int4")
+    if precisions != ("int4",):
+        return _mixed_plan(stats, options, precisions)
     group = stats.group_size
     layers = []
     for s in stats.layers:
@@ -204,22 +231,56 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
         warnings = [] if s.quantizable else [
             f"weights {s.w_in_shape}/{s.w_out_shape} are not divisible by group size {group}: layer left unquantized "
             f"and unreplicated (try --group-size 64 at calibration)"]
+        experts = [ExpertPlan(expert=e, load_share=float(s.load[e]) / total if total else 0.0,
+                              importance=float(importance[e]),
+                              precision="int4" if bool(decision.quantized[e]) else "original",
+                              replicas=int(decision.logcnt[e]) - 1) for e in range(s.num_experts)]
+        error = predicted_error(s.load, _sensitivities(s), decision.logcnt, [e.copy_precisions for e in experts])
         layers.append(LayerPlan(
             layer=s.index, module=s.path, planned_bytes=decision.planned_bytes, warnings=warnings,
             lis_before=None if math.isnan(decision.lis_before) else decision.lis_before,
             lis_after=None if math.isnan(decision.lis_after) else decision.lis_after,
+            predicted_error=None if math.isnan(error) else error, experts=experts))
+    return _finish(stats, options, layers, precisions)
+
+
+def _mixed_plan(stats: CalibrationStats, options: PlanOptions, precisions: tuple[str, ...]) -> Plan:
+    """Every layer by the exact solver of :mod:`rq.plan.solver` (docs/spec.md §6, "Mixed precision")."""
+    group = stats.group_size
+    layers = []
+    names = {0: "original", 1: "int4", 2: "int8"}
+    for s in stats.layers:
+        importance = s.importance(options.importance)
+        d = solve_layer(s.load, s.quant_sensitivity, s.quant_sensitivity_int8, s.original_bytes,
+                        expert_int4_bytes(s, group), expert_int8_bytes(s, group), precisions=precisions,
+                        quantizable=s.quantizable, budget_factor=options.budget_factor,
+                        max_quantized=int(options.max_quantized_fraction * s.num_experts),
+                        max_replicas=options.max_replicas, lis_tolerance=options.lis_tolerance)
+        total = float(s.load.sum())
+        warnings = [] if s.quantizable else [
+            f"weights {s.w_in_shape}/{s.w_out_shape} cannot be quantized: layer left at original precision"]
+        layers.append(LayerPlan(
+            layer=s.index, module=s.path, planned_bytes=d.planned_bytes, warnings=warnings,
+            lis_before=None if math.isnan(d.lis_before) else d.lis_before,
+            lis_after=None if math.isnan(d.lis_after) else d.lis_after,
+            predicted_error=None if math.isnan(d.predicted_error) else d.predicted_error,
             experts=[ExpertPlan(expert=e, load_share=float(s.load[e]) / total if total else 0.0,
-                                importance=float(importance[e]),
-                                precision="int4" if bool(decision.quantized[e]) else "original",
-                                replicas=int(decision.logcnt[e]) - 1) for e in range(s.num_experts)]))
+                                importance=float(importance[e]), precision=names[int(d.primary[e])],
+                                replicas=int(d.logcnt[e]) - 1, int8_replicas=int(d.int8_replicas[e]))
+                     for e in range(s.num_experts)]))
+    return _finish(stats, options, layers, precisions)
+
+
+def _finish(stats: CalibrationStats, options: PlanOptions, layers: list[LayerPlan], precisions: tuple[str, ...]) -> Plan:
     reference = sum(sum(s.original_bytes) for s in stats.layers)
     try:
-        return _plan_document(stats, options, layers, reference)
+        return _plan_document(stats, options, layers, reference, precisions)
     except ValidationError as err:  # stats that passed their own checks but do not make a consistent plan
         raise RQError(f"these stats do not make a valid plan {first_error(err)}; rerun `rq calibrate`") from None
 
 
-def _plan_document(stats: CalibrationStats, options: PlanOptions, layers: list[LayerPlan], reference: int) -> Plan:
+def _plan_document(stats: CalibrationStats, options: PlanOptions, layers: list[LayerPlan], reference: int,
+                   precisions: tuple[str, ...]) -> Plan:
     group = stats.group_size
     return Plan(
         version=PLAN_VERSION, tool_version=__version__, created=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -228,5 +289,5 @@ def _plan_document(stats: CalibrationStats, options: PlanOptions, layers: list[L
         budget=BudgetInfo(reference_bytes=reference, planned_bytes=sum(p.planned_bytes for p in layers),
                           budget_factor=options.budget_factor),
         options={"max_quantized_fraction": options.max_quantized_fraction, "max_replicas": options.max_replicas,
-                 "lis_tolerance": options.lis_tolerance},
+                 "lis_tolerance": options.lis_tolerance, "precisions": ",".join(precisions)},
         layers=layers)

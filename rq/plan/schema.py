@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from rq.atomic import atomic_write_text
 from rq.documents import CalibrationInfo, ModelInfo, Strict, check_format, read_json, validate
@@ -47,8 +47,29 @@ class ExpertPlan(Strict):
     expert: int
     load_share: float
     importance: float
-    precision: Literal["original", "int4"]  # of the primary copy
-    replicas: int = Field(ge=0, le=MAX_REPLICAS)  # all replicas are INT4
+    precision: Literal["original", "int4", "int8"]  # of the primary copy
+    replicas: int = Field(ge=0, le=MAX_REPLICAS)
+    int8_replicas: int = Field(0, ge=0, le=MAX_REPLICAS)  # how many replicas are INT8; the others are INT4
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ExpertPlan":
+        if self.int8_replicas > self.replicas:
+            raise ValueError(f"expert {self.expert}: int8_replicas {self.int8_replicas} exceed replicas {self.replicas}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _plain_when_int4_only(self, handler):
+        """``int8_replicas`` is written only when non-zero: an INT4-only plan reads as before the INT8 class."""
+        data = handler(self)
+        if not self.int8_replicas:
+            data.pop("int8_replicas", None)
+        return data
+
+    @property
+    def copy_precisions(self) -> list[int]:
+        """docs/spec.md §6 physical order: the primary, its INT8 replicas, its INT4 replicas (codes of §8)."""
+        primary = {"original": 0, "int4": 1, "int8": 2}[self.precision]
+        return [primary] + [2] * self.int8_replicas + [1] * (self.replicas - self.int8_replicas)
 
 
 class LayerPlan(Strict):
@@ -59,6 +80,7 @@ class LayerPlan(Strict):
     lis_after: float | None
     planned_bytes: int
     warnings: list[str] = []
+    predicted_error: float | None = None  # docs/spec.md §6: mean squared output error per assignment from quantization
 
     @model_validator(mode="after")
     def _ordered(self) -> "LayerPlan":
@@ -72,12 +94,8 @@ class LayerPlan(Strict):
 
     @property
     def precision(self) -> list[int]:
-        """Per physical copy, logical-major: 0 original, 1 INT4 (docs/spec.md §8)."""
-        out = []
-        for e in self.experts:
-            out.append(0 if e.precision == "original" else 1)
-            out.extend([1] * e.replicas)
-        return out
+        """Per physical copy, logical-major: 0 original, 1 INT4, 2 INT8 (docs/spec.md §6, §8)."""
+        return [p for e in self.experts for p in e.copy_precisions]
 
 
 class Plan(Strict):

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from rq.core.int4 import int4_nbytes
+from rq.core.int8 import int8_nbytes
 from rq.errors import RQError
 from rq.models.adapters import Adapter, MoELayer
 from rq.models.fingerprint import model_fingerprint
-from rq.plan.planner import layer_bytes
+from rq.plan.planner import copies_bytes
 from rq.plan.schema import Plan
 
 REGENERATE = "regenerate it with `rq calibrate` and `rq plan` on this model"
@@ -47,11 +48,11 @@ def check_plan_matches(model: nn.Module, adapter: Adapter, plan: Plan) -> list[M
         orig = elem * (layer.w_in_shape[0] * layer.w_in_shape[1] + layer.w_out_shape[0] * layer.w_out_shape[1])
         q = int4_nbytes(layer.w_in_shape, group) + int4_nbytes(layer.w_out_shape, group)
         n = layer.num_experts
-        expected = layer_bytes([orig] * n, [q] * n, [e.precision == "int4" for e in layer_plan.experts],
-                               [e.replicas for e in layer_plan.experts])
+        q8 = int8_nbytes(layer.w_in_shape, group) + int8_nbytes(layer.w_out_shape, group)
+        expected = copies_bytes([orig] * n, q, q8, [e.copy_precisions for e in layer_plan.experts])
         if expected != layer_plan.planned_bytes:
             raise RQError(f"plan layer {layer_plan.layer}: planned_bytes {layer_plan.planned_bytes:,} but its copies take "
-                          f"{expected:,} B at this model's shapes with INT4 group size {group} (a replica count, "
+                          f"{expected:,} B at this model's shapes with group size {group} (a replica count, "
                           f"precision or group size was edited); {REGENERATE}")
         if layer_plan.planned_bytes > plan.budget.budget_factor * n * orig:
             raise RQError(f"plan layer {layer_plan.layer}: {layer_plan.planned_bytes:,} B exceed the budget "

@@ -4,15 +4,15 @@ The reference (:func:`rq.core.op.rq_moe_reference`) dequantizes every INT4 copy 
 most of its time. Here each layer's weights are turned once into the compute dtype and grouped by *weight
 version*: a version is one distinct ``(w_in, w_out)`` pair — each original-precision copy is one, and all the
 INT4 copies of a logical expert (its INT4 primary and its replicas, which hold the same §5 bytes) share one,
-dequantized exactly (``q * scale``). Assignments are mapped to copies by the replica rule (§4, exact) and then
+and so do its INT8 copies (§5a), each dequantized exactly (``q * scale``). Assignments are mapped to copies by the replica rule (§4, exact) and then
 to versions; since copies of one version compute the same function, their rows are multiplied together with
 ``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
 
-Memory: one float copy per INT4 version (one expert per logical expert with INT4 copies), kept on the layer's
+Memory: one float copy per quantized version (one expert per logical expert and quantized precision it has), kept on the layer's
 :class:`~rq.core.op.RQLayerWeights` (which ``RQExperts`` keeps while its buffers are unchanged). A layer whose
 original-precision weights exceed :data:`VIEW_BYTES` multiplies them straight from its own weights (transposed
 views: no copy when the compute dtype and device are theirs), at the price of a second grouped product per
-projection; smaller layers copy them next to the INT4 versions and make one call (the fixed cost of a call
+projection; smaller layers copy them next to the quantized versions and make one call (the fixed cost of a call
 is what matters there: 10-20 % of a small layer's decode step, measured on the demo model). The reference stays the definition the tests compare this backend
 with (within the §9 tolerances).
 """
@@ -34,7 +34,7 @@ VIEW_BYTES = 64 << 20  # per layer: above, original-precision weights are used i
 
 class Versions(NamedTuple):
     """The distinct weight versions of one layer in the compute dtype, and which version each copy uses.
-    Versions ``[0, P_orig)`` are the original-precision copies (their slots), the rest the INT4 versions; the
+    Versions ``[0, P_orig)`` are the original-precision copies (their slots), the rest the INT4 and INT8 versions; the
     weights come in one or two groups of consecutive versions (one tensor each)."""
 
     w_in_t: tuple[torch.Tensor, ...]  # groups of [U_g, H, I_in]: input @ weight
@@ -49,14 +49,17 @@ class Versions(NamedTuple):
 
 
 def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
-    """Whether INT4 copies ``a`` and ``b`` (physical ids) hold identical bytes and scales."""
+    """Whether quantized copies ``a`` and ``b`` (physical ids, one precision class) hold identical bytes and scales."""
     sa, sb = int(layer.tables.slot[a]), int(layer.tables.slot[b])
-    return all(torch.equal(t[sa], t[sb]) for t in (layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales))
+    names = ("w_in_q", "w_in_scales", "w_out_q", "w_out_scales")
+    if layer.precision[a] == 2:
+        names = tuple(name + "8" for name in names)
+    return all(torch.equal(getattr(layer, n)[sa], getattr(layer, n)[sb]) for n in names)
 
 
 def _groups(original: torch.Tensor, dequantized: list[torch.Tensor], in_place: bool) -> tuple[torch.Tensor, ...]:
     """Weights ``[U_g, cols, rows]`` per group: ``original [P_orig, rows, cols]`` transposed in place (a view)
-    and the INT4 versions stacked, or all of them stacked into one tensor. Empty groups are left out."""
+    and the quantized versions stacked, or all of them stacked into one tensor. Empty groups are left out."""
     original_t = original.transpose(1, 2)
     int4_t = [w.T for w in dequantized]
     if not in_place:
@@ -65,18 +68,18 @@ def _groups(original: torch.Tensor, dequantized: list[torch.Tensor], in_place: b
 
 
 def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
-    """Group the copies of ``layer`` by identical weights; each INT4 version is materialized once in ``dtype``,
+    """Group the copies of ``layer`` by identical weights; each quantized version is materialized once in ``dtype``,
     original-precision copies are used in place (views of the layer's weights) above :data:`VIEW_BYTES`."""
     phy2log, slot = layer.tables.phy2log.tolist(), layer.tables.slot.tolist()
     num_orig = layer.num_orig
     owner_of_int4_version: list[int] = []  # a representative physical copy per INT4 version
     version = []
-    int4_versions_of: dict[int, list[int]] = {}  # logical expert -> INT4 versions of its copies
+    int4_versions_of: dict[tuple[int, int], list[int]] = {}  # (logical expert, precision) -> its quantized versions
     for p, precision in enumerate(layer.precision):
         if precision == 0:
             version.append(slot[p])
             continue
-        candidates = int4_versions_of.setdefault(phy2log[p], [])
+        candidates = int4_versions_of.setdefault((phy2log[p], precision), [])
         match = next((v for v in candidates if _same_bytes(layer, owner_of_int4_version[v], p)), None)
         if match is None:
             match = len(owner_of_int4_version)

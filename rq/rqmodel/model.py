@@ -1,7 +1,7 @@
 """The R&Q reference model: apply a plan to a loaded Hugging Face model, in place.
 
 Each MoE layer's experts module is replaced by :class:`RQExperts`, which stores every physical copy
-(original-precision primaries, INT4 primaries, INT4 replicas) in the stacked layout of ``rq::RQMoE``
+(original-precision, INT4 and INT8 primaries and replicas) in the stacked layout of ``rq::RQMoE``
 (docs/spec.md §8) and runs the replica rule of §4. The router is untouched. With the ``reference`` backend
 this is the PyTorch reference that ONNX Runtime, the Triton kernels and the TensorRT plugin are checked
 against.
@@ -14,9 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rq.core import int4
 from rq.models.adapters import Adapter, MoELayer, replace_module
-from rq.core.op import WEIGHT_INPUTS, RQLayerWeights
+from rq.core.op import RQLayerWeights, stack_layer
 from rq.core.replica import copy_split, split_load
 from rq.rqmodel import backends
 from rq.plan.schema import LayerPlan, Plan
@@ -30,7 +29,8 @@ class RQExperts(nn.Module):
 
     Buffers are the op's weight inputs (docs/spec.md §8): ``w_in [P_orig, I_in, H]``, ``w_out [P_orig, H, I]``
     original-precision copies; ``w_in_q``/``w_in_scales``/``w_out_q``/``w_out_scales`` the INT4 copies (§5
-    bytes); ``offsets [N]`` replica offsets (advanced after each call in streaming mode). :attr:`layer` is
+    bytes); where the layer carries the INT8 class, ``w_in_q8``/``w_in_scales8``/``w_out_q8``/``w_out_scales8``
+    the INT8 copies (§5a); ``offsets [N]`` replica offsets (advanced after each call in streaming mode). :attr:`layer` is
     the :class:`~rq.core.op.RQLayerWeights` bundle every implementation takes; :attr:`backend` names the one
     that runs (:mod:`rq.rqmodel.backends`).
     Telemetry: ``last_counts [N]`` of the latest call, ``total_copy_loads [P]`` since the last reset, and,
@@ -42,9 +42,10 @@ class RQExperts(nn.Module):
         layer.sizes  # validates attributes and shapes once
         self.top_k, self.activation, self.group_size = layer.top_k, layer.activation, layer.group_size
         self.copies, self.copy_precision = tuple(layer.logcnt), tuple(layer.precision)
+        self.weight_names = layer.weight_names
         self.register_buffer("logcnt", torch.tensor(layer.logcnt, dtype=torch.int64))
         self.register_buffer("offsets", torch.zeros(layer.num_experts, dtype=torch.int64))
-        for name, value in zip(WEIGHT_INPUTS, layer.tensors()):
+        for name, value in zip(self.weight_names, layer.tensors()):
             self.register_buffer(name, value)
         self.mode: Mode = "batch"
         self.backend = "auto"  # see rq.rqmodel.backends
@@ -52,9 +53,9 @@ class RQExperts(nn.Module):
         self.reset_telemetry()
 
     def _apply(self, fn, recurse=True):
-        """``model.to(dtype)`` must not change the §5 bytes: INT4 scales stay float16, packed stays uint8."""
+        """``model.to(dtype)`` must not change the §5/§5a bytes: scales stay float16, packed uint8, INT8 int8."""
         super()._apply(fn, recurse)
-        for name in ("w_in_scales", "w_out_scales"):
+        for name in (n for n in self.weight_names if "scales" in n):
             setattr(self, name, getattr(self, name).to(torch.float16))
         return self
 
@@ -68,12 +69,12 @@ class RQExperts(nn.Module):
 
     @property
     def precision(self) -> torch.Tensor:
-        """``[P]`` 0 original / 1 INT4 per physical copy."""
+        """``[P]`` 0 original / 1 INT4 / 2 INT8 per physical copy."""
         return torch.tensor(self.copy_precision, dtype=torch.int64)
 
     def weight_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The six weight buffers in op order (docs/spec.md §8), as they are now."""
-        return tuple(getattr(self, name) for name in WEIGHT_INPUTS)
+        """The weight buffers in op order (docs/spec.md §8: six, or ten with the INT8 class), as they are now."""
+        return tuple(getattr(self, name) for name in self.weight_names)
 
     @property
     def layer(self) -> RQLayerWeights:
@@ -83,7 +84,7 @@ class RQExperts(nn.Module):
         cached = self.__dict__.get("_layer")
         if cached is None or any(a is not b for a, b in zip(cached.tensors(), tensors)):
             cached = RQLayerWeights(self.top_k, self.activation, self.group_size, self.copies, self.copy_precision,
-                                    *tensors)
+                                    **dict(zip(self.weight_names, tensors)))
             cached.sizes  # noqa: B018 -- validates once
             self.__dict__["_layer"] = cached
         return cached
@@ -120,35 +121,17 @@ class RQExperts(nn.Module):
             self.offsets += counts
 
 
-def build_rq_experts(adapter: Adapter, layer: MoELayer, layer_plan: LayerPlan, group_size: int) -> RQExperts:
-    """Quantize and copy the weights of ``layer`` into the physical layout ``layer_plan`` asks for."""
-    orig_in, orig_out, q_in, q_out = [], [], [], []
+def build_rq_experts(adapter: Adapter, layer: MoELayer, layer_plan: LayerPlan, group_size: int,
+                     int8_class: bool = False) -> RQExperts:
+    """Quantize and copy the weights of ``layer`` into the physical layout ``layer_plan`` asks for; ``int8_class``
+    gives the layer the INT8 inputs even without INT8 copies (every layer of a plan with INT8 copies has them)."""
+    copies = []
     for expert in layer_plan.experts:
-        w_in, w_out = (w.detach() for w in adapter.get_expert_weights(layer, expert.expert))
-        if expert.precision == "original":
-            orig_in.append(w_in.clone())
-            orig_out.append(w_out.clone())
-        if expert.precision == "int4" or expert.replicas:
-            quantized = int4.quantize(w_in, group_size), int4.quantize(w_out, group_size)
-            copies = expert.replicas + (expert.precision == "int4")
-            q_in.extend([quantized[0]] * copies)
-            q_out.extend([quantized[1]] * copies)
+        weights = tuple(w.detach() for w in adapter.get_expert_weights(layer, expert.expert))
+        copies.extend([weights] * (1 + expert.replicas))  # one object per expert: quantized once per precision
     dtype = next(layer.experts.parameters()).dtype if list(layer.experts.parameters()) else torch.float32
-    i_in, hidden = layer.w_in_shape
-    inter = layer.intermediate_size
-
-    def stack(items, empty_shape, dt):
-        return torch.stack(items) if items else torch.zeros((0, *empty_shape), dtype=dt)
-
-    return RQExperts(RQLayerWeights(
-        top_k=layer.top_k, activation=layer.activation, group_size=group_size, logcnt=tuple(layer_plan.logcnt),
-        precision=tuple(layer_plan.precision),
-        w_in=stack(orig_in, (i_in, hidden), dtype), w_out=stack(orig_out, (hidden, inter), dtype),
-        w_in_q=stack([q.packed for q in q_in], (i_in, int4.packed_width(hidden)), torch.uint8),
-        w_in_scales=stack([q.scales for q in q_in], (i_in, int4.num_blocks(hidden, group_size)), torch.float16),
-        w_out_q=stack([q.packed for q in q_out], (hidden, int4.packed_width(inter)), torch.uint8),
-        w_out_scales=stack([q.scales for q in q_out], (hidden, int4.num_blocks(inter, group_size)), torch.float16),
-    ))
+    return RQExperts(stack_layer(layer.top_k, layer.activation, group_size, tuple(layer_plan.logcnt),
+                                 tuple(layer_plan.precision), copies, int8_class=int8_class, dtype=dtype))
 
 
 def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan) -> list[RQExperts]:
@@ -158,10 +141,11 @@ def apply_plan(model: nn.Module, adapter: Adapter, plan: Plan) -> list[RQExperts
     replaced one at a time and each original experts module is released as soon as its copies exist, so the
     peak is the model plus one layer, not two models."""
     layers = check_plan_matches(model, adapter, plan)
+    int8_class = any(2 in layer_plan.precision for layer_plan in plan.layers)
     rq_layers = []
     for i, layer_plan in enumerate(plan.layers):
         layer, layers[i] = layers[i], None
-        rq_experts = build_rq_experts(adapter, layer, layer_plan, plan.quantization.group_size)
+        rq_experts = build_rq_experts(adapter, layer, layer_plan, plan.quantization.group_size, int8_class)
         replace_module(model, layer.path, adapter.wrap_experts(layer, rq_experts))
         rq_layers.append(rq_experts)
         del layer

@@ -63,7 +63,8 @@ def synthetic_stats(shape: str = "deepseek_v3", *, seed: int = 0, tokens: int = 
     ``sample_seed``). Probabilities are capped at ``1/K`` (an expert can appear at most once per token).
     ``gate_mass`` ≈ load / K, ``contribution`` ≈ gate mass × a per-expert output norm,
     ``quant_sensitivity`` = gate-mass-weighted log-normal per-expert error, so importance by sensitivity
-    differs from frequency (as the paper finds). ``num_layers`` keeps only the first layers (fast tests).
+    differs from frequency (as the paper finds); ``quant_sensitivity_int8`` that error / 256 (a 16x finer step)
+    with log-normal noise. ``num_layers`` keeps only the first layers (fast tests).
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown synthetic shape '{shape}'; choose one of {', '.join(SHAPES)}")
@@ -71,6 +72,7 @@ def synthetic_stats(shape: str = "deepseek_v3", *, seed: int = 0, tokens: int = 
     exponent = s.zipf if zipf is None else zipf
     structure = torch.Generator().manual_seed(seed)
     sampling = torch.Generator().manual_seed(seed if sample_seed is None else 10_000 + sample_seed)
+    int8_noise = torch.Generator().manual_seed(20_000 + seed)  # its own stream: the other metrics stay as they were
     n, k, h, i = s.num_experts, s.top_k, s.hidden_size, s.intermediate_size
     w_in, w_out = (2 * i, h), (h, i)
     per_expert_bytes = (w_in[0] * w_in[1] + w_out[0] * w_out[1]) * 2  # bf16
@@ -94,7 +96,9 @@ def synthetic_stats(shape: str = "deepseek_v3", *, seed: int = 0, tokens: int = 
             activation="silu_glu", w_in_shape=w_in, w_out_shape=w_out, original_bytes=[per_expert_bytes] * n,
             quantizable=can_quantize(w_in) and can_quantize(w_out),
             load=load, gate_mass=gate_mass, contribution=gate_mass * norms,
-            quant_sensitivity=gate_mass.square() / load.clamp(min=1) * q_err))
+            quant_sensitivity=gate_mass.square() / load.clamp(min=1) * q_err,
+            quant_sensitivity_int8=gate_mass.square() / load.clamp(min=1) * q_err / 256
+            * torch.empty(n, dtype=torch.float64).log_normal_(0.0, 0.2, generator=int8_noise)))
     model = ModelInfo(architecture=s.architecture, num_moe_layers=num_layers, num_experts=n, top_k=k,
                       hidden_size=h, intermediate_size=i, dtype="bfloat16",
                       fingerprint=f"synthetic:{shape}:seed{seed}")

@@ -7,19 +7,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from rq.core import int4, replica
 from rq.core.experts import ACTIVATIONS
-from rq.core.op import INPUTS, WEIGHT_INPUTS, RQLayerWeights
+from rq.core.op import INPUTS, INPUTS_INT8, WEIGHT_INPUTS, RQLayerWeights, rq_moe_reference
 from rq.export.function import DOMAIN, MAP_NAME, OP_NAME, node_attributes, rq_functions
 from rq.rqmodel.model import RQExperts
 
 
-def _session(nodes, inputs, outputs, initializers=(), activation="silu_glu") -> ort.InferenceSession:
+def _session(nodes, inputs, outputs, initializers=(), activation="silu_glu", int8=False) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "t", inputs, outputs, initializer=list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
-                              functions=rq_functions(activation))
+                              functions=rq_functions(activation, int8=int8))
     model.ir_version = 10
     onnx.checker.check_model(model, full_check=True)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -132,3 +134,66 @@ def test_functions_are_valid_onnx():
     assert len(casts_to_int4) == 2, "DequantizeLinear reads INT4 data"
     with pytest.raises(ValueError, match="opset >= 21"):
         rq_functions("silu_glu", opset=18)
+
+
+FUNCTION_SHA256 = {  # the body of files made before the INT8 class existed: a model without INT8 copies keeps it
+    "silu_glu": "ed72f875ab92b4c94741ea809aeb020eb80427c46fbc15edb4458d2f24e589a7",
+    "gelu_glu": "52650fbb7298a789b9bc98f403ffdf7545c1af13e08714775713e2db66597744",
+    "gelu_tanh_glu": "f925061e5a69cf78a56fcdddeccdc6c6ccc4820a2ca968bec8c0958ea2153d57",
+    "gelu": "507045c41ea06a8865c5bd38afbf1ad87fc7fc2e71b5c264d7479811f75b96c0",
+    "gelu_tanh": "ca95981d73ba50fa462ca03e3b2566bf87e6e53a2e59eeed7a1ac304cadc267b",
+    "relu": "50c6391893778f062c0457f0c20ce7ad5a449ca2e5bb1d089a5417b191e919eb",
+}
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_function_without_int8_class_is_unchanged(activation):
+    import hashlib
+
+    body = b"".join(f.SerializeToString() for f in rq_functions(activation))
+    assert hashlib.sha256(body).hexdigest() == FUNCTION_SHA256[activation]
+    assert list(rq_functions(activation, int8=True)[1].input) == list(INPUTS_INT8)
+
+
+def _mixed_session(layer, width, onnx_float):
+    from rq.export.function import node_attributes as attrs
+
+    names = INPUTS_INT8 if layer.has_int8_class else INPUTS
+    node = helper.make_node(OP_NAME, list(names), ["y", "expert_counts"], domain=DOMAIN, **attrs(layer))
+    inits = [numpy_helper.from_array(t.numpy().view(np.int8) if n in ("w_in_q", "w_out_q") else t.numpy(), n)
+             for n, t in zip(layer.weight_names, layer.tensors())]
+    n = layer.num_experts
+    return _session([node], [helper.make_tensor_value_info("hidden", onnx_float, ["T", width]),
+                             helper.make_tensor_value_info("topk_ids", TensorProto.INT64, ["T", 2]),
+                             helper.make_tensor_value_info("topk_weights", onnx_float, ["T", 2]),
+                             helper.make_tensor_value_info("offsets", TensorProto.INT64, [n])],
+                    [helper.make_tensor_value_info("y", onnx_float, ["T", width]),
+                     helper.make_tensor_value_info("expert_counts", TensorProto.INT64, [n])],
+                    inits, layer.activation, int8=layer.has_int8_class)
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_function_body_runs_plans_mixing_three_precisions(data):
+    """Fuzz: random copies at random precisions (original / INT4 / INT8; sometimes the INT8 class with no INT8
+    copy), widths with partial blocks, float32 and float16: the body against the reference (§9 tolerances)."""
+    from rq.testing.layers import random_layer, random_routing
+
+    logcnt = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=4), label="logcnt"))
+    precision = tuple(data.draw(st.lists(st.integers(0, 2), min_size=sum(logcnt), max_size=sum(logcnt))))
+    activation = data.draw(st.sampled_from(["silu_glu", "gelu_tanh", "relu"]), label="activation")
+    width = data.draw(st.sampled_from([64, 70]), label="width")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), label="dtype")
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    layer = random_layer(logcnt, precision, hidden=width, inter=width - 6, activation=activation, seed=seed,
+                         int8_class=data.draw(st.booleans(), label="int8_class"))
+    hidden, ids, weights = random_routing(data.draw(st.integers(0, 30)), 2, len(logcnt), seed=seed, hidden=width,
+                                          dtype=dtype)
+    offsets = torch.tensor(data.draw(st.lists(st.integers(0, 9), min_size=len(logcnt), max_size=len(logcnt))))
+    expected, counts = rq_moe_reference(hidden, ids, weights, layer, offsets)
+    sess = _mixed_session(layer, width, TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16)
+    y, c = sess.run(None, {"hidden": hidden.numpy(), "topk_ids": ids.numpy(), "topk_weights": weights.numpy(),
+                           "offsets": offsets.numpy()})
+    atol, rtol = (1e-5, 1e-3) if dtype == torch.float32 else (2e-2, 1e-2)
+    np.testing.assert_allclose(y.astype(np.float32), expected.float().numpy(), atol=atol, rtol=rtol)
+    np.testing.assert_array_equal(c, counts.numpy())

@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rq.core import int4
 from rq.core.op import RQLayerWeights, rq_moe_reference
@@ -160,3 +162,25 @@ def test_no_assignment_with_a_copy_gives_zeros_and_the_counts(monkeypatch, view_
     y, counts = rq_moe_fast(torch.randn(5, 64), ids, torch.ones(5, 2), layer)
     y_ref, counts_ref = rq_moe_reference(torch.randn(5, 64), ids, torch.ones(5, 2), layer)
     assert torch.equal(y, torch.zeros(5, 64)) and torch.equal(y_ref, y) and torch.equal(counts, counts_ref)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_fast_matches_reference_on_plans_mixing_three_precisions(data):
+    """Fuzz: random copies, each at a random precision (original / INT4 / INT8), random offsets and routing."""
+    from rq.testing.layers import random_layer, random_routing
+
+    logcnt = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=5), label="logcnt"))
+    precision = tuple(data.draw(st.lists(st.integers(0, 2), min_size=sum(logcnt), max_size=sum(logcnt)),
+                                label="precision"))
+    activation = data.draw(st.sampled_from(["silu_glu", "gelu", "relu"]), label="activation")
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    layer = random_layer(logcnt, precision, hidden=70, inter=40, activation=activation, seed=seed)
+    hidden, ids, weights = random_routing(data.draw(st.integers(0, 40)), 2, len(logcnt), seed=seed, hidden=70)
+    offsets = torch.tensor(data.draw(st.lists(st.integers(0, 9), min_size=len(logcnt), max_size=len(logcnt))))
+    y_ref, c_ref = rq_moe_reference(hidden, ids, weights, layer, offsets)
+    y, c = rq_moe_fast(hidden, ids, weights, layer, offsets)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-3)
+    assert torch.equal(c, c_ref)
+    kinds = {(int(e), p) for e, p in zip(layer.tables.phy2log, layer.precision) if p}
+    assert build_versions(layer, torch.float32, torch.device("cpu")).num_versions == layer.num_orig + len(kinds)
