@@ -300,8 +300,8 @@ def write_model_repository(build_dir: str | Path, repo_dir: str | Path, *, force
         home = tmp / build_rel
         for name in payload:
             _place(build_dir / name, home / name)
-        for src in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
-            _place(src, home / manifest["tokenizer"]["dir"] / src.relative_to(tokenizer_dir))
+        for name in manifest["tokenizer"].get("files", []):
+            _place(tokenizer_dir / name, home / manifest["tokenizer"]["dir"] / name)
         models = {}
         for g, graph in graphs.items():
             if g != home_graph:
