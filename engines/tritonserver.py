@@ -326,8 +326,8 @@ def _place_export(export: _Export, layout: _Layout, tmp: Path) -> None:
     for name in export.payload:
         _place(export.build_dir / name, home / name)
     tokenizer_rel = export.manifest["tokenizer"]["dir"]
-    for src in sorted(p for p in export.tokenizer_dir.rglob("*") if p.is_file()):
-        _place(src, home / tokenizer_rel / src.relative_to(export.tokenizer_dir))
+    for name in export.manifest["tokenizer"].get("files", []):  # the tokenizer's own files, not the whole folder
+        _place(export.tokenizer_dir / name, home / tokenizer_rel / name)
     for g, graph in export.graphs.items():
         if g != layout.home_graph:
             for name in graph_files(graph):

@@ -22,7 +22,7 @@ from rq.atomic import check_out_dir, failed_dir, staged_dir
 from rq.calibrate.data import load_tokenizer
 from rq.errors import RQError
 from rq.memory import release_freed_memory
-from rq.export import function, graphs, onnx_file, ort_fused, reference
+from rq.export import function, genai, graphs, onnx_file, ort_fused, reference
 from rq.export.attention import use_rq_attention
 from rq.export.parity import ParityReport, check_export, tolerances
 from rq.export.patches import export_patches
@@ -102,7 +102,7 @@ def _manifest(model, adapter, specs: list[graphs.GraphSpec], kv: list[graphs.KVS
             "present_names": graphs.past_names(len(kv), "present"),
             "cross_attention": "recomputed from encoder_hidden_states each step" if adapter.encoder_decoder else None,
         },
-        "tokenizer": {"dir": "tokenizer", "class": type(tokenizer).__name__},
+        "tokenizer": {"dir": ".", "class": type(tokenizer).__name__},
         "generation": _generation_ids(model, tokenizer),
         "tolerances": tolerances(dtype),
     }
@@ -135,9 +135,10 @@ def _write_graphs(model, specs, wrappers, manifest: dict, tmp: Path, opset: int,
 
 
 def _write_rest(tokenizer, manifest: dict, tmp: Path, plan_path: Path | None) -> None:
-    """The tokenizer and the plan; the manifest records the tokenizer's files."""
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    manifest["tokenizer"]["files"] = sorted(p.name for p in (tmp / "tokenizer").iterdir())
+    """The tokenizer (at the top of the folder, where onnxruntime-genai's tokenizer looks) and the plan; the
+    manifest records the tokenizer's files."""
+    written = tokenizer.save_pretrained(tmp)
+    manifest["tokenizer"]["files"] = sorted(Path(p).name for p in written if Path(p).is_file())
     if plan_path is not None:
         shutil.copyfile(plan_path, tmp / "plan.json")
 
@@ -250,6 +251,7 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
                                                 show_progress)
             release_freed_memory()  # the model: the rest only reads the files
             _fused_routes(tmp, manifest, shapes)
+            manifest["genai"] = genai.write_genai(tmp, manifest, model_dir)
             manifest["notes"] = _route_notes(manifest)
             _write_manifest(manifest, tmp)
             parity = check_export(tmp, label=out_dir) if check else None
@@ -299,6 +301,7 @@ def _write_baseline(model_dir: Path, tmp: Path, dtype: str, opset: int, trust_re
         meta = {"rq.tool_version": __version__, "rq.architecture": manifest["architecture"], "rq.baseline": "1"}
         _write_graphs(model, specs, [], manifest, tmp, opset, meta, advance)
         _write_rest(tokenizer, manifest, tmp, None)
+        manifest["genai"] = genai.write_genai(tmp, manifest, model_dir)
         _write_manifest(manifest, tmp)
         advance(1)
     return manifest

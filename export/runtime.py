@@ -3,12 +3,15 @@
 Dependency-light on purpose (numpy, onnxruntime, and tokenizers only for text), so a Triton Python backend
 can import it, or copy this one file next to ``model.py``. Everything it needs is in ``build/manifest.json``.
 By default it runs the export's fused route (``model.ort.onnx``: ONNX Runtime's own MoE kernels);
-``flavour="portable"`` runs ``model.onnx`` (the ``rq::RQMoE`` function body).
+``flavour="portable"`` runs ``model.onnx`` (the ``rq::RQMoE`` function body) and ``flavour="genai"`` runs
+``model.genai.onnx``, the graph onnxruntime-genai runs, feeding it what onnxruntime-genai feeds (no offsets, no
+positions: the graph derives them, so this reproduces onnxruntime-genai's calls exactly).
 
 Replica offsets follow docs/spec.md §4: in streaming mode (default) each MoE layer's ``rq_offsets.{l}`` input starts
 at zero and advances by that layer's ``expert_counts.{l}`` output after every call (prefill and each decode
 step), so replicas rotate across steps; ``streaming=False`` keeps them at zero (batch mode).
 Offsets persist across :meth:`OrtGenerator.generate` calls, like a long-running server; :meth:`reset` zeroes.
+The ``genai`` flavour uses the graph's own rule instead: every offset is the call's ``past_seq``.
 """
 
 from __future__ import annotations
@@ -48,9 +51,18 @@ def load_manifest(build_dir: str | Path) -> dict:
     return manifest
 
 
-def graph_file(graph: dict, flavour: str = "onnxruntime") -> str:
+FLAVOURS = ("onnxruntime", "portable", "genai")
+
+
+def graph_file(graph: dict, flavour: str = "onnxruntime", genai: dict | None = None) -> str:
     """The file of one exported graph that ONNX Runtime runs: its fused route (``model.ort.onnx``) when the
-    export has one and ``flavour`` is ``"onnxruntime"``, else the portable ``model.onnx``."""
+    export has one and ``flavour`` is ``"onnxruntime"``, onnxruntime-genai's graph (``genai``: the manifest's
+    ``genai`` entry) for ``"genai"``, else the portable ``model.onnx``."""
+    if flavour == "genai":
+        if not genai:
+            raise RQError("this export has no onnxruntime-genai graph (encoder-decoder models have none, and exports "
+                          "made by an older rq-export neither); re-run rq-export, or use flavour='onnxruntime'")
+        return genai["file"]
     return graph.get("ort_file", graph["file"]) if flavour == "onnxruntime" else graph["file"]
 
 
@@ -58,6 +70,16 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Positions of left-padded rows, as Hugging Face ``generate`` makes them: ``cumsum(mask) - 1``, pads 1."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
     return np.where(attention_mask == 0, 1, positions).astype(np.int64)
+
+
+def last_logits(logits: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """``[B, V]`` logits of each row's last real token: the last column, or with ``attention_mask`` (a
+    right-padded prompt, as onnxruntime-genai's tokenizer pads batches) the last column whose mask is 1."""
+    if attention_mask is None:
+        return logits[:, -1, :]
+    mask = np.asarray(attention_mask)
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] != 0, axis=1)
+    return logits[np.arange(logits.shape[0]), last, :]
 
 
 @dataclass
@@ -84,7 +106,7 @@ class OrtGenerator:
     ``prefill(input_ids [B, S], attention_mask [B, S] | None)`` then ``step(tokens [B])`` repeatedly; or
     ``generate(...)`` for both; ``generate_text(prompts)`` with the exported tokenizer. Every call returns
     a :class:`StepOutput` with that call's per-layer ``expert_counts`` (load telemetry).
-    Left padding is supported (positions as Hugging Face ``generate`` computes them).
+    Left and right padding are supported (positions as Hugging Face ``generate`` computes them, from the mask).
     """
 
     def __init__(self, build_dir: str | Path, *, streaming: bool = True, providers: list | None = None,
@@ -93,15 +115,16 @@ class OrtGenerator:
         self.build_dir = Path(build_dir)
         self.manifest = load_manifest(self.build_dir)
         self.streaming = streaming
-        if flavour not in ("onnxruntime", "portable"):
-            raise ValueError(f"flavour must be 'onnxruntime' (the fused route) or 'portable', got {flavour!r}")
+        if flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be 'onnxruntime' (the fused route), 'portable' or 'genai', got {flavour!r}")
         self.flavour = flavour
         self.encoder_decoder = bool(self.manifest["encoder_decoder"])
         options = session_options or ort.SessionOptions()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
         providers = providers or ["CPUExecutionProvider"]
-        self.files = {name: graph_file(graph, flavour) for name, graph in self.manifest["graphs"].items()}
+        self.files = {name: graph_file(graph, flavour, self.manifest.get("genai"))
+                      for name, graph in self.manifest["graphs"].items()}
         self.sessions = {name: ort.InferenceSession(str(self.build_dir / file), sess_options=options,
                                                     providers=providers) for name, file in self.files.items()}
         self.dtype = _NP_DTYPES[self.manifest["dtype"]]
@@ -120,13 +143,18 @@ class OrtGenerator:
     def _run(self, graph: str, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray],
                                                                      dict[int, np.ndarray]]:
         spec = self.manifest["graphs"][graph]
-        used = {l: self.offsets[l].copy() for l in spec["moe_layers"]}
-        for l in spec["moe_layers"]:
-            feed[f"rq_offsets.{l}"] = used[l]
+        if self.flavour == "genai":  # the graph's rule (docs/spec.md §4): every offset is past_seq
+            feed.pop("position_ids")
+            past = feed["attention_mask"].shape[1] - feed["input_ids"].shape[1]
+            used = {l: np.full_like(self.offsets[l], past) for l in spec["moe_layers"]}
+        else:
+            used = {l: self.offsets[l].copy() for l in spec["moe_layers"]}
+            for l in spec["moe_layers"]:
+                feed[f"rq_offsets.{l}"] = used[l]
         names = [o["name"] for o in spec["outputs"]]
         outputs = dict(zip(names, self.sessions[graph].run(names, feed)))
         counts = {l: outputs[f"expert_counts.{l}"] for l in spec["moe_layers"]}
-        if self.streaming:  # docs/spec.md §4: o_e += load_e after each call
+        if self.streaming and self.flavour != "genai":  # docs/spec.md §4: o_e += load_e after each call
             for l, c in counts.items():
                 self.offsets[l] = self.offsets[l] + c
         return outputs, counts, used
@@ -178,7 +206,7 @@ class OrtGenerator:
             raise RuntimeError("call prefill() before step()")
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         if not self.encoder_decoder:
-            self._positions = self._positions[:, -1:] + 1
+            self._positions = self._mask.sum(axis=1, keepdims=True)  # the real tokens so far: any padding side
             self._mask = np.concatenate([self._mask, np.ones((tokens.shape[0], 1), np.int64)], axis=1)
         logits, counts, used = self._decoder_call(tokens)
         return StepOutput(logits, counts, used)
@@ -196,7 +224,8 @@ class OrtGenerator:
         done = np.zeros(out.logits.shape[0], dtype=bool)
         n = max_new_tokens if forced_tokens is None else forced_tokens.shape[1]
         for i in range(n):
-            nxt = out.logits[:, -1, :].argmax(-1).astype(np.int64)
+            nxt = last_logits(out.logits, attention_mask if i == 0 and not self.encoder_decoder else None)
+            nxt = nxt.argmax(-1).astype(np.int64)
             if forced_tokens is not None:
                 nxt = np.asarray(forced_tokens[:, i], dtype=np.int64)
             nxt = np.where(done, pad, nxt)
@@ -213,7 +242,7 @@ class OrtGenerator:
     # --- text -----------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
-        """The exported ``tokenizers.Tokenizer`` (from ``build/tokenizer/tokenizer.json``)."""
+        """The exported ``tokenizers.Tokenizer`` (from ``build/tokenizer.json``)."""
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 

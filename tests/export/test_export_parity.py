@@ -38,7 +38,7 @@ def test_export_parity(arch, exported):
     assert manifest["architecture"] == arch and manifest["num_moe_layers"] == len(manifest["moe_layers"])
     for graph in manifest["graphs"].values():
         assert (result.out_dir / graph["file"]).is_file() and (result.out_dir / graph["data"]).is_file()
-    assert (result.out_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert (result.out_dir / "tokenizer.json").is_file()
     assert (result.out_dir / "plan.json").read_bytes() == (result.out_dir / "plan.json").read_bytes()
     assert not list(result.out_dir.parent.glob(f".{result.out_dir.name}.tmp-*")), "temporary folder left behind"
 
