@@ -58,8 +58,9 @@ class StreamedModel:
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, checkpoint: Checkpoint, device: torch.device,
-                 show_progress: bool = True):
+                 show_progress: bool = True, build: Callable[[], nn.Module] | None = None):
         self.model, self.adapter, self.checkpoint, self.device = model, adapter, checkpoint, device
+        self._build = build
         self.show_progress = show_progress
         self.blocks = _decoder_blocks(model)
         self.block_paths = [path for path, _ in self.blocks]
@@ -67,6 +68,8 @@ class StreamedModel:
         self._block_keys = [self._tensor_names(path) for path in self.block_paths]
         self.block_bytes = [sum(self.source_bytes(name) for name in names) for names in self._block_keys]
         self._advance: Callable[[int], None] | None = None
+        self.keep = False  # keep layers once loaded (a model that fits): see keep_layers
+        self._loaded: set[int] = set()
         self._load_resident()
         self.scheduler = LayerScheduler(self, [module for _, module in self.blocks], range(len(self.blocks)))
 
@@ -97,13 +100,8 @@ class StreamedModel:
         module_path, _, attr = name.rpartition(".")
         return getattr(self.model.get_submodule(module_path) if module_path else self.model, attr)
 
-    def _set(self, name: str, value: torch.Tensor) -> None:
-        module_path, _, attr = name.rpartition(".")
-        module = self.model.get_submodule(module_path) if module_path else self.model
-        if attr in module._buffers:
-            module._buffers[attr] = value
-        else:
-            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    def _set(self, name: str, value: torch.Tensor, model: nn.Module | None = None) -> None:
+        set_tensor(self.model if model is None else model, name, value)
 
     def _load_resident(self) -> None:
         for name in self._sources:
@@ -120,8 +118,38 @@ class StreamedModel:
                     if buffer is not None and buffer.device != self.device:
                         module._buffers[attr] = buffer.to(self.device)
 
+    def twin(self) -> nn.Module:
+        """A second skeleton of the same model that *shares* this one's resident tensors (no copy): the R&Q model
+        of ``rq eval``, whose decoder layers are filled from this one's, layer by layer."""
+        if self._build is None:
+            raise RuntimeError("this StreamedModel was not built by open_streamed")
+        twin = self._build()
+        tensors = list(self.model.named_parameters(remove_duplicate=False)) + \
+            list(self.model.named_buffers(remove_duplicate=False))
+        for name, tensor in tensors:
+            if not self._in_block(name):
+                set_tensor(twin, name, tensor)
+        return twin
+
+    def share_block(self, group: int, twin: nn.Module, skip: Sequence[str] = ()) -> None:
+        """Decoder layer ``group`` of ``twin`` made of this model's loaded tensors (the same objects), but for
+        the modules at the paths ``skip`` (the twin has other modules there)."""
+        for name in self._twin_names(group, skip):
+            set_tensor(twin, name, self._meta_like(name))
+
+    def unshare_block(self, group: int, twin: nn.Module, skip: Sequence[str] = ()) -> None:
+        for name in self._twin_names(group, skip):
+            like = self._meta_like(name)
+            set_tensor(twin, name, torch.empty(like.shape, dtype=like.dtype, device="meta"))
+
+    def _twin_names(self, group: int, skip: Sequence[str]) -> list[str]:
+        return [n for n in self._block_keys[group] if not any(n.startswith(p + ".") for p in skip)]
+
     def load(self, group: int) -> None:
         """Read decoder layer ``group``'s weights (the scheduler's hook)."""
+        if group in self._loaded:
+            return
+        self._loaded.add(group)
         for name in self._block_keys[group]:
             self._set(name, self.read(name))
         path, module = self.blocks[group]
@@ -133,10 +161,35 @@ class StreamedModel:
             self._advance(self.block_bytes[group])
 
     def release(self, group: int) -> None:
-        """Put decoder layer ``group``'s weights back on the meta device (memory is freed)."""
+        """Put decoder layer ``group``'s weights back on the meta device (memory is freed), unless :attr:`keep`."""
+        if self.keep or group not in self._loaded:
+            return
+        self._loaded.discard(group)
         for name in self._block_keys[group]:
             like = self._meta_like(name)
             self._set(name, torch.empty(like.shape, dtype=like.dtype, device="meta"))
+
+    def model_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the whole model in ``dtype`` (the skeleton's by default), resident part included."""
+        total = 0
+        for name in self._sources:
+            like = self._meta_like(name)
+            total += like.numel() * (dtype or like.dtype).itemsize
+        return total
+
+    def keep_layers(self, mode: str, copies: int = 1) -> bool:
+        """Decide :attr:`keep`: ``always`` streams (release every layer after use), ``never`` keeps every layer
+        once read, ``auto`` keeps them when ``copies`` times the model takes under half the memory available
+        now, so a model that fits runs as fast as a loaded one (a layer is read once, not once per decode
+        step)."""
+        if mode not in ("auto", "always", "never"):
+            raise RQError(f"--stream must be auto, always or never, got '{mode}'")
+        if mode == "auto":
+            available = available_memory()
+            self.keep = available is not None and copies * self.model_bytes() < available // 2
+        else:
+            self.keep = mode == "never"
+        return self.keep
 
     # --- running -----------------------------------------------------------------------------------
     def run(self, jobs: Sequence[Callable[[], Any]], *, label: str, passes: int | None = 1,
@@ -186,13 +239,33 @@ def open_streamed(model_dir: str | Path, *, dtype: torch.dtype | str = "auto", t
     checkpoint = Checkpoint(model_dir)
     dtype = resolve_dtype(dtype, config, checkpoint)
     auto = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
-    with adapter.load_context(), _parameters_on_meta():
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval()
-    model.requires_grad_(False)
+
+    def build() -> nn.Module:
+        with adapter.load_context(), _parameters_on_meta():
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.eval()
+        model.requires_grad_(False)
+        if (model_dir / "generation_config.json").is_file():  # what from_pretrained reads too
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+        return model
+
+    model = build()
     if not adapter.moe_layers(model):
         raise RQError(f"{model_dir} ({config.model_type}) has no MoE layers to balance")
-    return StreamedModel(model, adapter, checkpoint, torch.device(device), show_progress)
+    return StreamedModel(model, adapter, checkpoint, torch.device(device), show_progress, build)
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def resolve_dtype(dtype: torch.dtype | str, config, checkpoint: Checkpoint) -> torch.dtype:
@@ -215,6 +288,17 @@ def resolve_dtype(dtype: torch.dtype | str, config, checkpoint: Checkpoint) -> t
 
 # ---------------------------------------------------------------------------------------------------
 # the model's structure and the checkpoint's names
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` at parameter or buffer ``name`` of ``model`` (a Parameter object is kept as is)."""
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        module._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value,
+                                                                                              requires_grad=False)
+
 
 def _decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The repeated decoder layers (transformers' ``_no_split_modules`` classes), outermost only, in order."""

@@ -128,3 +128,41 @@ def test_plain_call_and_failing_pass(tiny_checkpoints):
         streamed.run([good, bad, good], label="t")
     assert not isinstance(raised.value, RQError)
     assert all(p.is_meta for _, block in streamed.blocks for p in block.parameters())
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "deepseek_v3", "switch_transformers"))
+@pytest.mark.parametrize("keep", (False, True))
+def test_streamed_eval_equals_whole_models(tiny, arch, keep):
+    """``rq eval``'s numbers (batch LIS, streaming decode LIS, accuracy) are the same, to the last bit, when the
+    original and the R&Q model stream in lockstep, layers released after use or kept once read."""
+    from rq.eval.evaluate import evaluate
+    from rq.eval.streamed import StreamedPair
+    from rq.plan.schema import load_plan
+    from rq.rqmodel.model import apply_plan
+
+    model_dir, plan_path = tiny(arch)
+    plan = load_plan(plan_path)
+    sequences = torch.randint(2, VOCAB, (6, 20), generator=torch.Generator().manual_seed(1))
+    options = dict(batch_sizes=[1, 4], run_batch=4, stream_batch=3, stream_steps=3, prompt_len=4, show_progress=False)
+    original, adapter = load_model(model_dir)
+    rq_model, _ = load_model(model_dir)
+    apply_plan(rq_model, adapter, plan)
+    whole = evaluate(original, rq_model, adapter, sequences, **options)
+    streamed = open_streamed(model_dir, show_progress=False)
+    streamed.keep = keep
+    pair = StreamedPair(streamed, plan)
+    parts = evaluate(pair, None, streamed.adapter, sequences, **options)
+    assert json.dumps(parts.to_json(), sort_keys=True) == json.dumps(whole.to_json(), sort_keys=True)
+    released = [p.is_meta for _, block in streamed.blocks for p in block.parameters()]
+    assert all(released) if not keep else not any(released)
+    pair.close()
+
+
+def test_streamed_eval_refuses_another_models_plan(tiny):
+    from rq.eval.streamed import StreamedPair
+    from rq.plan.schema import load_plan
+
+    _, plan_path = tiny("qwen3_moe")
+    model_dir, _ = tiny("mixtral")
+    with pytest.raises(RQError, match="fingerprint|do not match"):
+        StreamedPair(open_streamed(model_dir, show_progress=False), load_plan(plan_path))
