@@ -166,3 +166,35 @@ def test_streamed_eval_refuses_another_models_plan(tiny):
     model_dir, _ = tiny("mixtral")
     with pytest.raises(RQError, match="fingerprint|do not match"):
         StreamedPair(open_streamed(model_dir, show_progress=False), load_plan(plan_path))
+
+
+def test_bfloat16_and_auto_dtype(tiny_checkpoints, tmp_path):
+    """``dtype="auto"`` is the checkpoint's own dtype; a bfloat16 checkpoint calibrates on the CPU in bfloat16,
+    streamed exactly as loaded whole."""
+    model, adapter = load_model(tiny_checkpoints("qwen3_moe"), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / name).write_bytes((Path(tiny_checkpoints("qwen3_moe")) / name).read_bytes())
+    whole, _ = load_model(tmp_path / "bf16", dtype="auto")
+    streamed = open_streamed(tmp_path / "bf16", show_progress=False)
+    assert whole.dtype == streamed.model.dtype == torch.bfloat16
+    assert open_streamed(tiny_checkpoints("qwen3_moe"), show_progress=False).model.dtype == torch.float32
+    data = _tokens()
+    stats = calibrate(streamed, adapter, data, batch_size=4, group_size=64, show_progress=False)
+    _same_stats(calibrate(whole, adapter, data, batch_size=4, group_size=64, show_progress=False), stats)
+    assert stats.model.dtype == "bfloat16" and stats.layers[0].load.sum() > 0
+
+
+@pytest.mark.gpu
+def test_streamed_calibration_on_cuda(tiny_checkpoints):
+    """One decoder layer at a time on the GPU: the same loads as on the CPU (routing ties aside: random tokens
+    on a tiny model have none at float32), everything but the layer in use off the GPU."""
+    model_dir = tiny_checkpoints("mixtral")
+    data = _tokens()
+    cpu = calibrate(open_streamed(model_dir, show_progress=False), adapter_for("mixtral"), data, batch_size=4,
+                    group_size=64, show_progress=False)
+    streamed = open_streamed(model_dir, device="cuda", show_progress=False)
+    gpu = calibrate(streamed, streamed.adapter, data, batch_size=4, group_size=64, show_progress=False)
+    assert all(torch.equal(a.load, b.load) for a, b in zip(cpu.layers, gpu.layers))
+    assert all(p.is_meta for _, block in streamed.blocks for p in block.parameters())
+    assert streamed.model.get_input_embeddings().weight.is_cuda
