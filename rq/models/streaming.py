@@ -54,7 +54,9 @@ class _Source:
 class StreamedModel:
     """A model whose decoder layers live on disk until a pass needs them (see the module doc).
 
-    ``blocks`` are the decoder layers in the order a forward pass runs them (an encoder's, then a decoder's).
+    ``blocks`` are the decoder layers in the order a forward pass runs them (an encoder's, then a decoder's),
+    and last the output head where it has weights of its own (it is as large as a layer of a real MoE model,
+    and only the end of a pass needs it).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, checkpoint: Checkpoint, device: torch.device,
@@ -62,9 +64,9 @@ class StreamedModel:
         self.model, self.adapter, self.checkpoint, self.device = model, adapter, checkpoint, device
         self._build = build
         self.show_progress = show_progress
-        self.blocks = _decoder_blocks(model)
-        self.block_paths = [path for path, _ in self.blocks]
         self._sources = _map_sources(model, checkpoint)
+        self.blocks = _decoder_blocks(model) + _untied_head(model, self._sources)
+        self.block_paths = [path for path, _ in self.blocks]
         self._block_keys = [self._tensor_names(path) for path in self.block_paths]
         self.block_bytes = [sum(self.source_bytes(name) for name in names) for names in self._block_keys]
         self._advance: Callable[[int], None] | None = None
@@ -311,6 +313,21 @@ def _decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         raise RQError(f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules); "
                       f"this architecture cannot be streamed")
     return blocks
+
+
+def _untied_head(model: nn.Module, sources: dict[str, _Source]) -> list[tuple[str, nn.Module]]:
+    """``[(path, head)]`` when the output head has its own weight in the checkpoint (not tied to the input
+    embeddings), else ``[]``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return []
+    path = next((p for p, m in model.named_modules() if m is head), None)
+    if path is None or f"{path}.weight" not in sources:
+        return []
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and embeddings.weight is head.weight:
+        return []
+    return [(path, head)]
 
 
 def _map_sources(model: nn.Module, checkpoint: Checkpoint) -> dict[str, _Source]:

@@ -126,8 +126,8 @@ def build_rq_experts(adapter: Adapter, layer: MoELayer, layer_plan: LayerPlan, g
     for expert in layer_plan.experts:
         w_in, w_out = (w.detach() for w in adapter.get_expert_weights(layer, expert.expert))
         if expert.precision == "original":
-            orig_in.append(w_in.clone())
-            orig_out.append(w_out.clone())
+            orig_in.append(w_in)  # torch.stack below copies: no clone, the layer is held once more, not twice
+            orig_out.append(w_out)
         if expert.precision == "int4" or expert.replicas:
             quantized = int4.quantize(w_in, group_size), int4.quantize(w_out, group_size)
             copies = expert.replicas + (expert.precision == "int4")
