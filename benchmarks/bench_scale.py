@@ -9,7 +9,9 @@ checkpoint pages are reclaimable) and ``VmRSS`` of the process every 0.1 s.
 
     python -m benchmarks.bench_scale --work /big/disk/scale [--layers 2,4,8] [--stages calibrate,plan,eval]
 
-Results: ``benchmarks/results/scale.json``, a table for RESULTS.md and ``benchmarks/plots/scale_memory.png``.
+``--kept`` also runs calibration with every layer kept once read (``--stream never``: what holding the whole
+model costs) as the baseline. Results: ``benchmarks/plots/scale.json``, a markdown table on stdout (for
+RESULTS.md) and ``benchmarks/plots/scale_memory.png``; ``--from-json`` redraws both from a stored run.
 Not a test: it writes about 10.4 GiB and runs for many minutes on two cores.
 """
 
@@ -163,6 +165,52 @@ def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int]
     }
 
 
+GIB = 1 << 30
+
+
+def markdown(results: dict) -> str:
+    """The RESULTS.md table: one row per checkpoint and stage."""
+    rows = ["| layers | checkpoint | largest layer | stage | peak RssAnon | x layer | peak resident | wall |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for run in results["runs"]:
+        for stage, m in run["stages"].items():
+            ok = "" if m["rc"] == 0 else f" (exit {m['rc']})"
+            rows.append(f"| {run['layers']} | {run['checkpoint_bytes'] / GIB:.2f} GiB | "
+                        f"{run['layer_bytes'] / GIB:.2f} GiB | {stage}{ok} | {m['peak_anon'] / GIB:.2f} GiB | "
+                        f"{m['peak_anon'] / run['layer_bytes']:.2f} | {m['peak_rss'] / GIB:.2f} GiB | "
+                        f"{m['wall_s']:.0f} s |")
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Peak anonymous memory against the number of layers, per stage, with the checkpoint size for scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    layers = [r["layers"] for r in runs]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(layers, [r["checkpoint_bytes"] / GIB for r in runs], "k--", label="checkpoint size")
+    stages = [s for s in ("calibrate_kept", "calibrate", "plan", "eval") if any(s in r["stages"] for r in runs)]
+    for stage in stages:
+        xs = [r["layers"] for r in runs if stage in r["stages"]]
+        ys = [r["stages"][stage]["peak_anon"] / GIB for r in runs if stage in r["stages"]]
+        label = "calibrate, layers kept (whole model)" if stage == "calibrate_kept" else f"{stage}, streamed"
+        ax.plot(xs, ys, "o-", label=label)
+    ax.set_xlabel("decoder layers (Qwen3-30B-A3B shape, bfloat16)")
+    ax.set_ylabel("peak RssAnon (GiB)")
+    ax.set_xticks(layers)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Peak memory per stage ({results['machine']})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the checkpoints (about 10.4 GiB)")
@@ -170,8 +218,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", default="calibrate,plan,eval")
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
+    parser.add_argument("--kept", action="store_true", help="also calibrate with every layer kept (baseline)")
+    parser.add_argument("--out", type=Path, default=HERE / "plots" / "scale.json")
+    parser.add_argument("--from-json", action="store_true", help="redraw the table and plot from --out")
     args = parser.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.out.read_text())
+        plot(results, args.out.with_name("scale_memory.png"))
+        print(markdown(results))
+        return results
     layers = [int(n) for n in args.layers.split(",")]
     folders = write_checkpoint(args.work, layers)
     data = args.work / "data.txt"
@@ -182,14 +237,22 @@ def main(argv: list[str] | None = None) -> dict:
         folder = folders[n]
         run = {"layers": n, "checkpoint_bytes": checkpoint_bytes(folder),
                "layer_bytes": (folder / "layer-000.safetensors").stat().st_size, "stages": {}}
-        for stage, command in stage_commands(folder, args.work, data, (args.sequences, args.seq_len)).items():
-            if stage not in args.stages.split(","):
+        commands = stage_commands(folder, args.work, data, (args.sequences, args.seq_len))
+        if args.kept:
+            kept = list(commands["calibrate"])
+            kept[kept.index("always")] = "never"
+            kept[kept.index("--out") + 1] += "-kept"
+            commands = {"calibrate_kept": kept, **commands}
+        for stage, command in commands.items():
+            if stage not in args.stages.split(",") + (["calibrate_kept"] if args.kept else []):
                 continue
             run["stages"][stage] = measure(command, args.work / f"{folder.name}-{stage}.log")
             print(n, stage, run["stages"][stage], flush=True)
         results["runs"].append(run)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out.with_name("scale_memory.png"))
+    print(markdown(results))
     return results
 
 
