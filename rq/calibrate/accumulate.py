@@ -16,6 +16,7 @@ from rq.calibrate.data import TokenData, batches
 from rq.core.experts import expert_forward
 from rq.models.fingerprint import model_fingerprint
 from rq.models.routing import record_calls
+from rq.models.streaming import StreamedModel
 from rq.progress import progress_bar
 from rq.documents import CalibrationInfo, ModelInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
@@ -70,30 +71,52 @@ class _LayerAccumulator:
                           quant_sensitivity=self.quant_sensitivity, quant_sensitivity_int8=self.quant_sensitivity_int8)
 
 
-def model_info(model: nn.Module, adapter: Adapter, layers: list[MoELayer]) -> ModelInfo:
+def model_info(model: nn.Module | StreamedModel, adapter: Adapter, layers: list[MoELayer]) -> ModelInfo:
     first = layers[0]
     dtype = adapter.get_expert_weights(first, 0)[0].dtype
-    return ModelInfo(architecture=model.config.model_type, num_moe_layers=len(layers),
+    if isinstance(model, StreamedModel):
+        fingerprint = model_fingerprint(model.model, adapter, model.router_weight)
+    else:
+        fingerprint = model_fingerprint(model, adapter)
+    config = model.model.config if isinstance(model, StreamedModel) else model.config
+    return ModelInfo(architecture=config.model_type, num_moe_layers=len(layers),
                      num_experts=first.num_experts, top_k=first.top_k, hidden_size=first.hidden_size,
                      intermediate_size=first.intermediate_size, dtype=str(dtype).removeprefix("torch."),
-                     fingerprint=model_fingerprint(model, adapter))
+                     fingerprint=fingerprint)
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, adapter: Adapter, data: TokenData, *, batch_size: int = 8,
+def calibrate(model: nn.Module | StreamedModel, adapter: Adapter, data: TokenData, *, batch_size: int = 8,
               group_size: int = 128, seed: int = 0, show_progress: bool = True) -> CalibrationStats:
-    """Run ``data`` through ``model`` and return the docs/spec.md §3 statistics of every MoE layer."""
+    """Run ``data`` through ``model`` and return the docs/spec.md §3 statistics of every MoE layer.
+
+    A :class:`~rq.models.streaming.StreamedModel` runs the same batches layer-major (one decoder layer in
+    memory at a time); every layer sees the same tensors as in the whole model, so the statistics are the same."""
     int4.check_group_size(group_size)
-    layers = adapter.moe_layers(model)
+    module = model.model if isinstance(model, StreamedModel) else model
+    layers = adapter.moe_layers(module)
     accumulators = [_LayerAccumulator(adapter, layer, group_size) for layer in layers]
     info = model_info(model, adapter, layers)
-    with record_calls(model, layers, accumulators), \
-            progress_bar("calibrating", total=data.sequences.shape[0], enabled=show_progress) as advance:
-        device = next(model.parameters()).device
-        for batch in batches(data.sequences, batch_size):
-            batch = batch.to(device)
-            adapter.forward_logits(model, batch, torch.ones_like(batch))
-            advance(batch.shape[0])
+    if isinstance(model, StreamedModel):
+        device = model.device
+        jobs = [_forward_job(adapter, module, batch.to(device)) for batch in batches(data.sequences, batch_size)]
+        with record_calls(module, layers, accumulators):
+            model.run(jobs, label="calibrating", on_done=lambda index, logits: None)
+    else:
+        with record_calls(module, layers, accumulators), \
+                progress_bar("calibrating", total=data.sequences.shape[0], enabled=show_progress) as advance:
+            device = next(module.parameters()).device
+            for batch in batches(data.sequences, batch_size):
+                batch = batch.to(device)
+                adapter.forward_logits(module, batch, torch.ones_like(batch))
+                advance(batch.shape[0])
     calibration = CalibrationInfo(data=data.description, sequences=data.sequences.shape[0],
                                   seq_len=data.sequences.shape[1], tokens=data.tokens, seed=seed)
     return CalibrationStats(info, calibration, group_size, [acc.result() for acc in accumulators])
+
+
+def _forward_job(adapter: Adapter, model: nn.Module, batch: torch.Tensor):
+    """One batch's forward pass, as a job for :meth:`StreamedModel.run` (its logits are dropped)."""
+    def job() -> None:
+        adapter.forward_logits(model, batch, torch.ones_like(batch))
+    return job

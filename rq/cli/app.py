@@ -64,10 +64,14 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+DTYPE_HELP = "Compute dtype: auto (the checkpoint's own), float32, float16 or bfloat16."
+
+
 def parse_dtype(name: str):
+    """A torch dtype, or ``"auto"`` (the checkpoint's own dtype, what loaders take as is)."""
     import torch
 
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    table = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
         raise RQError(f"--dtype must be one of {', '.join(table)}, got '{name}'")
     return table[name]

@@ -8,8 +8,11 @@ from typing import Optional
 
 import typer
 
-from rq.cli.app import command, console, parse_device, parse_dtype, parse_int_list, quiet_transformers
+from rq.cli.app import DTYPE_HELP, command, console, parse_device, parse_dtype, parse_int_list, quiet_transformers
 from rq.errors import RQError
+
+STREAM_HELP = ("always: one decoder layer in memory at a time, read from the checkpoint when a pass reaches it; "
+               "never: layers stay once read; auto: stream unless the model takes under half the free memory.")
 
 
 @command()
@@ -22,12 +25,17 @@ def calibrate(
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
     group_size: int = typer.Option(128, help="INT4 block size for quant_sensitivity: 128 or 64."),
     seed: int = typer.Option(0, help="Seed that picks which sequences are used."),
-    dtype: str = typer.Option("float32", help="Load dtype: float32, float16 or bfloat16."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
-    device: str = typer.Option("cpu", help="Where to run the model: cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", help="Where to run the model: cpu, cuda, cuda:1, ... (one decoder layer "
+                                           "there at a time)"),
+    stream: str = typer.Option("auto", help=STREAM_HELP),
 ) -> None:
-    """Record per-layer expert loads and importance (gate mass, contribution, INT4 sensitivity)."""
-    from rq.models.adapters import load_model
+    """Record per-layer expert loads and importance (gate mass, contribution, INT4 sensitivity).
+
+    The model streams: one decoder layer is read from the checkpoint at a time, so models larger than memory
+    calibrate."""
+    from rq.models.streaming import open_streamed
     from rq.calibrate.accumulate import calibrate as run
     from rq.calibrate.data import load_token_data, load_tokenizer
     from rq.core.int4 import check_group_size
@@ -39,11 +47,12 @@ def calibrate(
         check_group_size(group_size)
     except ValueError as err:
         raise RQError(str(err)) from None
-    model, adapter = load_model(model_dir, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    model.to(parse_device(device))
+    streamed = open_streamed(model_dir, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code,
+                             device=parse_device(device))
+    streamed.keep_layers(stream)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     token_data = load_token_data(tokenizer, data, seq_len=seq_len, max_sequences=sequences, seed=seed)
-    stats = run(model, adapter, token_data, batch_size=batch_size, group_size=group_size, seed=seed)
+    stats = run(streamed, streamed.adapter, token_data, batch_size=batch_size, group_size=group_size, seed=seed)
     stats.save(out)
     total = sum(int(s.load.sum()) for s in stats.layers)
     console.print(f"calibrated {len(stats.layers)} MoE layers on {token_data.tokens:,} tokens "
@@ -93,16 +102,20 @@ def eval_(
     stream_steps: int = typer.Option(32, help="Decode steps of streaming generation (0 to skip)."),
     seed: int = typer.Option(0, help="Seed that picks which sequences are used."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the numbers as JSON here."),
-    dtype: str = typer.Option("float32", help="Load dtype: float32, float16 or bfloat16."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
-    device: str = typer.Option("cpu", help="Where to run both models: cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", help="Where to run both models: cpu, cuda, cuda:1, ... (one decoder layer "
+                                           "of each there at a time)"),
+    stream: str = typer.Option("auto", help=STREAM_HELP),
 ) -> None:
-    """LIS before/after (batch sizes and streaming, cumulative and instantaneous) and accuracy parity."""
-    from rq.models.adapters import load_model
+    """LIS before/after (batch sizes and streaming, cumulative and instantaneous) and accuracy parity.
+
+    Both models stream in lockstep: one decoder layer and its R&Q version in memory at a time."""
+    from rq.models.streaming import open_streamed
     from rq.calibrate.data import load_token_data, load_tokenizer
     from rq.eval.evaluate import evaluate
     from rq.eval.report import print_eval
-    from rq.rqmodel.model import apply_plan
+    from rq.eval.streamed import StreamedPair
     from rq.plan.schema import load_plan
     from rq.atomic import atomic_write_text, check_out_file
 
@@ -111,14 +124,13 @@ def eval_(
         check_out_file(out)
     plan_doc = load_plan(plan_path)
     sizes = parse_int_list(batch_sizes, "--batch-sizes")
-    original, adapter = load_model(model_dir, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    rq_model, _ = load_model(model_dir, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-    apply_plan(rq_model, adapter, plan_doc)
-    original.to(parse_device(device))
-    rq_model.to(parse_device(device))
+    streamed = open_streamed(model_dir, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code,
+                             device=parse_device(device))
+    streamed.keep_layers(stream, copies=2)
+    pair = StreamedPair(streamed, plan_doc)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     token_data = load_token_data(tokenizer, data, seq_len=seq_len, max_sequences=sequences, seed=seed)
-    report = evaluate(original, rq_model, adapter, token_data.sequences, batch_sizes=sizes,
+    report = evaluate(pair, None, streamed.adapter, token_data.sequences, batch_sizes=sizes,
                       stream_batch=stream_batch, stream_steps=stream_steps)
     print_eval(report, console)
     if out is not None:

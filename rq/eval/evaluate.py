@@ -23,6 +23,7 @@ from rq.calibrate.data import batches
 from rq.core.lis import InstantSummary, lis_value, model_lis
 from rq.progress import progress_bar
 from rq.core.replica import expert_counts, split_load
+from rq.eval.streamed import StreamedPair
 from rq.rqmodel.model import RQExperts, rq_layers_of, set_mode
 
 
@@ -179,23 +180,70 @@ def batch_lis_from_loads(before: torch.Tensor, after: torch.Tensor, logcnt: torc
 # streaming
 
 @torch.no_grad()
+def streamed_paired_pass(pair: StreamedPair, layers: list[MoELayer], sequences: torch.Tensor, batch_size: int):
+    """:func:`paired_pass` with both models streamed: the batches of both go through each decoder layer while it
+    is loaded (the original's batch ``b``, then the R&Q model's), and each batch's logits are added to the
+    accuracy sums as soon as both exist. Every layer sees the calls of the resident loop in the same order."""
+    original, rq_model = pair.models
+    adapter = pair.adapter
+    accuracy = AccuracyAccumulator(adapter.encoder_decoder)
+    device = pair.original.device
+    chunks = list(batches(sequences, batch_size))
+    jobs = []
+    for batch in chunks:
+        batch = batch.to(device)
+        jobs += [_logits_job(adapter, original, batch), _logits_job(adapter, rq_model, batch)]
+    waiting: dict[int, torch.Tensor] = {}
+
+    def done(index: int, logits: torch.Tensor) -> None:
+        if index % 2 == 0:
+            waiting[index // 2] = logits.cpu()
+        else:
+            accuracy.add(chunks[index // 2], waiting.pop(index // 2), logits.cpu())
+
+    with record_routing(original, adapter, layers) as rec_o, record_routing(rq_model, adapter, layers) as rec_r:
+        pair.run(jobs, label="original and R&Q", on_done=done)
+    sizes = [batch.shape[0] for batch in chunks]
+    loads = [[_call_loads(r.calls, sizes, layer.num_experts) for r, layer in zip(recs, layers)]
+             for recs in (rec_o, rec_r)]
+    return loads[0], loads[1], accuracy.result()
+
+
+def _logits_job(adapter: Adapter, model: nn.Module, batch: torch.Tensor):
+    return lambda: adapter.forward_logits(model, batch, torch.ones_like(batch))
+
+
+def _call_loads(calls: list[torch.Tensor], sizes: list[int], num_experts: int) -> torch.Tensor:
+    """``[n, N]`` per-sequence loads from one layer's calls, one call per batch of ``sizes[b]`` sequences."""
+    return torch.cat([sequence_loads(ids.reshape(size, -1, ids.shape[-1]), num_experts)
+                      for ids, size in zip(calls, sizes, strict=True)])
+
+
+@torch.no_grad()
 def streaming_lis(original: nn.Module, rq_model: nn.Module, adapter: Adapter, layers: list[MoELayer],
-                  prompts: torch.Tensor, steps: int) -> list[LISPoint]:
+                  prompts: torch.Tensor, steps: int, pair: StreamedPair | None = None) -> list[LISPoint]:
     """Greedy generation of ``prompts [B, p]`` for ``steps`` tokens on both models; per-layer LIS over the
     decode steps (the prefill call is excluded). Encoder layers of encoder-decoder models see no decode
-    step and get no streaming LIS."""
-    prompts = prompts.to(next(original.parameters()).device)
+    step and get no streaming LIS. With ``pair`` (streamed models) both generations advance in lockstep,
+    one decoder layer loaded at a time: every decode step reads each layer again (and builds its R&Q copies
+    again); each generation keeps its own KV cache."""
+    device = pair.original.device if pair is not None else next(original.parameters()).device
+    prompts = prompts.to(device)
     gen = dict(max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, use_cache=True,
                attention_mask=torch.ones_like(prompts), pad_token_id=original.config.pad_token_id or 0)
-    with record_routing(original, adapter, layers) as recorders:
-        original.generate(prompts, **gen)
     rq_experts = rq_layers_of(rq_model)
-    set_mode(rq_model, "streaming", record=True)
-    try:
-        rq_model.generate(prompts, **gen)
-        histories = [list(layer.history) for layer in rq_experts]
-    finally:
-        set_mode(rq_model, "batch")
+    with record_routing(original, adapter, layers) as recorders:
+        set_mode(rq_model, "streaming", record=True)
+        try:
+            if pair is None:
+                original.generate(prompts, **gen)
+                rq_model.generate(prompts, **gen)
+            else:
+                pair.run([lambda: original.generate(prompts, **gen), lambda: rq_model.generate(prompts, **gen)],
+                         label="streaming decode", passes=steps + 1)
+            histories = [list(layer.history) for layer in rq_experts]
+        finally:
+            set_mode(rq_model, "batch")
     points = []
     for layer, recorder, rq_layer, history in zip(layers, recorders, rq_experts, histories):
         pre = [expert_counts(ids, layer.num_experts) for ids in recorder.calls[1:]]
@@ -252,21 +300,29 @@ def accuracy(adapter: Adapter, sequences: torch.Tensor, logits_original: list[to
 
 # ---------------------------------------------------------------------------------------------------
 
-def evaluate(original: nn.Module, rq_model: nn.Module, adapter: Adapter, sequences: torch.Tensor, *,
-             batch_sizes: list[int], run_batch: int = 8, stream_batch: int = 16, stream_steps: int = 32,
-             prompt_len: int = 16, show_progress: bool = True) -> EvalReport:
-    """Full comparison of ``original`` and ``rq_model`` (the same checkpoint with a plan applied)."""
+def evaluate(original: nn.Module | StreamedPair, rq_model: nn.Module | None, adapter: Adapter,
+             sequences: torch.Tensor, *, batch_sizes: list[int], run_batch: int = 8, stream_batch: int = 16,
+             stream_steps: int = 32, prompt_len: int = 16, show_progress: bool = True) -> EvalReport:
+    """Full comparison of ``original`` and ``rq_model`` (the same checkpoint with a plan applied), or of the
+    two models of a :class:`~rq.eval.streamed.StreamedPair` (pass ``rq_model=None``): the same numbers,
+    one decoder layer in memory at a time."""
+    pair = original if isinstance(original, StreamedPair) else None
+    if pair is not None:
+        original, rq_model = pair.models
     layers = adapter.moe_layers(original)
+    if pair is None:
+        assert len(rq_layers_of(rq_model)) == len(layers), "the R&Q model must be the checkpoint with a plan applied"
+        set_mode(rq_model, "batch")
+        before, after, acc = paired_pass(original, rq_model, adapter, layers, sequences, run_batch, show_progress)
+    else:
+        before, after, acc = streamed_paired_pass(pair, layers, sequences, run_batch)
     rq_experts: list[RQExperts] = rq_layers_of(rq_model)
-    assert len(rq_experts) == len(layers), "the R&Q model must be the same checkpoint with a plan applied"
-    set_mode(rq_model, "batch")
-    before, after, acc = paired_pass(original, rq_model, adapter, layers, sequences, run_batch, show_progress)
     batch = {b: [batch_lis_from_loads(bi, ai, rq.logcnt, b) for bi, ai, rq in zip(before, after, rq_experts)]
              for b in batch_sizes}
     streaming = None
     if stream_steps > 0:
         prompts = sequences[:stream_batch, :prompt_len]
-        streaming = streaming_lis(original, rq_model, adapter, layers, prompts, stream_steps)
+        streaming = streaming_lis(original, rq_model, adapter, layers, prompts, stream_steps, pair)
     bytes_before = sum(sum(w.numel() * w.element_size() for w in adapter.get_expert_weights(layer, e))
                        for layer in layers for e in range(layer.num_experts))
     bytes_after = sum(rq.weight_nbytes() for rq in rq_experts)

@@ -1,66 +1,93 @@
-"""The safetensors files of a local Hugging Face checkpoint, checked before anything is loaded from them.
+"""A local safetensors checkpoint read one tensor at a time, through its index, never as a whole.
 
-A checkpoint of hundreds of GB is copied in shards, and a copy that stopped early leaves a file whose header
-promises more bytes than it holds. Loading such a file fails deep inside safetensors (``incomplete metadata,
-file not fully covered``) or, worse, after an hour of work on the shards before it. :func:`checkpoint_files`
-opens every shard's header once (``safetensors.safe_open`` reads the header and checks that the data it
-describes covers the file exactly; no tensor is read) and turns every problem into one line naming the file
-and the fix: a missing or truncated shard, an index that names a file that is not there, or no weights at all.
+``model.safetensors.index.json`` (sharded) or a single ``model.safetensors`` says which file holds each
+tensor; every file's header is read (and checked) when the checkpoint is opened, so a missing shard, a
+truncated file or an index naming a file that is not there is a one-line :class:`~rq.errors.RQError` before
+any work starts. Tensors are read from the files' memory maps: the pages read are file-backed (the kernel
+drops them under pressure), only the copies rq makes count as process memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 from rq.errors import RQError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 
 
-def _index_files(index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise RQError(f"{index_path} is not a readable safetensors index ({type(err).__name__}); "
-                      f"copy it again from the original checkpoint") from None
-    files = [index_path.parent / name for name in names]
-    for path in files:
-        if not path.is_file():
-            raise RQError(f"{index_path.name} names {path.name}, which is not in {index_path.parent}; "
-                          f"copy the missing shard from the original checkpoint")
-    return files
+class Checkpoint:
+    """Tensor names -> shard files of one checkpoint folder, with lazily opened readers."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self._readers: dict[str, object] = {}
+        self.weight_map = self._weight_map()
+        for file in sorted(set(self.weight_map.values())):
+            names = set(self._reader(file).keys())
+            missing = [k for k, f in self.weight_map.items() if f == file and k not in names]
+            if missing:
+                raise RQError(f"{self.model_dir / file} lacks {missing[0]!r} that {INDEX} puts there (and "
+                              f"{len(missing) - 1} more); the shard is from another checkpoint: copy it again")
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.model_dir / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+                raise RQError(f"{index} is not a safetensors index ({str(err).splitlines()[0]}); "
+                              f"copy the checkpoint again") from None
+            for file in sorted(set(weight_map.values())):
+                if not (self.model_dir / file).is_file():
+                    raise RQError(f"{index} names shard {file}, which is not in {self.model_dir}; "
+                                  f"copy the missing shard next to the index")
+            return dict(weight_map)
+        single = self.model_dir / SINGLE
+        if single.is_file():
+            return {key: SINGLE for key in self._reader(SINGLE).keys()}
+        raise RQError(f"{self.model_dir} has no {SINGLE} or {INDEX}; rq reads safetensors checkpoints "
+                      f"(save the model with save_pretrained(safe_serialization=True))")
+
+    def _reader(self, file: str):
+        reader = self._readers.get(file)
+        if reader is None:
+            path = self.model_dir / file
+            try:
+                reader = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as err:
+                raise RQError(f"{path} is truncated or not a safetensors file ({str(err).splitlines()[0]}); "
+                              f"copy it again") from None
+            self._readers[file] = reader
+        return reader
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A fresh tensor with the stored bytes of ``key`` (a copy out of the file's memory map)."""
+        try:
+            return self._reader(self.weight_map[key]).get_tensor(key)
+        except SafetensorError as err:
+            raise RQError(f"cannot read {key!r} from {self.model_dir / self.weight_map[key]} "
+                          f"({str(err).splitlines()[0]}); the file is damaged: copy it again") from None
+
+    def dtype_of(self, key: str) -> torch.dtype | None:
+        """The stored dtype of ``key`` (None for one torch has no name for)."""
+        return _DTYPES.get(self._reader(self.weight_map[key]).get_slice(key).get_dtype())
+
+    def nbytes(self, key: str) -> int:
+        piece = self._reader(self.weight_map[key]).get_slice(key)
+        dtype = _DTYPES.get(piece.get_dtype(), torch.uint8)
+        return math.prod(piece.get_shape()) * dtype.itemsize
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise a one-line :class:`RQError` if ``path``'s header is unreadable or its data does not cover the file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as err:
-        size = path.stat().st_size if path.exists() else 0
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RQError(f"{path} is incomplete or not a safetensors file ({size:,} bytes; {detail}); "
-                      f"copy it again from the original checkpoint") from None
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of ``model_dir`` (the index's shards, or the one ``model.safetensors``), each checked
-    with :func:`check_safetensors_file`. A folder with neither (e.g. ``pytorch_model.bin`` only) returns ``[]``:
-    Hugging Face's loader then says what it found."""
-    model_dir = Path(model_dir)
-    index_path = model_dir / INDEX_NAME
-    if index_path.is_file():
-        files = _index_files(index_path)
-    elif (model_dir / SINGLE_NAME).is_file():
-        files = [model_dir / SINGLE_NAME]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    for path in files:
-        check_safetensors_file(path)
-    return files
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}

@@ -7,6 +7,8 @@ refused with one line naming the layer and the field, before any memory is spent
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -29,10 +31,12 @@ def element_bytes(dtype_name: str) -> int:
     return dtype.itemsize
 
 
-def check_plan_matches(model: nn.Module, adapter: Adapter, plan: Plan) -> list[MoELayer]:
-    """The model's MoE layers, after checking that ``plan`` was made for this model and adds up on its shapes."""
+def check_plan_matches(model: nn.Module, adapter: Adapter, plan: Plan,
+                       router_weight: Callable[[MoELayer], torch.Tensor] | None = None) -> list[MoELayer]:
+    """The model's MoE layers, after checking that ``plan`` was made for this model and adds up on its shapes
+    (``router_weight``: see :func:`rq.models.fingerprint.model_fingerprint`)."""
     layers = adapter.moe_layers(model)
-    fingerprint = model_fingerprint(model, adapter)
+    fingerprint = model_fingerprint(model, adapter, router_weight)
     if fingerprint != plan.model.fingerprint:
         raise RQError(f"the plan was made for another model (fingerprint {plan.model.fingerprint[:19]}..., this model "
                       f"{fingerprint[:19]}...); calibrate and plan on this model")

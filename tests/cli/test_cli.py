@@ -96,14 +96,14 @@ def test_truncated_or_missing_shard_is_one_line(planned, text_file, tmp_path):
                  ("eval", ckpt, "--plan", work / "plan.json", "--data", text_file),
                  ("export", ckpt, "--plan", work / "plan.json", "--out", out / "build")):
         code, text = _run(*args)
-        _assert_clean_error(code, text, "model.safetensors is incomplete")
+        _assert_clean_error(code, text, "model.safetensors is truncated")
         assert "copy it again" in text
     # a sharded checkpoint whose index names a shard that is not there
     weights.unlink()
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
     _assert_clean_error(*_run("calibrate", ckpt, "--data", text_file, "--out", out / "stats"),
-                        "model-00002-of-00002.safetensors, which is not in")
+                        "names shard model-00002-of-00002.safetensors, which is not in")
     assert not out.exists()
 
 

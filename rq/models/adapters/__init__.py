@@ -15,7 +15,7 @@ from rq.models.adapters.deepseek_moe import DeepseekMoeAdapter
 from rq.models.adapters.fused import DeepseekAdapter, MixtralAdapter, OlmoeAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
 from rq.models.adapters.llama_moe import LlamaMoeAdapter
 from rq.models.adapters.switch import SwitchAdapter
-from rq.models.checkpoint import checkpoint_files
+from rq.models.checkpoint import Checkpoint
 from rq.errors import RQError
 from rq.memory import own_parameters
 
@@ -43,10 +43,9 @@ def adapter_for(model_type: str) -> Adapter:
     return _REGISTRY[model_type]()
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
-    """Load a local Hugging Face checkpoint directory (never a hub download) and its adapter."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+def read_config(model_dir: str | Path, trust_remote_code: bool = False):
+    """``(config, adapter)`` of a local Hugging Face checkpoint directory (never a hub download)."""
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -59,8 +58,18 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
             raise RQError(f"{model_dir} ships its own modeling code; rerun with --trust-remote-code "
                           f"if you trust it") from None
         raise RQError(f"cannot read {model_dir / 'config.json'}: {str(err).splitlines()[0]}") from None
-    adapter = adapter_for(config.model_type)
-    checkpoint_files(model_dir)  # a truncated or missing shard is one line, before any weight is read
+    return config, adapter_for(config.model_type)
+
+
+def load_model(model_dir: str | Path, *, dtype: torch.dtype | str = torch.float32,
+               trust_remote_code: bool = False) -> tuple[nn.Module, Adapter]:
+    """Load a whole local checkpoint (``dtype="auto"``: its own dtype) and its adapter. Stages that must work
+    on models bigger than memory use :func:`rq.models.streaming.open_streamed` instead."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    model_dir = Path(model_dir)
+    config, adapter = read_config(model_dir, trust_remote_code)
+    Checkpoint(model_dir)  # a truncated or missing shard is one line, before any weight is read
     auto = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
     try:
         with adapter.load_context():
@@ -75,5 +84,5 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     return model, adapter
 
 
-__all__ = ["Adapter", "MoELayer", "Routing", "adapter_for", "load_model", "register", "replace_module",
+__all__ = ["Adapter", "MoELayer", "Routing", "adapter_for", "load_model", "read_config", "register", "replace_module",
            "supported_model_types"]
