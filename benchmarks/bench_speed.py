@@ -3,6 +3,7 @@
     python -m benchmarks.bench_speed                 # demo model + a mid-size MoE the benchmark builds (~20 min)
     python -m benchmarks.bench_speed --quick         # a tiny model, for a smoke test (~1 min)
     python -m benchmarks.bench_speed --models demo   # one model
+    python -m benchmarks.bench_speed --models demo --only speed --mixed   # + a mixed INT4/INT8 plan's engines
 
 Engines, each on one thread, run round-robin so a busy machine slows them alike; medians of ``--repeats``:
 
@@ -14,7 +15,9 @@ Engines, each on one thread, run round-robin so a busy machine slows them alike;
   original model with Hugging Face's ``batched_mm`` experts in plain ops (``rq``'s baseline export), which
   gathers every token's expert weights and needs ``tokens x top_k x expert bytes`` of memory (25 GB for the
   mid-size prefill);
-* ONNX Runtime, R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``.
+* ONNX Runtime, R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``;
+* with ``--mixed``, the same engines for the mixed INT4/INT8 plan at the same budget (``rq plan --precisions
+  int4,int8``; its INT8 layers run the portable body in ``model.ort.onnx``), against the INT4-only plan.
 
 Workloads: prefill of 4 x 128 tokens; greedy decode at batch 1 and 8 (16 steps after a 16-token prompt).
 Memory, each in a fresh process (peak resident set size, also above the process's size once the libraries
@@ -80,9 +83,10 @@ def build_mid_size(out: Path, seed: int = 0, quick: bool = False) -> Path:
 
 
 def make_plans(model_dir: Path, folder: Path, group_size: int, sequences: int = 16,
-               seq_len: int = 128) -> tuple[Path, Path]:
-    """Calibrate on seeded random tokens (the demo uses its own calibration split); the R&Q plan at budget 1.0
-    and an identity plan (no replica, so no INT4 copy either) from the same statistics, for the baseline."""
+               seq_len: int = 128) -> tuple[Path, Path, Path]:
+    """Calibrate on seeded random tokens (the demo uses its own calibration split); the R&Q plan at budget 1.0,
+    an identity plan (no replica, so no INT4 copy either) for the baseline, and the mixed INT4/INT8 plan at the
+    same budget (LIS tolerance 0.15, as benchmarks/RESULTS.md's mixed rows), all from the same statistics."""
     import torch
 
     from rq.calibrate.accumulate import calibrate
@@ -101,10 +105,11 @@ def make_plans(model_dir: Path, folder: Path, group_size: int, sequences: int = 
         tokens = torch.randint(2, model.config.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(0))
         data = TokenData(tokens, "seeded random tokens")
     stats = calibrate(model, adapter, data, group_size=group_size, show_progress=False)
-    plan, identity = folder / "plan.json", folder / "identity-plan.json"
+    plan, identity, mixed = folder / "plan.json", folder / "identity-plan.json", folder / "mixed-plan.json"
     save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0)), plan)
     save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0, max_replicas=0)), identity)
-    return plan, identity
+    save_plan(plan_stats(stats, PlanOptions(budget_factor=1.0, precisions=("int4", "int8"), lis_tolerance=0.15)), mixed)
+    return plan, identity, mixed
 
 
 def checkpoint_bytes(model_dir: Path) -> int:
@@ -239,7 +244,7 @@ def referenced_bytes(build: Path, flavour: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool) -> dict:
+def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None) -> dict:
     """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps)."""
     import numpy as np
     import torch
@@ -298,16 +303,24 @@ def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: boo
         out["ONNX Runtime, original (HF batched_mm)"] = ort_engine(builds["batched_mm"], "portable")
     out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_engine(builds["rq"], "onnxruntime")
     out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_engine(builds["rq"], "portable")
+    if mixed is not None:
+        mixed_model, _ = load_model(model_dir)
+        apply_plan(mixed_model, adapter, load_plan(mixed))
+        set_mode(mixed_model, "streaming")
+        out["PyTorch, R&Q mixed (fast)"] = torch_engine(mixed_model)
+        out["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = ort_engine(builds["mixed"], "onnxruntime")
+        out["ONNX Runtime, R&Q mixed portable (model.onnx)"] = ort_engine(builds["mixed"], "portable")
     return out
 
 
-def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool) -> dict:
+def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool,
+          mixed: Path | None = None) -> dict:
     """tokens/s of every engine and workload (medians), engines interleaved."""
     import numpy as np
     import torch
 
     torch.set_num_threads(1)
-    runs = engines(model_dir, plan, builds, reference)
+    runs = engines(model_dir, plan, builds, reference, mixed)
     vocab = json.loads((builds["rq"] / "manifest.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
     results = {}
@@ -348,7 +361,10 @@ def ratios(speeds: dict) -> dict:
              "PyTorch R&Q (fast) / PyTorch original": ("PyTorch, R&Q (fast)", torch_original),
              "ORT R&Q portable / ORT original": (portable, ort_original),
              "ORT R&Q fused / ORT original (HF batched_mm)": (fused, "ONNX Runtime, original (HF batched_mm)"),
-             "PyTorch R&Q (reference) / PyTorch original": ("PyTorch, R&Q (reference)", torch_original)}
+             "PyTorch R&Q (reference) / PyTorch original": ("PyTorch, R&Q (reference)", torch_original),
+             "PyTorch R&Q mixed / PyTorch R&Q INT4": ("PyTorch, R&Q mixed (fast)", "PyTorch, R&Q (fast)"),
+             "ORT R&Q mixed / ORT R&Q INT4 (model.ort.onnx)": ("ONNX Runtime, R&Q mixed (model.ort.onnx)", fused),
+             "ORT R&Q mixed / ORT R&Q INT4 (model.onnx)": ("ONNX Runtime, R&Q mixed portable (model.onnx)", portable)}
     return {workload: {key: s[a] / s[b] for key, (a, b) in pairs.items() if a in s and b in s}
             for workload, s in speeds.items()}
 
@@ -411,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="where speed_memory.json goes (default: print only)")
     parser.add_argument("--workdir", type=Path, help="where builds go (default: a temporary folder)")
+    parser.add_argument("--mixed", action="store_true", help="also time a mixed INT4/INT8 plan's engines")
     parser.add_argument("--only", choices=("speed", "memory"),
                         help="measure only this half; the other half is kept from --out's stored run")
     args = parser.parse_args(argv)
@@ -436,15 +453,18 @@ def main(argv: list[str] | None = None) -> dict:
             group = 128
         else:
             parser.error(f"unknown model {name!r}; choose demo or mid")
-        plan, identity = make_plans(model_dir, folder, group, sequences=4 if args.quick else 16,
-                                    seq_len=32 if args.quick else 128)
+        plan, identity, mixed = make_plans(model_dir, folder, group, sequences=4 if args.quick else 16,
+                                           seq_len=32 if args.quick else 128)
         started = time.perf_counter()
         small = name == "demo" or args.quick
         entry = results["models"].setdefault(name, {})
         export = measured_export(model_dir, plan, folder / "rq-build")
         builds = {"rq": folder / "rq-build", **baseline_builds(model_dir, identity, folder, batched_mm=small)}
+        if args.mixed:
+            builds["mixed"] = folder / "mixed-build"
+            measured_export(model_dir, mixed, builds["mixed"])
         if args.only != "memory":
-            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small)
+            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small, mixed=mixed if args.mixed else None)
             entry["ratios"] = ratios(entry["speeds"])
         if args.only != "speed":
             entry["memory"] = {"export": export, **memory(model_dir, plan, builds, args.quick)}

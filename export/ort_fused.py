@@ -20,7 +20,8 @@ Both kernels compute the exact dequantized value ``q * scale`` of §5 in the act
 with the reference within the §9 tolerances (measured: 1e-7 on float32 layers). A layer the kernels cannot
 serve keeps its ``rq::RQMoE`` node and the portable function body: ONNX Runtime's CPU kernels have no gated GELU
 and their GELU is the tanh approximation (so erf GELU stays portable), and with INT4 copies QMoE needs the
-hidden and expert sizes to be multiples of the group size (no partial last block). The mixing-weight
+hidden and expert sizes to be multiples of the group size (no partial last block); layers with INT8 copies stay
+portable too (ONNX Runtime's 8-bit ``QMoE`` is not exact, docs/spec.md §8). The mixing-weight
 identity of step 4 needs non-negative routing weights, which every supported router produces (softmax or
 sigmoid scores).
 
@@ -137,8 +138,8 @@ def route_of(layer: int, activation: str, precision: list[int], hidden: int, int
     if activation not in FUSED_ACTIVATIONS:
         return LayerRoute(layer, False, WHY_NOT.get(activation, f"no fused kernel for {activation}"))
     if 2 in precision:
-        return LayerRoute(layer, False, "INT8 copies: the fused route has no INT8 node yet (the portable body runs "
-                                        "them exactly)")
+        return LayerRoute(layer, False, "INT8 copies: ONNX Runtime's 8-bit QMoE is not exact (docs/spec.md §8), "
+                                        "the portable body runs them")
     if 1 in precision and (hidden % group or inter % group):
         return LayerRoute(layer, False, f"QMoE needs H={hidden} and I={inter} to be multiples of the group size "
                                         f"{group} (this layer's last INT4 block is partial)")

@@ -12,13 +12,20 @@ from rq.plan.schema import Plan
 
 def plan_table(plan: Plan) -> Table:
     table = Table(title=f"R&Q plan ({plan.importance_metric} importance, budget {plan.budget.budget_factor:g}x)")
-    for col in ("layer", "module", "INT4 primaries", "replicas", "copies", "LIS before", "LIS after (pred.)"):
+    mixed = any(2 in layer.precision for layer in plan.layers)  # INT8 columns only where there are INT8 copies
+    columns = ("layer", "module", "INT4 primaries", "replicas", "copies", "LIS before", "LIS after (pred.)")
+    for col in columns + (("INT8 copies", "INT4 copies", "pred. error") if mixed else ()):
         table.add_column(col, justify="right" if col != "module" else "left")
     for layer in plan.layers:
-        table.add_row(str(layer.layer), layer.module, str(sum(e.precision == "int4" for e in layer.experts)),
-                      str(sum(e.replicas for e in layer.experts)), str(sum(layer.logcnt)),
-                      fmt(layer.lis_before if layer.lis_before is not None else float("nan")),
-                      fmt(layer.lis_after if layer.lis_after is not None else float("nan")))
+        row = [str(layer.layer), layer.module, str(sum(e.precision == "int4" for e in layer.experts)),
+               str(sum(e.replicas for e in layer.experts)), str(sum(layer.logcnt)),
+               fmt(layer.lis_before if layer.lis_before is not None else float("nan")),
+               fmt(layer.lis_after if layer.lis_after is not None else float("nan"))]
+        if mixed:
+            error = layer.predicted_error
+            row += [str(layer.precision.count(2)), str(layer.precision.count(1)),
+                    "n/a" if error is None else f"{error:.3g}"]
+        table.add_row(*row)
     table.caption = (f"planned {plan.budget.planned_bytes:,} B of {plan.budget.reference_bytes:,} B reference "
                      f"({plan.budget.planned_bytes / plan.budget.reference_bytes:.3f}x)")
     return table

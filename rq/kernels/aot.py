@@ -101,7 +101,7 @@ def variants() -> list[Variant]:
             cls = "int4" if int4 else "orig"
             for bm in moe.BLOCK_M_CHOICES:
                 tiles = {"BLOCK_M": bm, "BLOCK_N": moe.BLOCK_N, "BLOCK_K": moe.BLOCK_K,
-                         "DOT_DTYPE": dot_dtype, "DOT_PRECISION": dot_prec, "IS_INT4": int4}
+                         "DOT_DTYPE": dot_dtype, "DOT_PRECISION": dot_prec, "IS_INT4": int4, "IS_INT8": False}
                 common = {"sorted_assign_ptr": "*i32", "copy_start_ptr": "*i32", "tile_start_ptr": "*i32",
                           "slot_ptr": "*i32", "num_phys": "i32", "hidden_size": "i32", "inter_size": "i32"}
                 for glu in (False, True):

@@ -1,4 +1,4 @@
-"""Grouped expert GEMMs over copy-sorted rows, original precision or docs/spec.md §5 INT4, in Triton.
+"""Grouped expert GEMMs over copy-sorted rows, original precision, docs/spec.md §5 INT4 or §5a INT8, in Triton.
 
 One program computes a ``[BLOCK_M, BLOCK_N]`` output tile of one physical copy. Program axis 0 walks the
 row tiles of one precision class (``tile_start`` from :mod:`rq.kernels.dispatch`, found by binary search;
@@ -9,7 +9,8 @@ per row tile.
 
 INT4 weights are read as packed bytes ``[BLOCK_N, BLOCK_K/2]`` (16-byte vectors along the row), unpacked
 and dequantized in registers as ``float16(q * scale)`` — the exact values of :func:`rq.core.int4.dequantize` —
-and fed to the same ``tl.dot`` as original-precision weights, accumulating in float32.
+and fed to the same ``tl.dot`` as original-precision weights, accumulating in float32. INT8 weights are read
+as int8 ``[BLOCK_N, BLOCK_K]`` tiles and dequantized the same way (``q * scale``, exact in float32, §5a).
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def activation_fn(gate, act):
 
 @triton.jit
 def load_weight_tile(w_ptr, s_ptr, rows, k0, row_mask, in_features, group_size,
-                     IS_INT4: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     IS_INT4: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     IS_INT8: tl.constexpr = False):
     """``[BLOCK_K, BN]`` tile of ``W^T`` for one copy's ``W [R, in_features]`` (INT4: packed ``[R, ceil(in/2)]``,
-    scales ``[R, ceil(in/G)]``; the last block may be partial).
+    INT8: int8 ``[R, in]``; scales ``[R, ceil(in/G)]``; the last block may be partial).
 
     ``BLOCK_K`` divides the group size, so one scale per row covers the whole tile. Columns past
     ``in_features`` read as 0 (the operand they meet is masked to 0 as well).
@@ -113,6 +115,13 @@ def load_weight_tile(w_ptr, s_ptr, rows, k0, row_mask, in_features, group_size,
         num_groups = (in_features + group_size - 1) // group_size
         scale = tl.load(s_ptr + rows * num_groups + k0 // group_size, mask=row_mask, other=0.0)
         w = dequant_int4_tile(packed, scale).to(DOT_DTYPE)
+    elif IS_INT8:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols[None, :] < in_features)
+        values = tl.load(w_ptr + rows[:, None] * in_features + cols[None, :], mask=mask, other=0)
+        num_groups = (in_features + group_size - 1) // group_size
+        scale = tl.load(s_ptr + rows * num_groups + k0 // group_size, mask=row_mask, other=0.0)
+        w = (values.to(tl.float32) * scale.to(tl.float32)[:, None]).to(DOT_DTYPE)  # q * scale, exact in float32
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols[None, :] < in_features)
@@ -143,6 +152,7 @@ def expert_in_kernel(
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    IS_INT8: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     if tile >= tl.load(tile_start_ptr + num_phys):
@@ -161,6 +171,9 @@ def expert_in_kernel(
     if IS_INT4:
         w_base = w_ptr + slot * in_rows * ((hidden_size + 1) // 2)
         s_base = s_ptr + slot * in_rows * ((hidden_size + group_size - 1) // group_size)
+    elif IS_INT8:
+        w_base = w_ptr + slot * in_rows * hidden_size
+        s_base = s_ptr + slot * in_rows * ((hidden_size + group_size - 1) // group_size)
     else:
         w_base = w_ptr + slot * in_rows * hidden_size
         s_base = s_ptr
@@ -170,11 +183,12 @@ def expert_in_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + token.to(tl.int64)[:, None] * hidden_size + ks[None, :],
                     mask=row_mask[:, None] & (ks[None, :] < hidden_size), other=0.0).to(DOT_DTYPE)
-        w = load_weight_tile(w_base, s_base, cols, k0, col_mask, hidden_size, group_size, IS_INT4, BLOCK_K, DOT_DTYPE)
+        w = load_weight_tile(w_base, s_base, cols, k0, col_mask, hidden_size, group_size, IS_INT4, BLOCK_K, DOT_DTYPE,
+                             IS_INT8)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if GLU:
             w_up = load_weight_tile(w_base, s_base, cols + inter_size, k0, col_mask, hidden_size, group_size,
-                                    IS_INT4, BLOCK_K, DOT_DTYPE)
+                                    IS_INT4, BLOCK_K, DOT_DTYPE, IS_INT8)
             acc_up = tl.dot(x, w_up, acc_up, input_precision=DOT_PRECISION)
     h = activation_fn(acc, act)
     if GLU:
@@ -203,6 +217,7 @@ def expert_out_kernel(
     BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    IS_INT8: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     if tile >= tl.load(tile_start_ptr + num_phys):
@@ -217,6 +232,9 @@ def expert_out_kernel(
     if IS_INT4:
         w_base = w_ptr + slot * hidden_size * ((inter_size + 1) // 2)
         s_base = s_ptr + slot * hidden_size * ((inter_size + group_size - 1) // group_size)
+    elif IS_INT8:
+        w_base = w_ptr + slot * hidden_size * inter_size
+        s_base = s_ptr + slot * hidden_size * ((inter_size + group_size - 1) // group_size)
     else:
         w_base = w_ptr + slot * hidden_size * inter_size
         s_base = s_ptr
@@ -225,7 +243,8 @@ def expert_out_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * inter_size + ks[None, :],
                     mask=row_mask[:, None] & (ks[None, :] < inter_size), other=0.0).to(DOT_DTYPE)
-        w = load_weight_tile(w_base, s_base, cols, k0, col_mask, inter_size, group_size, IS_INT4, BLOCK_K, DOT_DTYPE)
+        w = load_weight_tile(w_base, s_base, cols, k0, col_mask, inter_size, group_size, IS_INT4, BLOCK_K, DOT_DTYPE,
+                             IS_INT8)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     assign = tl.load(sorted_assign_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     out_ptrs = out_ptr + assign[:, None] * hidden_size + cols[None, :]

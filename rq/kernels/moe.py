@@ -47,6 +47,14 @@ def _cached_tables(logcnt: tuple[int, ...], precision: tuple[int, ...], device: 
     return _dispatch.device_tables(torch.tensor(logcnt), torch.tensor(precision), torch.device(device))
 
 
+def _class_tile_start(copy_start: torch.Tensor, precision: torch.Tensor, code: int, block_m: int) -> torch.Tensor:
+    """``[P+1]`` int32 row-tile prefix of the copies of precision ``code`` (others take no tile), computed from the
+    dispatch's ``copy_start`` on the device: the INT8 class's twin of the dispatch's ``tile_start`` rows."""
+    rows = (copy_start[1:] - copy_start[:-1]).to(torch.int64)
+    tiles = torch.where(precision.to(torch.int64) == code, (rows + block_m - 1) // block_m, torch.zeros_like(rows))
+    return torch.cat([tiles.new_zeros(1), torch.cumsum(tiles, 0)]).to(torch.int32)
+
+
 def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: RQLayerWeights,
            offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``y [T, H]`` and ``expert_counts [N]`` int64 of ``rq::RQMoE`` with the Triton kernels (docs/spec.md §8).
@@ -55,9 +63,6 @@ def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     or CPU under ``TRITON_INTERPRET=1``); the layer's copy tables are cached per device.
     """
     hidden_size, inter = check_call(hidden, topk_ids, topk_weights, layer, offsets)
-    if layer.num_int8:
-        raise ValueError(f"the Triton kernels run original and INT4 copies only, this layer has {layer.num_int8} INT8 "
-                         f"copies: use the 'fast' or 'reference' backend, or plan with --precisions int4")
     device = hidden.device
     tables = _cached_tables(layer.logcnt, layer.precision, str(device))
     num_tokens, top_k = topk_ids.shape
@@ -73,23 +78,26 @@ def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     h = torch.empty(num_assign, inter, dtype=hidden.dtype, device=device)  # [A, I] sorted rows
     out = torch.empty(num_assign, hidden_size, dtype=hidden.dtype, device=device)  # [A, H] assignment order
     dot_dtype, dot_precision = gemm.dot_config(hidden.dtype, device)
-    classes = (
-        (0, layer.num_orig, layer.w_in, layer.w_in, layer.w_out, layer.w_out),
-        (1, layer.num_int4, layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales),
-    )
+    classes = [
+        (0, layer.num_orig, layer.w_in, layer.w_in, layer.w_out, layer.w_out, d.tile_start[0]),
+        (1, layer.num_int4, layer.w_in_q, layer.w_in_scales, layer.w_out_q, layer.w_out_scales, d.tile_start[1]),
+    ]
+    if layer.num_int8:
+        classes.append((2, layer.num_int8, layer.w_in_q8, layer.w_in_scales8, layer.w_out_q8, layer.w_out_scales8,
+                        _class_tile_start(d.copy_start, tables.precision, 2, cfg.block_m)))
     act = activation_code(layer.activation)
     glu = is_glu(layer.activation)
-    for cls, count, wi, si, wo, so in classes:
+    for cls, count, wi, si, wo, so, tile_start in classes:
         if count == 0:
             continue
         tiles = triton.cdiv(num_assign, cfg.block_m) + count  # upper bound; extra programs exit at once
-        common = dict(IS_INT4=bool(cls), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        common = dict(IS_INT4=cls == 1, IS_INT8=cls == 2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps)
         gemm.expert_in_kernel[(tiles, triton.cdiv(inter, cfg.block_n))](
-            hidden, wi.contiguous(), si.contiguous(), h, d.sorted_assign, d.copy_start, d.tile_start[cls], tables.slot,
+            hidden, wi.contiguous(), si.contiguous(), h, d.sorted_assign, d.copy_start, tile_start, tables.slot,
             num_phys, hidden_size, inter, top_k, act, layer.group_size, GLU=glu, **common)
         gemm.expert_out_kernel[(tiles, triton.cdiv(hidden_size, cfg.block_n))](
-            h, wo.contiguous(), so.contiguous(), out, d.sorted_assign, d.copy_start, d.tile_start[cls], tables.slot,
+            h, wo.contiguous(), so.contiguous(), out, d.sorted_assign, d.copy_start, tile_start, tables.slot,
             num_phys, hidden_size, inter, layer.group_size, **common)
     _combine.combine(out, topk_weights, d.eid, num_experts, y)
     return y, d.expert_counts

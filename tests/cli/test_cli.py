@@ -141,6 +141,22 @@ def test_writers_refuse_the_wrong_kind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
+def test_plan_precisions(planned, tmp_path):
+    """`rq plan --precisions int4,int8`: the mixed solver's plan (INT8 copies, predicted error) and its table;
+    a bad list is one clean line."""
+    _, work = planned
+    code, out = _run("plan", work / "stats", "--precisions", "int4,int8", "--out", tmp_path / "p.json")
+    assert code == 0, out
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["options"]["precisions"] == "int4,int8"
+    assert all(layer["predicted_error"] is not None for layer in plan["layers"])
+    if any(e.get("int8_replicas") or e["precision"] == "int8" for layer in plan["layers"] for e in layer["experts"]):
+        assert "INT8 copies" in out
+    _assert_clean_error(*_run("plan", work / "stats", "--precisions", "int3", "--out", tmp_path / "q.json"),
+                        "--precisions")
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_group_size_not_dividing_the_weights_still_quantizes(tiny_checkpoints, text_file, tmp_path):
     """hidden 64 with group size 128: one partial block per row (docs/spec.md §5), so R&Q still applies."""
     ckpt = tiny_checkpoints("mixtral")

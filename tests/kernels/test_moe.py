@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rq.core.experts import ACTIVATIONS
 from rq.core.op import WEIGHT_INPUTS, RQLayerWeights, rq_moe_reference
@@ -155,3 +159,28 @@ def test_gpu_realistic_shape(make_layer, random_routing, dtype):
         y_ref, counts_ref = _run(rq_moe_reference, x.float(), ids, w.float(), None,
                                  {**layer, "w_in": layer["w_in"].float(), "w_out": layer["w_out"].float()})
         _check(y, counts, y_ref, counts_ref, dtype)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_plans_mixing_three_precisions(device, data):  # `device` is the same for every example
+    """Fuzz: INT8 copies (docs/spec.md §5a) beside original and INT4 ones, partial last blocks, random offsets:
+    the kernels against the reference (counts exact, outputs within the float32 tolerance)."""
+    from rq.core.op import rq_moe_reference
+    from rq.kernels.moe import rq_moe
+    from rq.testing.layers import random_layer, random_routing as routing
+
+    logcnt = tuple(data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=4), label="logcnt"))
+    precision = tuple(data.draw(st.lists(st.integers(0, 2), min_size=sum(logcnt), max_size=sum(logcnt))))
+    activation = data.draw(st.sampled_from(["silu_glu", "gelu"]), label="activation")
+    width = data.draw(st.sampled_from([64, 96]), label="width")
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    layer = random_layer(logcnt, precision, hidden=width, inter=width - 32, activation=activation, seed=seed)
+    hidden, ids, weights = routing(data.draw(st.integers(1, 24)), 2, len(logcnt), seed=seed, hidden=width)
+    offsets = torch.tensor(data.draw(st.lists(st.integers(0, 5), min_size=len(logcnt), max_size=len(logcnt))))
+    y_ref, c_ref = rq_moe_reference(hidden, ids, weights, layer, offsets)
+    on = {name: t.to(device) for name, t in zip(layer.weight_names, layer.tensors())}
+    layer_dev = dataclasses.replace(layer, **on)
+    y, c = rq_moe(hidden.to(device), ids.to(device), weights.to(device), layer_dev, offsets.to(device))
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-4, rtol=1e-3)
+    assert torch.equal(c.cpu(), c_ref)
