@@ -14,7 +14,9 @@ Engines, each on one thread, run round-robin so a busy machine slows them alike;
   original model with Hugging Face's ``batched_mm`` experts in plain ops (``rq``'s baseline export), which
   gathers every token's expert weights and needs ``tokens x top_k x expert bytes`` of memory (25 GB for the
   mid-size prefill);
-* ONNX Runtime, R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``.
+* ONNX Runtime, R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``;
+* onnxruntime-genai (where installed), original and R&Q: ``og.Model`` on the two export folders, whose
+  ``model.genai.onnx`` is the fused graph with the offsets derived inside it (docs/export.md).
 
 Workloads: prefill of 4 x 128 tokens; greedy decode at batch 1 and 8 (16 steps after a 16-token prompt).
 Memory, each in a fresh process (peak resident set size, also above the process's size once the libraries
@@ -301,7 +303,44 @@ def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: boo
         out["ONNX Runtime, original (HF batched_mm)"] = ort_engine(builds["batched_mm"], "portable")
     out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_engine(builds["rq"], "onnxruntime")
     out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_engine(builds["rq"], "portable")
+    if genai_available():
+        out["onnxruntime-genai, original (fused MoE)"] = genai_engine(builds["identity"])
+        out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_engine(builds["rq"])
     return out
+
+
+def genai_available() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def genai_engine(build: Path):
+    """onnxruntime-genai's own loop over an export folder (``og.Model(build)``), one intra-op thread; prefill is
+    ``append_tokens`` of the prompt, each decode step one ``generate_next_token``."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(build))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1,
+                                                                          "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def run(ids, steps: int) -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + steps + 1, do_sample=False, batch_size=ids.shape[0])
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids.astype("int32"))
+        if not steps:
+            return time.perf_counter() - start
+        generator.generate_next_token()  # the prompt's token: no forward pass
+        start = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()
+        return time.perf_counter() - start
+    return run
 
 
 def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool) -> dict:
@@ -351,7 +390,11 @@ def ratios(speeds: dict) -> dict:
              "PyTorch R&Q (fast) / PyTorch original": ("PyTorch, R&Q (fast)", torch_original),
              "ORT R&Q portable / ORT original": (portable, ort_original),
              "ORT R&Q fused / ORT original (HF batched_mm)": (fused, "ONNX Runtime, original (HF batched_mm)"),
-             "PyTorch R&Q (reference) / PyTorch original": ("PyTorch, R&Q (reference)", torch_original)}
+             "PyTorch R&Q (reference) / PyTorch original": ("PyTorch, R&Q (reference)", torch_original),
+             "onnxruntime-genai R&Q / onnxruntime-genai original": ("onnxruntime-genai, R&Q (model.genai.onnx)",
+                                                                   "onnxruntime-genai, original (fused MoE)"),
+             "onnxruntime-genai R&Q / ORT R&Q fused (rq's runtime)": ("onnxruntime-genai, R&Q (model.genai.onnx)",
+                                                                     fused)}
     return {workload: {key: s[a] / s[b] for key, (a, b) in pairs.items() if a in s and b in s}
             for workload, s in speeds.items()}
 

@@ -169,7 +169,7 @@ def _fused_routes(tmp: Path, manifest: dict, shapes: dict[int, tuple[int, int]])
         if not graph["moe_layers"]:
             continue
         path, routes = ort_fused.write_ort_file(tmp / graph["file"], shapes, manifest["dtype"])
-        graph.update({"ort_file": path.name, "ort_data": path.name + ".data"})
+        graph["ort_file"] = path.name  # its initializers are model.onnx's (one data file, each weight once)
         for route in routes:
             manifest["moe_layers"][route.layer]["onnxruntime"] = route.to_json()
 
