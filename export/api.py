@@ -230,9 +230,10 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
 
     Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models) with
-    ``rq::RQMoE`` nodes and their portable body (TensorRT and any ONNX runtime), ``model.ort.onnx`` (+ ``.data``,
-    ONNX Runtime's fused route), ``manifest.json``, ``plan.json``, ``tokenizer/`` and ``parity/`` (reference
-    outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files (writes ``parity.json``).
+    ``rq::RQMoE`` nodes and their portable body (TensorRT and any ONNX runtime), ``model.ort.onnx`` (ONNX
+    Runtime's fused route, reading ``model.onnx.data``), ``model.genai.onnx`` + ``genai_config.json``
+    (onnxruntime-genai, decoder-only models), ``manifest.json``, ``plan.json``, the tokenizer files and
+    ``parity/`` (reference outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files (writes ``parity.json``).
     All of it is assembled in a staged folder and renamed to ``out_dir`` only when it succeeded: a failure
     (bad input, an export or ONNX Runtime error, a failed parity check: :class:`ExportCheckFailed`) raises
     :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed`` keeps the attempt at
