@@ -189,6 +189,11 @@ def _route_notes(manifest: dict) -> list[str]:
             reasons = sorted({r for _, r in portable})
             line += f"; layers {', '.join(str(i) for i, _ in portable)} keep the portable body ({'; '.join(reasons)})"
         notes.append(line)
+    if manifest.get("genai"):
+        notes.append(f"onnxruntime-genai: og.Model(folder) runs {manifest['genai']['file']} (genai_config.json, "
+                     f"model.type {manifest['genai']['type']!r}; replica offsets derived from the step)")
+    elif manifest["encoder_decoder"]:
+        notes.append("no onnxruntime-genai model: its decoder loop runs decoder-only graphs")
     return notes
 
 

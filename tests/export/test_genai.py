@@ -112,6 +112,7 @@ def test_onnxruntime_genai_runs_the_export(exported, tiny, arch):
     assert config["model"]["type"] == genai_type(arch) and config["search"]["past_present_share_buffer"] is False
     assert config["model"]["decoder"]["filename"] == result.manifest["genai"]["file"] == "model.genai.onnx"
     assert (result.out_dir / "tokenizer.json").is_file() and "tokenizer.json" in result.manifest["tokenizer"]["files"]
+    assert any(note.startswith("onnxruntime-genai: og.Model(folder) runs") for note in result.manifest["notes"])
     check_og_matches(result, *tiny(arch))
 
 
