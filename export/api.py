@@ -189,11 +189,12 @@ def _route_notes(manifest: dict) -> list[str]:
             reasons = sorted({r for _, r in portable})
             line += f"; layers {', '.join(str(i) for i, _ in portable)} keep the portable body ({'; '.join(reasons)})"
         notes.append(line)
-    if manifest.get("genai"):
-        notes.append(f"onnxruntime-genai: og.Model(folder) runs {manifest['genai']['file']} (genai_config.json, "
-                     f"model.type {manifest['genai']['type']!r}; replica offsets derived from the step)")
-    elif manifest["encoder_decoder"]:
-        notes.append("no onnxruntime-genai model: its decoder loop runs decoder-only graphs")
+    genai_entry = manifest.get("genai") or {}
+    if "file" in genai_entry:
+        notes.append(f"onnxruntime-genai: og.Model(folder) runs {genai_entry['file']} (genai_config.json, "
+                     f"model.type {genai_entry['type']!r}; replica offsets derived from the step)")
+    elif "unsupported" in genai_entry:
+        notes.append(f"no onnxruntime-genai model: {genai_entry['unsupported']}")
     return notes
 
 
