@@ -18,6 +18,8 @@ Engines, each on one thread, run round-robin so a busy machine slows them alike;
 * ONNX Runtime, R&Q: the fused route ``model.ort.onnx`` and the portable ``model.onnx``;
 * with ``--mixed``, the same engines for the mixed INT4/INT8 plan at the same budget (``rq plan --precisions
   int4,int8``; its INT8 layers run the portable body in ``model.ort.onnx``), against the INT4-only plan.
+* onnxruntime-genai (where installed), original and R&Q: ``og.Model`` on the two export folders, whose
+  ``model.genai.onnx`` is the fused graph with the offsets derived inside it (docs/export.md).
 
 Workloads: prefill of 4 x 128 tokens; greedy decode at batch 1 and 8 (16 steps after a 16-token prompt).
 Memory, each in a fresh process (peak resident set size, also above the process's size once the libraries
@@ -310,7 +312,44 @@ def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: boo
         out["PyTorch, R&Q mixed (fast)"] = torch_engine(mixed_model)
         out["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = ort_engine(builds["mixed"], "onnxruntime")
         out["ONNX Runtime, R&Q mixed portable (model.onnx)"] = ort_engine(builds["mixed"], "portable")
+    if genai_available():
+        out["onnxruntime-genai, original (fused MoE)"] = genai_engine(builds["identity"])
+        out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_engine(builds["rq"])
     return out
+
+
+def genai_available() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def genai_engine(build: Path):
+    """onnxruntime-genai's own loop over an export folder (``og.Model(build)``), one intra-op thread; prefill is
+    ``append_tokens`` of the prompt, each decode step one ``generate_next_token``."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(build))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 1,
+                                                                          "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def run(ids, steps: int) -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + steps + 1, do_sample=False, batch_size=ids.shape[0])
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids.astype("int32"))
+        if not steps:
+            return time.perf_counter() - start
+        generator.generate_next_token()  # the prompt's token: no forward pass
+        start = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()
+        return time.perf_counter() - start
+    return run
 
 
 def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool,
@@ -364,7 +403,11 @@ def ratios(speeds: dict) -> dict:
              "PyTorch R&Q (reference) / PyTorch original": ("PyTorch, R&Q (reference)", torch_original),
              "PyTorch R&Q mixed / PyTorch R&Q INT4": ("PyTorch, R&Q mixed (fast)", "PyTorch, R&Q (fast)"),
              "ORT R&Q mixed / ORT R&Q INT4 (model.ort.onnx)": ("ONNX Runtime, R&Q mixed (model.ort.onnx)", fused),
-             "ORT R&Q mixed / ORT R&Q INT4 (model.onnx)": ("ONNX Runtime, R&Q mixed portable (model.onnx)", portable)}
+             "ORT R&Q mixed / ORT R&Q INT4 (model.onnx)": ("ONNX Runtime, R&Q mixed portable (model.onnx)", portable),
+             "onnxruntime-genai R&Q / onnxruntime-genai original": ("onnxruntime-genai, R&Q (model.genai.onnx)",
+                                                                   "onnxruntime-genai, original (fused MoE)"),
+             "onnxruntime-genai R&Q / ORT R&Q fused (rq's runtime)": ("onnxruntime-genai, R&Q (model.genai.onnx)",
+                                                                     fused)}
     return {workload: {key: s[a] / s[b] for key, (a, b) in pairs.items() if a in s and b in s}
             for workload, s in speeds.items()}
 

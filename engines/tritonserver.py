@@ -119,7 +119,7 @@ def validate_model_config(text_or_path: str | Path):
 def graph_files(graph: dict) -> list[str]:
     """Every file of one exported graph: the portable ``model.onnx``, ONNX Runtime's fused ``model.ort.onnx``
     (which reads the shared weights from ``model.onnx.data``), and their data files."""
-    keys = ("file", "data", "ort_file", "ort_data")
+    keys = ("file", "data", "ort_file", "ort_data")  # ort_data: exports made before model.ort.onnx shared the data
     return [graph[k] for k in keys if k in graph]
 
 

@@ -169,7 +169,7 @@ def _fused_routes(tmp: Path, manifest: dict, shapes: dict[int, tuple[int, int]])
         if not graph["moe_layers"]:
             continue
         path, routes = ort_fused.write_ort_file(tmp / graph["file"], shapes, manifest["dtype"])
-        graph.update({"ort_file": path.name, "ort_data": path.name + ".data"})
+        graph["ort_file"] = path.name  # its initializers are model.onnx's (one data file, each weight once)
         for route in routes:
             manifest["moe_layers"][route.layer]["onnxruntime"] = route.to_json()
 
@@ -189,6 +189,12 @@ def _route_notes(manifest: dict) -> list[str]:
             reasons = sorted({r for _, r in portable})
             line += f"; layers {', '.join(str(i) for i, _ in portable)} keep the portable body ({'; '.join(reasons)})"
         notes.append(line)
+    genai_entry = manifest.get("genai") or {}
+    if "file" in genai_entry:
+        notes.append(f"onnxruntime-genai: og.Model(folder) runs {genai_entry['file']} (genai_config.json, "
+                     f"model.type {genai_entry['type']!r}; replica offsets derived from the step)")
+    elif "unsupported" in genai_entry:
+        notes.append(f"no onnxruntime-genai model: {genai_entry['unsupported']}")
     return notes
 
 
@@ -230,9 +236,10 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
 
     Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models) with
-    ``rq::RQMoE`` nodes and their portable body (TensorRT and any ONNX runtime), ``model.ort.onnx`` (+ ``.data``,
-    ONNX Runtime's fused route), ``manifest.json``, ``plan.json``, ``tokenizer/`` and ``parity/`` (reference
-    outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files (writes ``parity.json``).
+    ``rq::RQMoE`` nodes and their portable body (TensorRT and any ONNX runtime), ``model.ort.onnx`` (ONNX
+    Runtime's fused route, reading ``model.onnx.data``), ``model.genai.onnx`` + ``genai_config.json``
+    (onnxruntime-genai, decoder-only models), ``manifest.json``, ``plan.json``, the tokenizer files and
+    ``parity/`` (reference outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files (writes ``parity.json``).
     All of it is assembled in a staged folder and renamed to ``out_dir`` only when it succeeded: a failure
     (bad input, an export or ONNX Runtime error, a failed parity check: :class:`ExportCheckFailed`) raises
     :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed`` keeps the attempt at

@@ -56,6 +56,10 @@ def genai_type(architecture: str) -> str:
     return GENAI_TYPES.get(architecture, "decoder")
 
 
+class Unsupported(ValueError):
+    """The graph has something onnxruntime-genai's decoder loop cannot feed; the message says what."""
+
+
 class _Nodes:
     """Nodes and small initializers of the derivation, names under ``rq_genai/``."""
 
@@ -123,10 +127,10 @@ def make_genai_graph(proto: onnx.ModelProto, offsets: dict[str, int],
         if (layer["value_heads"], layer["value_dim"]) == (layer["key_heads"], layer["key_dim"]):
             continue
         if layer["value_heads"] != layer["key_heads"] or layer["value_dim"] > layer["key_dim"]:
-            raise ValueError(f"attention layer {i} caches keys {layer['key_heads']}x{layer['key_dim']} and values "
+            raise Unsupported(f"attention layer {i} caches keys {layer['key_heads']}x{layer['key_dim']} and values "
                              f"{layer['value_heads']}x{layer['value_dim']}: onnxruntime-genai needs one shape")
-        past = f"past_key_values.{i}.value"
-        renames[past] = b.op("Slice", past, b.const([0]), b.const([layer["value_dim"]]), b.const([3]))
+        value_in = f"past_key_values.{i}.value"
+        renames[value_in] = b.op("Slice", value_in, b.const([0]), b.const([layer["value_dim"]]), b.const([3]))
         padded[f"present.{i}.value"] = layer["key_dim"] - layer["value_dim"]
     tail = _pad_outputs(graph, padded, b)
     _rename_uses(graph, renames)
@@ -218,15 +222,19 @@ def genai_config(manifest: dict, model_config: dict, generation: dict, filename:
     return {"model": model, "search": search}
 
 
-def write_genai(folder: Path, manifest: dict, model_dir: Path) -> dict | None:
+def write_genai(folder: Path, manifest: dict, model_dir: Path) -> dict:
     """Write ``model.genai.onnx`` and ``genai_config.json`` into an export ``folder`` and return the
-    manifest's ``genai`` entry; ``None`` (nothing written) for encoder-decoder models, which onnxruntime-genai's
-    decoder loop cannot run."""
+    manifest's ``genai`` entry; ``{"unsupported": why}`` (nothing written) for a model onnxruntime-genai's decoder
+    loop cannot run (encoder-decoder models)."""
     if manifest["encoder_decoder"]:
-        return None
+        return {"unsupported": "its decoder loop runs decoder-only graphs"}
     graph = manifest["graphs"]["decoder"]
     offsets = {layer["offsets_input"]: layer["num_experts"] for layer in manifest["moe_layers"]}
-    path = write_genai_graph(folder / graph.get("ort_file", graph["file"]), offsets, manifest["kv_cache"]["layers"])
+    try:
+        path = write_genai_graph(folder / graph.get("ort_file", graph["file"]), offsets,
+                                 manifest["kv_cache"]["layers"])
+    except Unsupported as err:
+        return {"unsupported": str(err)}
     config = genai_config(manifest, _read_json(model_dir / "config.json"),
                           _read_json(model_dir / "generation_config.json"), path.name)
     tmp = folder / (GENAI_CONFIG + ".tmp")

@@ -8,6 +8,9 @@ Per MoE layer, with the layer's ``P`` copies split into ``P_int4`` INT4 and ``P_
 2. the routing weights scattered into dense per-class matrices ``W_q [T, P_int4]`` and ``W_o [T, P_orig]``
    (column = the copy's slot in its class; dropped assignments and the other class go to a spare column
    that is sliced off);
+   The INT4 class has one column per *expert* with INT4 copies, not per copy: every INT4 copy of an expert
+   holds the same bytes (docs/spec.md §5), so all of them share the expert's column and QMoE holds each
+   expert's INT4 weights once (fewer, larger GEMMs; the replicas' bytes are not loaded at all);
 3. ``y_q = com.microsoft.QMoE(hidden, router_probs=W_q, ..., router_weights=W_q)``: 4-bit, ``block_size=G``,
    the §5 bytes ``XOR 0x88`` (QMoE's default zero point is 8), gate/up rows interleaved for SwiGLU
    (``swiglu_fusion=1``); ``router_weights`` makes the mixing weights exactly ``W_q``, and ``k = min(K, P_int4)``
@@ -25,9 +28,12 @@ portable too (ONNX Runtime's 8-bit ``QMoE`` is not exact, docs/spec.md §8). The
 identity of step 4 needs non-negative routing weights, which every supported router produces (softmax or
 sigmoid scores).
 
-The file is written from ``model.onnx`` without loading its weights: the graph protobuf is edited, the
-non-expert initializers keep pointing at ``model.onnx.data`` (shared, not copied), and each fused layer's
-converted weights are streamed to ``model.ort.onnx.data`` one layer at a time (memory-mapped reads).
+The file is written from ``model.onnx`` without loading its weights: the graph protobuf is edited and every
+initializer keeps pointing at ``model.onnx.data``, the expert weights included: the kernels' layouts (gate/up
+rows interleaved, nibbles ``XOR 0x88``) are computed from the §5 tensors by ``Reshape``/``Transpose``/
+``BitwiseXor``/``Cast`` nodes on initializers, which ONNX Runtime's constant folding turns into the kernels'
+constant weights when the session is created (and the kernels then pre-pack). So the folder stores each
+weight once; a session with graph optimizations disabled would convert them on every call.
 """
 
 from __future__ import annotations
@@ -70,67 +76,25 @@ def ort_file_name(onnx_file: str) -> str:
     return onnx_file.removesuffix(".onnx") + ORT_SUFFIX
 
 
-class _Weights:
-    """Read-only numpy views of external initializers (memory-mapped: nothing is read until used)."""
-
-    def __init__(self, proto: onnx.ModelProto, folder: Path):
-        self.folder = folder
-        self.tensors = {t.name: t for t in proto.graph.initializer}
-        self._maps: dict[str, np.memmap] = {}
-
-    def array(self, name: str) -> np.ndarray:
-        tensor = self.tensors[name]
-        info = {e.key: e.value for e in tensor.external_data}
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        if "location" not in info:  # small tensors may be stored inline
-            return onnx.numpy_helper.to_array(tensor)
-        location = info["location"]
-        if location not in self._maps:
-            self._maps[location] = np.memmap(self.folder / location, dtype=np.uint8, mode="r")
-        offset, length = int(info.get("offset", 0)), int(info["length"])
-        return self._maps[location][offset:offset + length].view(dtype).reshape(tuple(tensor.dims))
-
-    def release(self) -> None:
-        """Unmap the files once no view is left, so the pages read so far stop counting as this process's."""
-        self._maps.clear()
+def _interleave(b: "_Builder", name: str, shape: tuple[int, ...], inter: int) -> str:
+    """``[P, 2I, X]`` gate rows then up rows -> rows g0, u0, g1, u1, ... (``swiglu_fusion=1``), as graph ops on
+    the initializer ``name`` (ONNX Runtime folds them into a constant when the session is created)."""
+    p, rows, x = shape
+    split = b.op("Reshape", name, b.const(np.array([p, 2, inter, x], np.int64)))
+    return b.op("Reshape", b.op("Transpose", split, perm=[0, 2, 1, 3]), b.const(np.array([p, rows, x], np.int64)))
 
 
-class _DataWriter:
-    """Appends tensors to one external data file, 64-byte aligned, and returns their TensorProto (no data).
-    Writes ``<path>.tmp``; :meth:`commit` renames it to ``path`` (the name the protos refer to)."""
-
-    def __init__(self, path: Path):
-        self.path, self.location = path, path.name
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.handle = open(self.tmp, "wb")
-
-    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
-        array = np.ascontiguousarray(array)
-        offset = self.handle.tell()
-        pad = -offset % 64
-        if pad:
-            self.handle.write(b"\0" * pad)
-            offset += pad
-        self.handle.write(array.tobytes())
-        proto = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, value
-        return proto
-
-    def commit(self) -> None:
-        self.handle.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.handle.close()
-        self.tmp.unlink(missing_ok=True)
+def _slots(b: "_Builder", name: str, shape: tuple[int, ...], slots: np.ndarray, count: int) -> str:
+    """The stacked initializer ``name`` restricted to ``slots`` (along axis 0), or itself when that is all."""
+    if len(slots) == count and np.array_equal(slots, np.arange(count)):
+        return name
+    return b.op("Gather", name, b.const(slots.astype(np.int64)), axis=0)
 
 
-def _interleave(a: np.ndarray, inter: int) -> np.ndarray:
-    """``[P, 2I, ...]`` gate rows then up rows -> rows g0, u0, g1, u1, ... (``swiglu_fusion=1``)."""
-    return np.stack((a[:, :inter], a[:, inter:]), axis=2).reshape(a.shape)
+def _zero_point_8(b: "_Builder", name: str) -> str:
+    """The §5 bytes (INT8-typed two's-complement nibbles) ``XOR 0x88`` as UINT8: QMoE's nibbles with zero point
+    8. ``Cast`` between 8-bit integer types keeps the bits."""
+    return b.op("Cast", b.op("BitwiseXor", name, b.const(np.array(-120, np.int8))), to=TensorProto.UINT8)
 
 
 def route_of(layer: int, activation: str, precision: list[int], hidden: int, inter: int, group: int) -> LayerRoute:
@@ -184,9 +148,10 @@ def _class_weights(b: _Builder, column: np.ndarray, width: int, safe: str, hidde
     return part if float_type == TensorProto.FLOAT else b.op("Cast", part, to=float_type)
 
 
-def fuse_node(node: onnx.NodeProto, layer: int, weights: _Weights, data: _DataWriter,
+def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]],
               float_type: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The nodes and new initializers that replace one ``rq::RQMoE`` node (see the module doc)."""
+    """The nodes and new (small) initializers that replace one ``rq::RQMoE`` node (see the module doc); ``dims``:
+    initializer name -> shape. The kernels' weights are computed from the node's own weight initializers."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     copies, precision = [int(c) for c in attrs["copies"]], [int(p) for p in attrs["precision"]]
     activation = attrs["activation"].decode() if isinstance(attrs["activation"], bytes) else attrs["activation"]
@@ -209,26 +174,30 @@ def fuse_node(node: onnx.NodeProto, layer: int, weights: _Weights, data: _DataWr
         common.update(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
     parts = []
     if n_int4:
-        w_in_q, w_out_q = weights.array(w["w_in_q"]).view(np.uint8), weights.array(w["w_out_q"]).view(np.uint8)
-        w_in_s, w_out_s = weights.array(w["w_in_scales"]), weights.array(w["w_out_scales"])
-        inter = w_in_q.shape[1] // (2 if glu else 1)
+        # all INT4 copies of one expert hold the same bytes (docs/spec.md §5): QMoE gets each expert's once, and
+        # every INT4 copy's weight goes to its expert's column, so replicas cost no extra GEMM or weights here
+        owner = np.repeat(np.arange(len(copies)), copies)  # phy2log
+        experts, first = np.unique(owner[prec == 1], return_index=True)  # first INT4 slot of each such expert
+        column_of = {int(e): i for i, e in enumerate(experts)}
+        n_q = len(experts)
+        fc1_q, fc1_s, fc2_q, fc2_s = (_slots(b, w[n], dims[w[n]], first, n_int4)
+                                      for n in ("w_in_q", "w_in_scales", "w_out_q", "w_out_scales"))
         if glu:
-            w_in_q, w_in_s = _interleave(w_in_q, inter), _interleave(w_in_s, inter)
-        names = [f"rq_ort.{layer}.{n}" for n in ("fc1_q", "fc1_scales", "fc2_q", "fc2_scales")]
-        for name, array in zip(names, (w_in_q ^ 0x88, w_in_s, w_out_q ^ 0x88, w_out_s)):
-            b.inits.append(data.tensor(name, array))
-        column = np.append(np.where(prec == 1, slot, n_int4), n_int4)
-        w_q = _class_weights(b, column, n_int4, safe, hidden, topk_weights, float_type)
+            shape = (n_q, *dims[w["w_in_q"]][1:])
+            inter = shape[1] // 2
+            fc1_q = _interleave(b, fc1_q, shape, inter)
+            fc1_s = _interleave(b, fc1_s, (n_q, *dims[w["w_in_scales"]][1:]), inter)
+        names = [_zero_point_8(b, fc1_q), fc1_s, _zero_point_8(b, fc2_q), fc2_s]
+        column = np.append([column_of[int(e)] if q == 1 else n_q for e, q in zip(owner, prec)], n_q)
+        w_q = _class_weights(b, column, n_q, safe, hidden, topk_weights, float_type)
         parts.append(b.op("QMoE", hidden, w_q, names[0], names[1], "", names[2], names[3], "", "", "", "", "", "",
-                          "", w_q, domain=MS_DOMAIN, k=min(top_k, n_int4), expert_weight_bits=4, block_size=group,
+                          "", w_q, domain=MS_DOMAIN, k=min(top_k, n_q), expert_weight_bits=4, block_size=group,
                           **common))
     if n_orig:
-        w_in, w_out = weights.array(w["w_in"]), weights.array(w["w_out"])
+        fc1 = w["w_in"]
         if glu:
-            w_in = _interleave(w_in, w_in.shape[1] // 2)
-        names = [f"rq_ort.{layer}.fc1", f"rq_ort.{layer}.fc2"]
-        for name, array in zip(names, (w_in, w_out)):
-            b.inits.append(data.tensor(name, array))
+            fc1 = _interleave(b, fc1, dims[fc1], dims[fc1][1] // 2)
+        names = [fc1, w["w_out"]]
         column = np.append(np.where(prec == 0, slot, n_orig), n_orig)
         w_o = _class_weights(b, column, n_orig, safe, hidden, topk_weights, float_type)
         moe = b.op("MoE", hidden, b.op("Log", w_o), names[0], "", names[1], domain=MS_DOMAIN, k=min(top_k, n_orig),
@@ -245,47 +214,40 @@ FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 def write_ort_file(onnx_path: Path, shapes: dict[int, tuple[int, int]], dtype: str) -> tuple[Path, list[LayerRoute]]:
-    """Write ``<name>.ort.onnx`` (+ ``.data``) next to ``onnx_path``; ``shapes``: MoE layer -> ``(H, I)``;
+    """Write ``<name>.ort.onnx`` (no data file of its own) next to ``onnx_path``; ``shapes``: MoE layer -> ``(H, I)``;
     ``dtype``: the export's float type (``float32``/``float16``).
 
-    Returns the new file and the route of every MoE layer of the graph. Reads only the graph protobuf and
-    memory-maps the weights of one layer at a time."""
+    Returns the new file and the route of every MoE layer of the graph. Reads and writes only the graph
+    protobuf: the file's initializers are ``onnx_path``'s, in its data file."""
     folder = onnx_path.parent
     proto = onnx.load(onnx_path, load_external_data=False)
     float_type = FLOAT_TYPES[dtype]
-    weights = _Weights(proto, folder)
+    dims = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     out_path = folder / ort_file_name(onnx_path.name)
-    data = _DataWriter(folder / (out_path.name + ".data"))
     routes: list[LayerRoute] = []
     nodes: list[onnx.NodeProto] = []
-    dropped: set[str] = set()
-    try:
-        for node in proto.graph.node:
-            if not (node.domain == DOMAIN and node.op_type == OP_NAME):
-                nodes.append(node)
-                continue
-            layer = int(node.name.rsplit("_", 1)[1])
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            activation = attrs["activation"].decode()
-            hidden_size, inter = shapes[layer]
-            route = route_of(layer, activation, list(attrs["precision"]), hidden_size, inter, int(attrs["group_size"]))
-            routes.append(route)
-            if not route.fused:
-                nodes.append(node)
-                continue
-            new_nodes, inits = fuse_node(node, layer, weights, data, float_type)
-            weights.release()  # one layer's weights resident at a time
-            nodes.extend(new_nodes)
-            proto.graph.initializer.extend(inits)
-            dropped.update(node.input[len(CALL_INPUTS):])
-    except BaseException:
-        data.discard()
-        raise
-    data.commit()
+    replaced: set[str] = set()
+    for node in proto.graph.node:
+        if not (node.domain == DOMAIN and node.op_type == OP_NAME):
+            nodes.append(node)
+            continue
+        layer = int(node.name.rsplit("_", 1)[1])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        activation = attrs["activation"].decode()
+        hidden_size, inter = shapes[layer]
+        route = route_of(layer, activation, list(attrs["precision"]), hidden_size, inter, int(attrs["group_size"]))
+        routes.append(route)
+        if not route.fused:
+            nodes.append(node)
+            continue
+        new_nodes, inits = fuse_node(node, layer, dims, float_type)
+        nodes.extend(new_nodes)
+        proto.graph.initializer.extend(inits)
+        replaced.update(node.input[len(CALL_INPUTS):])
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input} | _subgraph_inputs(nodes)
-    keep = [t for t in proto.graph.initializer if t.name not in dropped or t.name in used]
+    used = {i for n in nodes for i in n.input} | _subgraph_inputs(nodes)  # e.g. an empty class's weights are not
+    keep = [t for t in proto.graph.initializer if t.name not in replaced or t.name in used]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
     if any(r.fused for r in routes):

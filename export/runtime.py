@@ -59,7 +59,7 @@ def graph_file(graph: dict, flavour: str = "onnxruntime", genai: dict | None = N
     export has one and ``flavour`` is ``"onnxruntime"``, onnxruntime-genai's graph (``genai``: the manifest's
     ``genai`` entry) for ``"genai"``, else the portable ``model.onnx``."""
     if flavour == "genai":
-        if not genai:
+        if not genai or "file" not in genai:
             raise RQError("this export has no onnxruntime-genai graph (encoder-decoder models have none, and exports "
                           "made by an older rq-export neither); re-run rq-export, or use flavour='onnxruntime'")
         return genai["file"]

@@ -14,10 +14,14 @@ def test_ratios_pair_the_engines_they_name_and_skip_missing_ones():
     speeds = {"decode B=1": {"PyTorch, original": 100.0, "PyTorch, R&Q (fast)": 90.0,
                              "ONNX Runtime, original (fused MoE)": 200.0,
                              "ONNX Runtime, R&Q fused (model.ort.onnx)": 300.0,
-                             "ONNX Runtime, R&Q portable (model.onnx)": 50.0}}
+                             "ONNX Runtime, R&Q portable (model.onnx)": 50.0,
+                             "onnxruntime-genai, original (fused MoE)": 250.0,
+                             "onnxruntime-genai, R&Q (model.genai.onnx)": 330.0}}
     r = bench_speed.ratios(speeds)["decode B=1"]
     assert r == pytest.approx({"ORT R&Q fused / ORT original": 1.5, "ORT R&Q fused / PyTorch original": 3.0,
-                               "PyTorch R&Q (fast) / PyTorch original": 0.9, "ORT R&Q portable / ORT original": 0.25})
+                               "PyTorch R&Q (fast) / PyTorch original": 0.9, "ORT R&Q portable / ORT original": 0.25,
+                               "onnxruntime-genai R&Q / onnxruntime-genai original": 1.32,
+                               "onnxruntime-genai R&Q / ORT R&Q fused (rq's runtime)": 1.1})
 
 
 def _run(peak: int, imported: int = 300 * MIB, **extra) -> dict:

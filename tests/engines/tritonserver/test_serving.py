@@ -73,7 +73,7 @@ def test_repository_layout_and_configs(model_repo, rq_build):
     # the served file is ONNX Runtime's fused route, which reads its shared weights from model.onnx.data
     assert onnx_cfg.max_batch_size == 0 and onnx_cfg.default_model_filename == "model.ort.onnx"
     version = model_repo / ONNX_MODEL / "1"
-    for f in ("model.onnx", "model.onnx.data", "model.ort.onnx", "model.ort.onnx.data", "manifest.json", "plan.json",
+    for f in ("model.onnx", "model.onnx.data", "model.ort.onnx", "manifest.json", "plan.json",
               "tokenizer.json"):
         assert (version / f).is_file(), f
     # the config's tensors are exactly the ONNX graph's (names, element types, ranks; fixed dims kept)
