@@ -195,15 +195,14 @@ class StreamedModel:
 
     # --- running -----------------------------------------------------------------------------------
     def run(self, jobs: Sequence[Callable[[], Any]], *, label: str, passes: int | None = 1,
-            on_done: Callable[[int, Any], None] | None = None,
-            on_group: Callable[[int], None] | None = None) -> list[Any]:
+            on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
         """Run ``jobs`` (forward passes over this model) layer-major with a per-layer progress bar of the bytes
         read (``passes``: how many times each layer will be visited, None if unknown)."""
         total = None if passes is None else passes * sum(self.block_bytes)
         with layer_progress(label, total, enabled=self.show_progress) as advance:
             self._advance = advance
             try:
-                return self.scheduler.run(jobs, on_done=on_done, on_group=on_group)
+                return self.scheduler.run(jobs, on_done=on_done, sequential=self.keep)
             finally:
                 self._advance = None
 
