@@ -29,6 +29,7 @@ from torch import nn
 from rq.errors import RQError
 from rq.models.adapters import Adapter, MoELayer, read_config
 from rq.models.checkpoint import Checkpoint
+from rq.memory import map_large_allocations
 from rq.models.layerwise import LayerScheduler
 from rq.progress import layer_progress
 
@@ -238,6 +239,7 @@ def open_streamed(model_dir: str | Path, *, dtype: torch.dtype | str = "auto", t
     model_dir = Path(model_dir)
     config, adapter = read_config(model_dir, trust_remote_code)
     checkpoint = Checkpoint(model_dir)
+    map_large_allocations()  # a released layer's memory goes back to the system, not to a heap
     dtype = resolve_dtype(dtype, config, checkpoint)
     auto = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
 
