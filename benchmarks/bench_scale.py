@@ -9,7 +9,7 @@ checkpoint pages are reclaimable) and ``VmRSS`` of the process every 0.1 s.
 
     python -m benchmarks.bench_scale --work /big/disk/scale [--layers 2,4,8] [--stages calibrate,plan,eval]
 
-``--kept`` also runs calibration with every layer kept once read (``--stream never``: what holding the whole
+``--kept-max N`` also runs calibration with every layer kept once read (``--stream never``: what holding the whole
 model costs) as the baseline. Results: ``benchmarks/plots/scale.json``, a markdown table on stdout (for
 RESULTS.md) and ``benchmarks/plots/scale_memory.png``; ``--from-json`` redraws both from a stored run.
 Not a test: it writes about 10.4 GiB and runs for many minutes on two cores.
@@ -160,8 +160,8 @@ def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int]
                            "always"],
         "plan": rq + ["plan", str(stats), "--out", str(plan)],
         "eval": rq + ["eval", str(folder), "--plan", str(plan), "--data", str(data), "--sequences", str(sequences),
-                      "--seq-len", str(seq_len), "--batch-sizes", "1,2", "--stream-batch", "2",
-                      "--stream-steps", "1", "--stream", "always"],
+                      "--seq-len", str(seq_len), "--batch-sizes", "1,2",
+                      "--stream-steps", "0", "--stream", "always"],
     }
 
 
@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", default="calibrate,plan,eval")
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--kept", action="store_true", help="also calibrate with every layer kept (baseline)")
+    parser.add_argument("--kept-max", type=int, default=0,
+                        help="also calibrate with every layer kept (the baseline) on checkpoints of up to this many "
+                             "layers (it holds the whole model)")
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "scale.json")
     parser.add_argument("--from-json", action="store_true", help="redraw the table and plot from --out")
     args = parser.parse_args(argv)
@@ -238,13 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
         run = {"layers": n, "checkpoint_bytes": checkpoint_bytes(folder),
                "layer_bytes": (folder / "layer-000.safetensors").stat().st_size, "stages": {}}
         commands = stage_commands(folder, args.work, data, (args.sequences, args.seq_len))
-        if args.kept:
+        if n <= args.kept_max:
             kept = list(commands["calibrate"])
             kept[kept.index("always")] = "never"
             kept[kept.index("--out") + 1] += "-kept"
             commands = {"calibrate_kept": kept, **commands}
         for stage, command in commands.items():
-            if stage not in args.stages.split(",") + (["calibrate_kept"] if args.kept else []):
+            if stage not in args.stages.split(",") + ["calibrate_kept"]:
                 continue
             run["stages"][stage] = measure(command, args.work / f"{folder.name}-{stage}.log")
             print(n, stage, run["stages"][stage], flush=True)

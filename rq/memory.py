@@ -58,14 +58,34 @@ def own_parameters(model: nn.Module, suffix: str = ".safetensors") -> int:
     return copied
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own memory map (glibc ``mallopt``), so
+    freeing it returns the memory at once. By default glibc raises that threshold after large frees and then
+    keeps freed tensors in its heaps (one per thread), where a model streamed layer by layer piles up a
+    layer's worth of freed memory per pass. Returns whether the setting took effect (glibc only)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
 def release_freed_memory() -> None:
     """Collect garbage and return the heap's free memory to the operating system (glibc ``malloc_trim``)."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:  # glibc only
+        trim(0)

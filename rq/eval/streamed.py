@@ -92,7 +92,7 @@ class StreamedPair:
         with layer_progress(label, total, enabled=self.original.show_progress) as advance:
             self.original._advance = advance
             try:
-                return self.scheduler.run(jobs, on_done=on_done)
+                return self.scheduler.run(jobs, on_done=on_done, sequential=self.original.keep)
             finally:
                 self.original._advance = None
 

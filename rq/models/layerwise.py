@@ -107,10 +107,20 @@ class LayerScheduler:
         return hook
 
     def run(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None,
-            on_group: Callable[[int], None] | None = None) -> list[Any]:
+            sequential: bool = False) -> list[Any]:
         """Run every job (a forward pass) layer-major; returns their results in order, or, with ``on_done``,
-        hands each result over as soon as its pass finishes (and keeps none). ``on_group(g)`` is told each
-        group once it is loaded."""
+        hands each result over as soon as its pass finishes (and keeps none). ``sequential``: one job after
+        the other in this thread, each layer loaded when a call reaches it (for layers that stay once loaded:
+        no thread hand-offs at all)."""
+        if sequential:
+            results = []
+            for index, job in enumerate(jobs):
+                result = job()
+                if on_done is not None:
+                    on_done(index, result)
+                else:
+                    results.append(result)
+            return results
         turn = threading.Semaphore(0)
         workers = [_Worker(i, job, torch.is_grad_enabled(), turn) for i, job in enumerate(jobs)]
         results: list[Any] = [None] * len(workers)
@@ -126,8 +136,6 @@ class LayerScheduler:
                 group = min(w.waiting_at for w in pending)
                 self.groups.load(group)
                 try:
-                    if on_group is not None:
-                        on_group(group)
                     for worker in pending:
                         if worker.waiting_at == group:
                             worker.waiting_at = None

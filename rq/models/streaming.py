@@ -29,6 +29,7 @@ from torch import nn
 from rq.errors import RQError
 from rq.models.adapters import Adapter, MoELayer, read_config
 from rq.models.checkpoint import Checkpoint
+from rq.memory import map_large_allocations
 from rq.models.layerwise import LayerScheduler
 from rq.progress import layer_progress
 
@@ -195,15 +196,14 @@ class StreamedModel:
 
     # --- running -----------------------------------------------------------------------------------
     def run(self, jobs: Sequence[Callable[[], Any]], *, label: str, passes: int | None = 1,
-            on_done: Callable[[int, Any], None] | None = None,
-            on_group: Callable[[int], None] | None = None) -> list[Any]:
+            on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
         """Run ``jobs`` (forward passes over this model) layer-major with a per-layer progress bar of the bytes
         read (``passes``: how many times each layer will be visited, None if unknown)."""
         total = None if passes is None else passes * sum(self.block_bytes)
         with layer_progress(label, total, enabled=self.show_progress) as advance:
             self._advance = advance
             try:
-                return self.scheduler.run(jobs, on_done=on_done, on_group=on_group)
+                return self.scheduler.run(jobs, on_done=on_done, sequential=self.keep)
             finally:
                 self._advance = None
 
@@ -239,6 +239,7 @@ def open_streamed(model_dir: str | Path, *, dtype: torch.dtype | str = "auto", t
     model_dir = Path(model_dir)
     config, adapter = read_config(model_dir, trust_remote_code)
     checkpoint = Checkpoint(model_dir)
+    map_large_allocations()  # a released layer's memory goes back to the system, not to a heap
     dtype = resolve_dtype(dtype, config, checkpoint)
     auto = AutoModelForSeq2SeqLM if adapter.encoder_decoder else AutoModelForCausalLM
 
