@@ -145,19 +145,23 @@ def _rows_json(rows: list[list[int]]) -> str:
     return "[\n" + ",\n".join("  " + json.dumps(r) for r in rows) + "\n]"
 
 
-def write_sglang(path: Path, phy2log: torch.Tensor, decoder: list[int], num_hidden_layers: int,
-                 num_experts: int) -> None:
-    """SGLang ``--init-expert-location`` JSON: ``physical_to_logical_map [num_hidden_layers, P]``.
-
-    phy2log: ``[L, P]`` (MoE layers); decoder: ``[L]`` decoder index of each; other rows get ``p % N``.
-    """
+def sglang_rows(phy2log: torch.Tensor, decoder: list[int], num_hidden_layers: int, num_experts: int) -> torch.Tensor:
+    """SGLang's ``physical_to_logical_map [num_hidden_layers, P]``: the MoE layers' rows of ``phy2log [L, P]`` at
+    their decoder index ``decoder [L]``, the trivial ``p % N`` in every other row."""
     num_phy = phy2log.shape[1]
     if max(decoder) >= num_hidden_layers:
         raise RQError(f"MoE layer at decoder index {max(decoder)} but the model has {num_hidden_layers} layers; "
                       f"pass --config with the model's config.json")
-    rows = [[p % num_experts for p in range(num_phy)] for _ in range(num_hidden_layers)]
-    for li, d in enumerate(decoder):
-        rows[d] = phy2log[li].tolist()
+    rows = (torch.arange(num_phy) % num_experts).repeat(num_hidden_layers, 1)
+    rows[torch.tensor(decoder)] = phy2log.to(torch.int64)
+    return rows
+
+
+def write_sglang(path: Path, phy2log: torch.Tensor, decoder: list[int], num_hidden_layers: int,
+                 num_experts: int) -> None:
+    """SGLang ``--init-expert-location`` JSON: ``physical_to_logical_map [num_hidden_layers, P]``
+    (:func:`sglang_rows`)."""
+    rows = sglang_rows(phy2log, decoder, num_hidden_layers, num_experts).tolist()
     atomic_write_text(path, '{"physical_to_logical_map": ' + _rows_json(rows) + "}\n")
 
 

@@ -51,6 +51,27 @@ def summary_table(rows: list[dict], load_sets: list[str], digits: int = 2, joine
     return markdown_table(header, body)
 
 
+MODE_LABELS = {"rq": "rq runtime (spec §4)", "sglang-dynamic": "SGLang dynamic (no a2a backend)",
+               "sglang-static": "SGLang static (--moe-a2a-backend deepep)", "vllm": "vLLM EPLB (row hash)",
+               "trtllm": "TensorRT-LLM load balancer"}
+
+
+def dispatch_table(modes: list[dict], load_sets: list[str], recommended: dict[str, str]) -> str:
+    """Device LIS (mean / worst layer) of R&Q's and EPLB's placement (same slots) under each engine's dispatch;
+    the mode rq recommends for each engine is marked."""
+    chosen = set(recommended.values())
+    header = ["dispatch"] + [f"{who} ({key})" for key in load_sets for who in ("R&Q", "EPLB same slots")]
+    body = []
+    for r in modes:
+        cells = [MODE_LABELS[r["mode"]] + (" **(recommended)**" if r["mode"] in chosen else "")]
+        for key in load_sets:
+            for name in ("rq", "eplb_same_slots"):
+                s = r[name][key]
+                cells.append(f"{fmt(s['device_lis_mean'], 3)} / {fmt(s['device_lis_worst'], 3)}")
+        body.append(cells)
+    return markdown_table(header, body)
+
+
 def layers_table(sim: Simulation, decoder: list[int], num_phy: int, added: list[int], removed: list[int],
                  plan_counts: list[int]) -> str:
     """Device LIS of every layer, method and load set, with the copies the placement added or removed."""

@@ -22,12 +22,14 @@ from rq.atomic import atomic_write_text, staged_dir
 from rq.calibrate.stats import CalibrationStats
 from rq.errors import RQError
 from rq.placement import FILENAMES, FORMATS
+from rq.placement.dispatch import DEFAULT_BATCH_TOKENS, DISPATCH_MODES, ENGINE_MODES, sglang_static_table
+from rq.placement.dispatch import device_loads as dispatch_device_loads
 from rq.placement.engines import engine_flags, engine_warnings
-from rq.placement.formats import DTYPE_BYTES, check_formats, decoder_layers, model_shape, write_formats
+from rq.placement.formats import DTYPE_BYTES, check_formats, decoder_layers, model_shape, sglang_rows, write_formats
 from rq.placement.loads import import_loads
 from rq.placement.place import (colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt, makespan_ratio, place,
                                 trivial_placement, unavoidable_colocated)
-from rq.placement.report import METHOD_LABELS, METHODS, layers_table, plot_layers, summary_table
+from rq.placement.report import METHOD_LABELS, METHODS, dispatch_table, layers_table, plot_layers, summary_table
 from rq.plan.planner import expert_int4_bytes
 from rq.plan.schema import Plan, load_plan
 
@@ -186,10 +188,37 @@ class Simulation:
     bytes_per_gpu: dict[str, float]  # max over devices of expert bytes per device, summed over layers
     bytes_per_gpu_mean: float  # R&Q: mean over devices
     same_memory_clipped: bool
+    # {dispatch mode: {method: {load set: [L, G]}}} for the placements an engine is given (R&Q, EPLB same slots)
+    dispatch: dict[str, dict[str, dict[str, torch.Tensor]]]
+
+
+DISPATCH_METHODS = ("eplb_same_slots", "rq")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the MoE layers sit in the model (SGLang's static tables span every decoder layer)."""
+
+    decoder: list[int]
+    num_hidden: int
+    top_k: int
+    batch_tokens: int
+
+
+def dispatch_loads(loads: dict[str, torch.Tensor], phy2log: torch.Tensor, num_gpus: int, num_nodes: int,
+                   layout: Layout) -> dict[str, dict[str, torch.Tensor]]:
+    """``{mode: {load set: [L, G]}}`` device loads of one placement under every engine's dispatch rule."""
+    n = loads["calibration"].shape[1]
+    tables = sglang_static_table(sglang_rows(phy2log, layout.decoder, layout.num_hidden, n), num_gpus,
+                                 num_nodes)[:, layout.decoder]
+    return {mode: {key: dispatch_device_loads(mode, value, phy2log, num_gpus, top_k=layout.top_k,
+                                              batch_tokens=layout.batch_tokens, static_tables=tables)
+                   for key, value in loads.items()} for mode in DISPATCH_MODES}
 
 
 def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-             num_gpus: int, num_nodes: int, num_groups: int, orig: torch.Tensor, q: torch.Tensor) -> Simulation:
+             num_gpus: int, num_nodes: int, num_groups: int, orig: torch.Tensor, q: torch.Tensor,
+             layout: Layout) -> Simulation:
     """Device loads of the four methods for each load set (``{"calibration": [L, N], "held-out": ...}``).
 
     ``eplb_same_slots`` gets R&Q's slot count; ``eplb_same_memory`` the slots that R&Q's bytes (per-copy
@@ -219,7 +248,29 @@ def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Ten
         copy_b[copy_slots[copy_slots >= 0]] = table[li][copy_slots >= 0]
         rq_dev += copy_b.view(num_gpus, -1).sum(-1)
     per_gpu["rq"] = float(rq_dev.max())
-    return Simulation(slots, out, per_gpu, float(rq_dev.mean()), mem_slots < floor)
+    by_method = {name: dispatch_loads(loads, methods[name][0], num_gpus, num_nodes, layout) for name in DISPATCH_METHODS}
+    dispatch = {mode: {name: by_method[name][mode] for name in DISPATCH_METHODS} for mode in DISPATCH_MODES}
+    return Simulation(slots, out, per_gpu, float(rq_dev.mean()), mem_slots < floor, dispatch)
+
+
+def _lis_summary(loads: torch.Tensor) -> dict:
+    values = device_lis(loads).numpy()
+    defined = values[~np.isnan(values)]  # a layer without load has no LIS (docs/spec.md §2)
+    return {"device_lis_mean": float(np.mean(defined)) if defined.size else math.nan,
+            "device_lis_worst": float(np.max(defined)) if defined.size else math.nan,
+            "makespan_ratio": makespan_ratio(loads)}
+
+
+def dispatch_rows(sim: Simulation) -> list[dict]:
+    """One row per dispatch mode: device LIS of R&Q's and EPLB's placement (same slots) per load set."""
+    return [{"mode": mode, **{name: {key: _lis_summary(v) for key, v in sim.dispatch[mode][name].items()}
+                              for name in DISPATCH_METHODS}} for mode in DISPATCH_MODES]
+
+
+def recommend(rows: list[dict]) -> dict[str, str]:
+    """Per engine, the dispatch mode whose R&Q device LIS (mean over layers, calibration loads) is lowest."""
+    by_mode = {r["mode"]: r["rq"]["calibration"]["device_lis_mean"] for r in rows}
+    return {engine: min(modes, key=lambda m: (by_mode[m], modes.index(m))) for engine, modes in ENGINE_MODES.items()}
 
 
 def summary_rows(sim: Simulation, num_gpus: int) -> list[dict]:
@@ -230,11 +281,7 @@ def summary_rows(sim: Simulation, num_gpus: int) -> list[dict]:
                "slots_per_gpu": sim.slots[name] / num_gpus, "expert_bytes_per_gpu": sim.bytes_per_gpu[name],
                "expert_bytes_per_gpu_mean": mean}
         for key, loads in sim.loads[name].items():
-            values = device_lis(loads).numpy()
-            defined = values[~np.isnan(values)]  # a layer without load has no LIS (docs/spec.md §2)
-            row[key] = {"device_lis_mean": float(np.mean(defined)) if defined.size else math.nan,
-                        "device_lis_worst": float(np.max(defined)) if defined.size else math.nan,
-                        "makespan_ratio": makespan_ratio(loads)}
+            row[key] = _lis_summary(loads)
         rows.append(row)
     return rows
 
@@ -250,7 +297,7 @@ def _check_out_dir(out_dir: Path) -> None:
 def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Path("placement"),
                stats_dir: Path | None = None, heldout_stats: Path | None = None, config: Path | None = None,
                groups: int | None = None, slots_per_device: int | None = None, pad: str = "replicate",
-               formats: str = ",".join(FORMATS), plots: bool = True,
+               formats: str = ",".join(FORMATS), plots: bool = True, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                echo: Callable[[str], None] | None = print, warn: Callable[[str], None] | None = None) -> dict:
     """Place an R&Q plan's copies on ``devices`` GPUs, write the engine files, ``report.md``, ``placement.json``
     and plots into ``out_dir``, and simulate device balance against EPLB (docs/multi-gpu.md). Every input is
@@ -259,6 +306,8 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
     ``echo``) one line per engine file its engine will not use as written (also in ``placement.json``)."""
     if devices < 1 or nodes < 1 or devices % nodes:
         raise RQError(f"--devices {devices} must be a positive multiple of --nodes {nodes} (equal devices per node)")
+    if batch_tokens < 1:
+        raise RQError(f"--batch-tokens {batch_tokens} must be >= 1 (tokens of one forward pass on one rank)")
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     check_formats(wanted)
     plan_path, out_dir = Path(plan_path), Path(out_dir)
@@ -289,8 +338,11 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
     warnings = engine_warnings(wanted, architecture)
 
     orig, q = copy_bytes(plan, stats)
-    sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q)
+    layout = Layout(decoder, num_hidden, plan.model.top_k, batch_tokens)
+    sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q, layout)
     rows = summary_rows(sim, devices)
+    modes = dispatch_rows(sim)
+    chosen = recommend(modes)
     load_sets = list(loads)
     plan_counts = [sum(layer.logcnt) for layer in plan.layers]
     colo, unavoidable = colocated(phy2log, devices), sum(unavoidable_colocated(c, devices) for c in logcnt)
@@ -307,10 +359,20 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
     ]
     if sim.same_memory_clipped:
         notes.append("EPLB at the same memory would have fewer slots than experts; it is given one slot per expert.")
-    flags = engine_flags(devices, target.num_phy, n, out_dir, architecture)
+    flags = engine_flags(devices, target.num_phy, n, out_dir, architecture, nodes,
+                         chosen["sglang"].removeprefix("sglang-"))
+    other = "static" if chosen["sglang"] == "sglang-dynamic" else "dynamic"
+    if not flags["sglang"].startswith("none:"):
+        flags["sglang-alternative"] = engine_flags(devices, target.num_phy, n, out_dir, architecture, nodes,
+                                                   other)["sglang"]
+    notes.append(f"Dispatch (tokens per forward pass and rank: {batch_tokens}): SGLang is given "
+                 f"{chosen['sglang'].removeprefix('sglang-')} dispatch, the mode whose device LIS is lower for this "
+                 f"placement (the other one's flags: engine_flags.sglang-alternative).")
     report = ["# Expert-parallel placement", "", *[f"- {x}" for x in notes], "",
               "## Model summary (device LIS: max / mean device load per layer; makespan: sum of per-layer max "
               "over sum of per-layer mean)", "", summary_table(rows, load_sets), "",
+              "## Device LIS under each engine's dispatch (mean / worst layer)", "",
+              dispatch_table(modes, load_sets, chosen), "",
               "## Per layer: device LIS", "", layers_table(sim, decoder, target.num_phy, added, removed, plan_counts),
               "", "## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
     if warnings:
@@ -328,7 +390,9 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
             "decoder_layers": decoder, "num_hidden_layers": num_hidden, "plan_copies": plan_counts,
             "copies_added": added, "copies_removed": removed, "colocated": colo,
             "logcnt": logcnt.tolist(), "files": {k: v.name for k, v in written.items()}, "engine_flags": flags,
-            "warnings": warnings, "simulation": rows, "plots": [p.name for p in plot_paths],
+            "warnings": warnings, "simulation": rows, "dispatch": {"batch_tokens": batch_tokens, "modes": modes,
+                                                                  "recommended": chosen},
+            "plots": [p.name for p in plot_paths],
         }
         atomic_write_text(tmp / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
     warn = warn or echo
@@ -338,6 +402,7 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
     if echo is not None:
         echo("\n".join(notes))
         echo(summary_table(rows, load_sets))
+        echo(dispatch_table(modes, load_sets, chosen))
         echo(f"wrote {', '.join(sorted(FILENAMES[f] for f in written))}, report.md, placement.json"
              + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
     return manifest

@@ -79,7 +79,26 @@ def test_sglang_warning_for_models_that_take_no_placement(arch, tmp_path):
     assert bool(warnings) == (not takes)
     assert ("--init-expert-location" in flags) == takes
     if not takes:
-        assert "get_model_config_for_expert_location" in warnings[0] and "qwen3_moe" in warnings[0]
+        assert flags.startswith("none:") and "qwen3_moe" in warnings[0]
+        reason = "has no model" if SGLANG_MODELS[arch][0] is None else "get_model_config_for_expert_location"
+        assert reason in warnings[0]
+
+
+@pytest.mark.parametrize("devices,nodes", [(4, 1), (8, 1), (8, 2)])
+def test_printed_flags_name_every_parallel_size(devices, nodes, tmp_path):
+    """SGLang's EP needs --tp G with --ep-size G (moe_tp_size = tp // ep), vLLM's EPLB a data-parallel size;
+    multi-node sets name the nodes (tests/placement/test_engines.py runs them through the engines' own config)."""
+    flags = engine_flags(devices, devices * 3, 16, tmp_path, "deepseek_v3", nodes)
+    assert f"--tp {devices} --ep-size {devices}" in flags["sglang"]
+    assert f"--data-parallel-size {devices}" in flags["vllm"] and "--enable-eplb" in flags["vllm"]
+    assert f"--tp_size {devices} --ep_size {devices}" in flags["trtllm"]
+    assert ("--nnodes" in flags["sglang"]) == (nodes > 1)
+    assert ("--data-parallel-size-local" in flags["vllm"]) == (nodes > 1)
+    static = engine_flags(devices, devices * 3, 16, tmp_path, "deepseek_v3", nodes, "static")["sglang"]
+    assert "--moe-a2a-backend deepep" in static and "--moe-a2a-backend" not in flags["sglang"]
+    for arch in ("llama_moe", "switch_transformers"):
+        none = engine_flags(devices, devices * 3, 16, tmp_path, arch, nodes)
+        assert none["sglang"].startswith("none:") and none["vllm"].startswith("none:")
 
 
 def test_place_warns_for_mixtral_sglang_and_records_it(mixtral, tmp_path):
