@@ -94,6 +94,22 @@ def window_loads(after: dict[MetricKey, float], before: dict[MetricKey, float] |
     return loads.round().to(torch.int64)
 
 
+def copy_loads_by_version(after: dict[MetricKey, float], before: dict[MetricKey, float] | None = None,
+                          model: str = GENERATE) -> dict[str, dict[int, torch.Tensor]]:
+    """``{version: {layer: loads of its copies [P]}}`` served between two scrapes (copies in logical-major order):
+    what LIS over copies each version's traffic had (:func:`rq.core.lis.lis_value` of each)."""
+    then = _load_series(before, model) if before is not None else {}
+    rows: dict[str, dict[int, dict[tuple[int, int], float]]] = {}
+    for labels, (layer, expert, value) in _load_series(after, model).items():
+        label = dict(labels)
+        start = then.get(labels, (layer, expert, 0.0))[2]
+        copy = int(label.get("copy", 0))
+        rows.setdefault(label.get("version", "1"), {}).setdefault(layer, {})[(expert, copy)] = (
+            value - start if value >= start else value)
+    return {v: {l: torch.tensor([c[k] for k in sorted(c)], dtype=torch.float64) for l, c in sorted(layers.items())}
+            for v, layers in rows.items()}
+
+
 def served_stats(calibration: CalibrationStats, loads: torch.Tensor, source: str, blend: float = 1.0) -> CalibrationStats:
     """Stats for ``rq plan`` with the served ``loads [L, N]`` and the calibration run's shapes, bytes and
     importance.

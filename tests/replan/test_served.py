@@ -101,3 +101,19 @@ def test_replan_on_drifted_loads_beats_the_running_plan_within_its_budget():
     assert sum(after) / 3 < sum(before) / 3
     assert new.budget.planned_bytes <= new.budget.budget_factor * new.budget.reference_bytes
     assert new.model.fingerprint == running.model.fingerprint
+
+
+def test_copy_loads_by_version(tmp_path):
+    from rq.replan.served import copy_loads_by_version
+
+    before = read_scrape_text_file(tmp_path, "b", {("1", 0, 0, 0): 5, ("1", 0, 0, 1): 4})
+    after = read_scrape_text_file(tmp_path, "a", {("1", 0, 0, 0): 9, ("1", 0, 0, 1): 4, ("1", 0, 1, 0): 3,
+                                                  ("2", 0, 0, 0): 2})
+    out = copy_loads_by_version(after, before)
+    assert out["1"][0].tolist() == [4, 0, 3] and out["2"][0].tolist() == [2]
+
+
+def read_scrape_text_file(tmp_path, name, values):
+    path = tmp_path / f"{name}.prom"
+    path.write_text(_scrape(values))
+    return read_scrape(path)
