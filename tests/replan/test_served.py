@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,29 @@ def read_scrape_text_file(tmp_path, name, values):
     path = tmp_path / f"{name}.prom"
     path.write_text(_scrape(values))
     return read_scrape(path)
+
+
+def test_cli_import_loads_tritonserver_and_replan_errors(tmp_path):
+    """`rq import-loads tritonserver` reads saved scrapes into stats; `rq replan` errors are one line, exit 2."""
+    import rq
+    from typer.testing import CliRunner
+
+    from rq.calibrate.stats import CalibrationStats
+    from rq.cli.main import app
+
+    config = Path(rq.__file__).parent / "demo" / "checkpoint" / "config.json"
+    layers, experts = 4, 16
+    before = {("1", l, e, 0): float(e) for l in range(layers) for e in range(experts)}
+    after = {k: v + (30 if k[2] == 3 else 2) for k, v in before.items()}
+    (tmp_path / "a.prom").write_text(_scrape(before))
+    (tmp_path / "b.prom").write_text(_scrape(after))
+    runner = CliRunner()
+    result = runner.invoke(app, ["import-loads", "tritonserver", str(tmp_path / "a.prom"), str(tmp_path / "b.prom"),
+                                 "--config", str(config), "--out", str(tmp_path / "stats"), "--group-size", "64"])
+    assert result.exit_code == 0, result.output
+    stats = CalibrationStats.load(tmp_path / "stats")
+    assert stats.layers[2].load.tolist() == [30.0 if e == 3 else 2.0 for e in range(experts)]
+    result = runner.invoke(app, ["replan", str(tmp_path)])
+    assert result.exit_code == 2 and "needs --metrics, --stats, --model" in result.output
+    result = runner.invoke(app, ["replan", str(tmp_path), "--rollback"])
+    assert result.exit_code == 2 and "not an rq Triton repository" in result.output

@@ -30,33 +30,17 @@ def _prose_prompts(n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_served(triton_install, tmp_path_factory):
-    """The demo checkpoint calibrated on its code split (8 x 128 tokens), planned, exported, in a repository."""
+def demo_served(triton_install, demo_export, tmp_path_factory):
+    """The demo export of tests/conftest.py (a plan calibrated on the code split, 8 x 128 tokens) in a repository."""
     import rq
-    from rq.calibrate.accumulate import calibrate
-    from rq.calibrate.data import load_token_data, load_tokenizer
-    from rq.demo import corpus
     from rq.engines.tritonserver import ServingOptions, write_model_repository
-    from rq.export import export_model
-    from rq.models.adapters import load_model
-    from rq.plan.planner import PlanOptions, make_plan
-    from rq.plan.schema import save_plan
 
-    demo = Path(rq.__file__).parent / "demo" / "checkpoint"
-    if not (demo / "config.json").is_file():
-        pytest.skip("rq/demo/checkpoint is not built")
-    root = tmp_path_factory.mktemp("replan")
-    model, adapter = load_model(demo)
-    data = load_token_data(load_tokenizer(demo), corpus.split_path("calibration"), seq_len=128, max_sequences=8)
-    stats = calibrate(model, adapter, data, group_size=64, show_progress=False)
-    stats.save(root / "stats")
-    save_plan(make_plan(stats, PlanOptions(budget_factor=1.0)), root / "plan.json")
-    del model
-    export_model(demo, root / "plan.json", root / "build", check=False, show_progress=False)
+    result, _ = demo_export
+    build = Path(result.out_dir)
     options = ServingOptions(instances=2, intra_op_threads=1, max_context=128, default_max_tokens=MAX_TOKENS,
                              max_tokens_limit=32, forward_model=False)
-    repo = write_model_repository(root / "build", root / "repo", options)
-    return demo, root / "stats", repo
+    repo = write_model_repository(build, tmp_path_factory.mktemp("replan") / "repo", options)
+    return Path(rq.__file__).parent / "demo" / "checkpoint", build.parent / "stats", repo
 
 
 def _copy_lis(after: dict, before: dict | None, version: str) -> float:
