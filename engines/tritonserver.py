@@ -6,7 +6,9 @@
   ``rq_onnx``      the R&Q ONNX graph for Triton's ONNX Runtime backend (``platform: "onnxruntime_onnx"``); the
                    ``rq::RQMoE`` nodes run through the file's model-local function, which stock ONNX Runtime
                    executes. Its version folder also holds the export's manifest, plan and tokenizer, which the
-                   Python models below read (``rq_build_dir``), so the weights are stored once.
+                   Python models below read (``rq_build_dir`` = ``rq_onnx/{version}``: version N of a Python model
+                   reads version N of ``rq_onnx``, so a re-plan publishes as N+1 beside N, :mod:`rq.replan`), so
+                   the weights are stored once.
   ``generate``     Python backend, decoupled: tokenize -> prefill/decode with the KV cache through ONNX Runtime ->
                    detokenize, one streamed response per token; replica offsets rotate per docs/spec.md §4 across the
                    decode steps; per-layer expert loads and LIS exported as Triton custom metrics on ``/metrics``.
@@ -44,6 +46,7 @@ GENERATE = "generate"
 ONNX_MODEL = "rq_onnx"
 FORWARD_MODEL = "rq_forward"
 TRT_MODEL = "rq_trt"
+VERSION_FIELD = "{version}"  # in ``rq_build_dir``: replaced by the model version that reads it
 
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                   "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -206,7 +209,8 @@ class ServingOptions:
     default_max_tokens / max_tokens_limit: the ``generate`` model's default and largest ``max_tokens``;
     offsets_scope: ``"request"`` (replica offsets restart at zero per request: reproducible) or ``"instance"``
     (they keep rotating across requests); forward_model: also write ``rq_forward``; metrics: export load
-    telemetry (docs/tritonserver.md).
+    telemetry (docs/tritonserver.md); drift_threshold: windowed LIS over copies / the plan's predicted LIS above
+    which an instance logs that traffic has drifted (``rq_moe_plan_drift``).
     """
 
     instances: int = 1
@@ -218,6 +222,7 @@ class ServingOptions:
     offsets_scope: str = "request"
     forward_model: bool = True
     metrics: bool = True
+    drift_threshold: float = 1.25
 
     def __post_init__(self) -> None:
         if isinstance(self.providers, str):
@@ -225,16 +230,19 @@ class ServingOptions:
         if self.offsets_scope not in ("request", "instance"):
             raise RQError(f"offsets_scope must be 'request' or 'instance', got {self.offsets_scope!r}")
         if (self.instances < 1 or self.intra_op_threads < 0 or self.max_context < 2
-                or not 1 <= self.default_max_tokens <= self.max_tokens_limit or not self.providers):
+                or not 1 <= self.default_max_tokens <= self.max_tokens_limit or not self.providers
+                or not self.drift_threshold >= 1.0):
             raise RQError(f"invalid serving options (instances {self.instances}, intra_op_threads "
                           f"{self.intra_op_threads}, max_context {self.max_context}, default_max_tokens "
                           f"{self.default_max_tokens}, max_tokens_limit {self.max_tokens_limit}, providers "
-                          f"{list(self.providers)}): need instances >= 1, threads >= 0, max_context >= 2, "
-                          f"1 <= default_max_tokens <= max_tokens_limit, at least one provider")
+                          f"{list(self.providers)}, drift_threshold {self.drift_threshold}): need instances >= 1, threads >= 0, "
+                          f"max_context >= 2, 1 <= default_max_tokens <= max_tokens_limit, at least one provider, "
+                          f"drift_threshold >= 1")
 
     def runtime_parameters(self) -> dict[str, str]:
         return {"providers": ",".join(self.providers), "intra_op_threads": str(self.intra_op_threads),
-                "metrics": "true" if self.metrics else "false", "lis_window": "64", "metrics_flush_every": "16"}
+                "metrics": "true" if self.metrics else "false", "lis_window": "64", "metrics_flush_every": "16",
+                "drift_threshold": repr(float(self.drift_threshold))}
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,15 @@ class _Layout:
 
     @property
     def build_rel(self) -> str:
+        """Where the first version's export lives, relative to the repository root."""
         return f"{self.onnx[self.home_graph]}/1"
+
+    @property
+    def build_parameter(self) -> str:
+        """The Python models' ``rq_build_dir`` parameter: ``{version}`` is each model's own version, so version
+        N of ``generate`` reads the export in version N of the home ONNX model (a published re-plan,
+        :mod:`rq.replan`)."""
+        return f"{self.onnx[self.home_graph]}/{VERSION_FIELD}"
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -352,9 +368,9 @@ def _models(export: _Export, layout: _Layout, opts: ServingOptions, engine_plan:
     for g, graph in export.graphs.items():
         models[layout.onnx[g]] = _onnx_config(layout.onnx[g], graph, graph_file(graph), 1)
         if opts.forward_model:
-            models[layout.forward[g]] = _forward_config(layout.forward[g], g, graph, layout.build_rel, opts)
+            models[layout.forward[g]] = _forward_config(layout.forward[g], g, graph, layout.build_parameter, opts)
             _python_model(tmp / layout.forward[g] / "1", "forward.py")
-    models[GENERATE] = _generate_config(export.manifest, layout.build_rel, opts)
+    models[GENERATE] = _generate_config(export.manifest, layout.build_parameter, opts)
     _python_model(tmp / GENERATE / "1", "generate.py", _runtime_source())
     if engine_plan is not None:
         _place(engine_plan, tmp / TRT_MODEL / "1" / "model.plan")
@@ -384,7 +400,7 @@ def _repository_document(export: _Export, layout: _Layout, opts: ServingOptions,
         "forward_models": [layout.forward[g] for g in export.graphs] if opts.forward_model else [],
         "tensorrt_model": TRT_MODEL if engine_plan is not None else None,
         "plugin_library": plugin_lib.name if plugin_lib is not None else None,
-        "rq_build_dir": layout.build_rel, "options": {**asdict(opts), "providers": ",".join(opts.providers)},
+        "rq_build_dir": layout.build_parameter, "home_model": layout.onnx[layout.home_graph], "options": {**asdict(opts), "providers": ",".join(opts.providers)},
         "python_requirements": ["numpy", "onnxruntime (or onnxruntime-gpu)", "tokenizers"],
     }
 

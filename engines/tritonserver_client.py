@@ -38,6 +38,7 @@ class Streamed:
     error: str | None = None
     latency_s: float = 0.0
     first_token_s: float | None = None
+    model_version: str | None = None  # the version that served it (its responses say so)
 
 
 def _client_module(protocol: str):
@@ -99,6 +100,7 @@ class _StreamSession:
                 out.error = str(error)
                 break
             token = result.as_numpy("token_id")
+            out.model_version = result.get_response().model_version or out.model_version
             if token is not None:
                 if out.first_token_s is None:
                     out.first_token_s = at - start
@@ -152,6 +154,16 @@ class LoadResult:
     first_token_s: list[float]
     tokens: int
     error_samples: list[str] = field(default_factory=list)
+    responses: list[tuple[int, Streamed]] = field(default_factory=list)  # (case index, response) with keep=True
+
+    @property
+    def versions(self) -> dict[str, int]:
+        """Answered requests per model version that served them (with ``keep=True``)."""
+        out: dict[str, int] = {}
+        for _, r in self.responses:
+            if r.error is None:
+                out[str(r.model_version)] = out.get(str(r.model_version), 0) + 1
+        return out
 
     def summary(self) -> dict:
         """The JSON-able numbers ``benchmarks/bench_tritonserver.py`` tabulates (milliseconds, per second)."""
@@ -169,11 +181,13 @@ class LoadResult:
 
 def run_load(url: str, cases: Sequence[tuple[str | Sequence[int], int, Sequence[int] | None]], *,
              requests: int = 500, concurrency: int = 16, model: str = GENERATE, ignore_eos: bool = False,
-             timeout: float = 60.0) -> LoadResult:
+             timeout: float = 60.0, stop: threading.Event | None = None, keep: bool = False) -> LoadResult:
     """``requests`` streamed ``generate`` requests from ``concurrency`` clients (one gRPC stream each).
 
     cases: ``(prompt, max_tokens, expected_tokens or None)``, used round-robin; a response whose tokens differ
-    from ``expected_tokens`` counts as a mismatch. Latency is request sent -> final response.
+    from ``expected_tokens`` counts as a mismatch. Latency is request sent -> final response. ``stop``: once
+    set, no new request starts (those in flight finish); ``keep``: keep every response (``LoadResult.responses``),
+    e.g. to check each against the model version that served it.
     """
     lock = threading.Lock()
     next_index = [0]
@@ -182,6 +196,7 @@ def run_load(url: str, cases: Sequence[tuple[str | Sequence[int], int, Sequence[
     errors: list[str] = []
     mismatches = [0]
     tokens = [0]
+    kept: list[tuple[int, Streamed]] = []
 
     def worker():
         session = _StreamSession(url, model, timeout)
@@ -189,12 +204,14 @@ def run_load(url: str, cases: Sequence[tuple[str | Sequence[int], int, Sequence[
             while True:
                 with lock:
                     i = next_index[0]
-                    if i >= requests:
+                    if i >= requests or (stop is not None and stop.is_set()):
                         return
                     next_index[0] += 1
                 prompt, max_tokens, expected = cases[i % len(cases)]
                 result = session.request(generate_inputs(prompt, max_tokens, ignore_eos), request_id=f"load-{i}")
                 with lock:
+                    if keep:
+                        kept.append((i % len(cases), result))
                     if result.error:
                         errors.append(result.error)
                         continue
@@ -214,7 +231,9 @@ def run_load(url: str, cases: Sequence[tuple[str | Sequence[int], int, Sequence[
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return LoadResult(requests, concurrency, len(errors), mismatches[0], wall, latencies, first, tokens[0], errors)
+    answered = len(latencies) + len(errors)
+    return LoadResult(answered, concurrency, len(errors), mismatches[0], wall, latencies, first, tokens[0], errors,
+                      kept)
 
 
 # --------------------------------------------------------------------------------------------------------------

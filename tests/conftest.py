@@ -128,7 +128,8 @@ def exported(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory):
-    """``(ExportResult, plan)`` of the built-in demo model (rq/demo/checkpoint) with an R&Q plan, parity checked."""
+    """``(ExportResult, plan)`` of the built-in demo model (rq/demo/checkpoint) with an R&Q plan, parity checked;
+    calibrated on the demo's code split (8 x 128 tokens), the stats saved beside the build (``stats/``)."""
     import rq
 
     demo = Path(rq.__file__).parent / "demo" / "checkpoint"
@@ -146,6 +147,7 @@ def demo_export(tmp_path_factory):
     model, adapter = load_model(demo)
     data = load_token_data(load_tokenizer(demo), corpus.split_path("calibration"), seq_len=128, max_sequences=8)
     stats = calibrate(model, adapter, data, group_size=64, show_progress=False)
+    stats.save(root / "stats")  # beside the build: what the plan was made from (the re-plan loop reads it)
     plan = make_plan(stats, PlanOptions(budget_factor=1.0))
     save_plan(plan, root / "plan.json")
     return export_model(demo, root / "plan.json", root / "build", show_progress=False), plan

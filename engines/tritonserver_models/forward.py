@@ -39,7 +39,8 @@ class TritonPythonModel:
         self.moe_layers = [int(l) for l in graph["moe_layers"]]
         layers = [layer for layer in manifest["moe_layers"] if int(layer["index"]) in self.moe_layers]
         self.telemetry = LoadTelemetry.from_config(pb_utils, config, args["model_name"],
-                                                   args["model_instance_name"], layers)
+                                                   args["model_instance_name"], layers,
+                                                   version=args["model_version"], build=build)
 
     def execute(self, requests):
         responses = []

@@ -16,7 +16,9 @@ long stream.
 
 Parameters (config.pbtxt, all strings): ``rq_build_dir`` (the export's files, relative to the repository
 root), ``providers``, ``intra_op_threads``, ``default_max_tokens``, ``max_tokens_limit``, ``max_context``
-(prompt + generated tokens), ``offsets_scope``, ``metrics``, ``lis_window``, ``metrics_flush_every``.
+(prompt + generated tokens), ``offsets_scope``, ``metrics``, ``lis_window``, ``metrics_flush_every``,
+``drift_threshold``. Version N of this model serves the export in version N of ``rq_onnx`` (``{version}`` in
+``rq_build_dir``), so a re-plan published as N+1 (``rq replan``) swaps both at once.
 """
 
 import json
@@ -59,8 +61,8 @@ class TritonPythonModel:
         self.layers = [int(layer["index"]) for layer in manifest["moe_layers"]]
         self.width = max(int(layer["num_experts"]) for layer in manifest["moe_layers"])
         self.telemetry = LoadTelemetry.from_config(pb_utils, config, self.model_name, args["model_instance_name"],
-                                                   manifest["moe_layers"])
-        pb_utils.Logger.log_info(f"rq generate: {manifest['architecture']} export from {build}, "
+                                                   manifest["moe_layers"], version=args["model_version"], build=build)
+        pb_utils.Logger.log_info(f"rq generate: version {args['model_version']}, {manifest['architecture']} export from {build}, "
                                  f"{len(self.layers)} MoE layers, providers {providers}, offsets per {self.scope}")
 
     # --- request parsing ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ stage (or torch) until its command runs.
 
 from __future__ import annotations
 
-from rq.cli import demo, deploy, pipeline, placement  # noqa: F401  (registers the commands)
+from rq.cli import demo, deploy, pipeline, placement, replan  # noqa: F401  (registers the commands)
 from rq.cli.app import app
 
 

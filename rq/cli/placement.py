@@ -53,7 +53,7 @@ def place(
 
 @command("import-loads")
 def import_loads(
-    engine: Annotated[str, typer.Argument(help=f"engine that recorded the loads: {', '.join(ENGINES)}")],
+    engine: Annotated[str, typer.Argument(help=f"engine that recorded the loads: {', '.join(ENGINES)}, tritonserver")],
     inputs: Annotated[list[Path], typer.Argument(help=_HELP["inputs"])],
     config: Annotated[Path, typer.Option(help="the model's Hugging Face config.json")],
     out: Annotated[Path, typer.Option("--out", help="stats folder to write (stats.json + stats.safetensors)")],
@@ -61,7 +61,12 @@ def import_loads(
     placement: Annotated[Optional[Path], typer.Option(help=_HELP["placement"])] = None,
     quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
 ) -> None:
-    """Turn per-expert loads recorded by a serving engine into rq stats, for `rq plan` (importance = frequency)."""
+    """Turn per-expert loads recorded by a serving engine into rq stats, for `rq plan` (importance = frequency).
+    `tritonserver`: rq's own Triton metrics, one scrape (a /metrics URL or saved file) or two (the window between)."""
+    if engine == "tritonserver":
+        from rq.cli.replan import import_tritonserver
+
+        return import_tritonserver(inputs, config, out, group_size, quiet)
     from rq.placement.run import import_stats
 
     stats = import_stats(engine, inputs, config, out, group_size, placement)

@@ -104,7 +104,7 @@ def test_repository_layout_and_configs(model_repo, rq_build):
     assert {t.name for t in gen.output} == {"text_output", "token_id", "expert_counts", "rq_offsets"}
     assert list(next(t for t in gen.output if t.name == "expert_counts").dims) == [
         len(manifest["moe_layers"]), max(l["num_experts"] for l in manifest["moe_layers"])]
-    assert gen.parameters["rq_build_dir"].string_value == f"{ONNX_MODEL}/1"
+    assert gen.parameters["rq_build_dir"].string_value == f"{ONNX_MODEL}/{{version}}"
     for f in ("model.py", "rq_runtime.py", "rq_telemetry.py"):
         assert (model_repo / GENERATE / "1" / f).is_file()
     info = json.loads((model_repo / "rq_repository.json").read_text())
@@ -312,7 +312,7 @@ def test_metrics_expert_loads_move(triton_server, offline):
 
     def load(metrics, layer, expert, copy):
         key = ("rq_moe_expert_load_total", (("copy", str(copy)), ("expert", str(expert)), ("layer", str(layer)),
-                                            ("model", GENERATE)))
+                                            ("model", GENERATE), ("version", "1")))
         return metrics.get(key, 0.0)
 
     for row, layer in enumerate(layers):

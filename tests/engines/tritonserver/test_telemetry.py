@@ -75,7 +75,8 @@ def test_lis_gauges_and_counters():
     t = tel.LoadTelemetry(_PbUtils, "generate", "generate_0_0", layers, window=2, flush_every=100)
 
     def key(name, **labels):
-        return name, tuple(sorted({"model": "generate", **labels}.items()))
+        versioned = {} if name in ("rq_moe_calls_total", "rq_moe_unbalanceable_calls_total") else {"version": "1"}
+        return name, tuple(sorted({"model": "generate", **versioned, **labels}.items()))
 
     def metric(name, **labels):
         return _Family.registry[key(name, **labels)]
@@ -108,3 +109,51 @@ def test_lis_gauges_and_counters():
     assert metric("rq_moe_calls_total").value == 2
     assert key("rq_moe_lis", instance="generate_0_0", layer="1", units="copies", scope="cumulative") not in _Family.registry
     assert all(m.value >= 1.0 for k, m in _Family.registry.items() if k[0] == "rq_moe_lis")
+
+
+class _Logger:
+    warnings: list = []
+
+    @classmethod
+    def log_warn(cls, text):
+        cls.warnings.append(text)
+
+
+class _PbUtilsLogged(_PbUtils):
+    Logger = _Logger
+
+
+def test_plan_drift_gauge_and_one_warning_per_layer(tmp_path):
+    """The plan's predicted LIS is exported; windowed LIS over copies / prediction is the drift gauge, and a layer
+    that drifts past the threshold logs one warning naming ``rq replan``, re-armed once it is back below."""
+    import json
+
+    tel = _telemetry()
+    _Family.registry, _Logger.warnings = {}, []
+    (tmp_path / "plan.json").write_text(json.dumps({"layers": [{"layer": 0, "lis_after": 1.0},
+                                                               {"layer": 1, "lis_after": None}]}))
+    assert tel.plan_predictions(tmp_path) == {0: 1.0} and tel.plan_predictions(tmp_path / "none") == {}
+    layers = [{"index": 0, "copies": [1, 1]}, {"index": 1, "copies": [1, 1]}]
+    t = tel.LoadTelemetry(_PbUtilsLogged, "generate", "generate_0_0", layers, window=1, flush_every=100,
+                          version="3", predicted=tel.plan_predictions(tmp_path), drift_threshold=1.5)
+
+    def gauge(name, **labels):
+        return _Family.registry[(name, tuple(sorted({"model": "generate", "version": "3", **labels}.items())))]
+
+    assert gauge("rq_moe_plan_lis", layer="0").value == 1.0
+    zero = {0: np.zeros(2, np.int64), 1: np.zeros(2, np.int64)}
+    t.record({0: np.array([2, 0]), 1: np.array([1, 1])}, zero)  # LIS 2 but only 2 assignments: no warning yet
+    t.flush()
+    drift = gauge("rq_moe_plan_drift", instance="generate_0_0", layer="0")
+    assert drift.value == 2.0 and _Logger.warnings == []
+    for _ in range(2):  # a big skewed window: one warning, not one per flush
+        t.record({0: np.array([40, 0]), 1: np.array([20, 20])}, zero)
+        t.flush()
+    assert len(_Logger.warnings) == 1 and "layer 0" in _Logger.warnings[0] and "rq replan" in _Logger.warnings[0]
+    t.record({0: np.array([20, 20])}, zero)  # balanced again: re-armed
+    t.flush()
+    assert drift.value == 1.0
+    t.record({0: np.array([40, 0])}, zero)
+    t.flush()
+    assert len(_Logger.warnings) == 2
+    assert not [k for k in _Family.registry if k[0] == "rq_moe_plan_drift" and ("layer", "1") in k[1]]
