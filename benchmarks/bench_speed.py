@@ -246,7 +246,7 @@ def referenced_bytes(build: Path, flavour: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None) -> dict:
+def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None) -> dict:
     """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps)."""
     import numpy as np
     import torch
@@ -256,7 +256,7 @@ def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: boo
     from rq.plan.schema import load_plan
     from rq.rqmodel.model import apply_plan, set_backend, set_mode
 
-    def torch_engine(model):
+    def torch_runtime(model):
         @torch.no_grad()
         def run(ids: np.ndarray, steps: int) -> float:
             mask = torch.ones(ids.shape, dtype=torch.int64)
@@ -274,7 +274,7 @@ def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: boo
             return time.perf_counter() - start
         return run
 
-    def ort_engine(build: Path, flavour: str):
+    def ort_runtime(build: Path, flavour: str):
         gen = OrtGenerator(build, streaming=True, intra_op_num_threads=1, flavour=flavour)
 
         def run(ids: np.ndarray, steps: int) -> float:
@@ -293,28 +293,28 @@ def engines(model_dir: Path, plan: Path, builds: dict[str, Path], reference: boo
     rq_model, adapter = load_model(model_dir)
     apply_plan(rq_model, adapter, load_plan(plan))
     set_mode(rq_model, "streaming")
-    out = {"PyTorch, original": torch_engine(original), "PyTorch, R&Q (fast)": torch_engine(rq_model)}
+    out = {"PyTorch, original": torch_runtime(original), "PyTorch, R&Q (fast)": torch_runtime(rq_model)}
     if reference:
         ref_model, _ = load_model(model_dir)
         apply_plan(ref_model, adapter, load_plan(plan))
         set_mode(ref_model, "streaming")
         set_backend(ref_model, "reference")
-        out["PyTorch, R&Q (reference)"] = torch_engine(ref_model)
-    out["ONNX Runtime, original (fused MoE)"] = ort_engine(builds["identity"], "onnxruntime")
+        out["PyTorch, R&Q (reference)"] = torch_runtime(ref_model)
+    out["ONNX Runtime, original (fused MoE)"] = ort_runtime(builds["identity"], "onnxruntime")
     if "batched_mm" in builds:
-        out["ONNX Runtime, original (HF batched_mm)"] = ort_engine(builds["batched_mm"], "portable")
-    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_engine(builds["rq"], "onnxruntime")
-    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_engine(builds["rq"], "portable")
+        out["ONNX Runtime, original (HF batched_mm)"] = ort_runtime(builds["batched_mm"], "portable")
+    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_runtime(builds["rq"], "onnxruntime")
+    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_runtime(builds["rq"], "portable")
     if mixed is not None:
         mixed_model, _ = load_model(model_dir)
         apply_plan(mixed_model, adapter, load_plan(mixed))
         set_mode(mixed_model, "streaming")
-        out["PyTorch, R&Q mixed (fast)"] = torch_engine(mixed_model)
-        out["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = ort_engine(builds["mixed"], "onnxruntime")
-        out["ONNX Runtime, R&Q mixed portable (model.onnx)"] = ort_engine(builds["mixed"], "portable")
+        out["PyTorch, R&Q mixed (fast)"] = torch_runtime(mixed_model)
+        out["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = ort_runtime(builds["mixed"], "onnxruntime")
+        out["ONNX Runtime, R&Q mixed portable (model.onnx)"] = ort_runtime(builds["mixed"], "portable")
     if genai_available():
-        out["onnxruntime-genai, original (fused MoE)"] = genai_engine(builds["identity"])
-        out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_engine(builds["rq"])
+        out["onnxruntime-genai, original (fused MoE)"] = genai_runtime(builds["identity"])
+        out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_runtime(builds["rq"])
     return out
 
 
@@ -326,7 +326,7 @@ def genai_available() -> bool:
     return True
 
 
-def genai_engine(build: Path):
+def genai_runtime(build: Path):
     """onnxruntime-genai's own loop over an export folder (``og.Model(build)``), one intra-op thread; prefill is
     ``append_tokens`` of the prompt, each decode step one ``generate_next_token``."""
     import onnxruntime_genai as og
@@ -359,7 +359,7 @@ def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, re
     import torch
 
     torch.set_num_threads(1)
-    runs = engines(model_dir, plan, builds, reference, mixed)
+    runs = runtimes(model_dir, plan, builds, reference, mixed)
     vocab = json.loads((builds["rq"] / "manifest.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
     results = {}

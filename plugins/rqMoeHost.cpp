@@ -1,9 +1,9 @@
 /*
- * Host-side logic of the rq::RQMoE launcher (see rqMoeKernel.h): attribute and shape validation, copy tables,
+ * Host-side logic of the rq::RQMoE launcher (see rqMoeLauncher.h): attribute and shape validation, copy tables,
  * workspace layout, tile choice and the choice of an embedded cubin per GPU. No CUDA call happens here, so
  * all of it is tested on machines without a GPU (tests/rqMoeHostTest.cpp).
  */
-#include "rqMoeKernel.h"
+#include "rqMoeLauncher.h"
 #include "rqMoeInternal.h"
 
 #include "rqMoeKernelTable.h"

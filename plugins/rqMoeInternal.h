@@ -1,5 +1,5 @@
 /*
- * Internals shared by the launcher's two translation units (rqMoeHost.cpp, rqMoeKernel.cpp); not installed.
+ * Internals shared by the launcher's two translation units (rqMoeHost.cpp, rqMoeLauncher.cpp); not installed.
  */
 #pragma once
 

@@ -3,14 +3,14 @@
  *
  * Plugin fields equal the ONNX node attributes: num_experts, top_k, group_size (INT32), activation (CHAR),
  * copies and precision (INT32 arrays). Inputs 0..9 and outputs 0..1 in docs/spec.md §8 order. The work is done
- * by rq::MoeLauncher (rqMoeKernel.h); this file only adapts TensorRT's interfaces to it.
+ * by rq::MoeLauncher (rqMoeLauncher.h); this file only adapts TensorRT's interfaces to it.
  *
  * Only the interfaces of TensorRT's public headers are used (pure virtual classes): the library links no
  * TensorRT library, so one build serves TensorRT 10.x, 11.x and TensorRT-RTX, which share this plugin ABI.
  */
 #pragma once
 
-#include "rqMoeKernel.h"
+#include "rqMoeLauncher.h"
 
 #include <NvInferRuntime.h>
 

@@ -4,7 +4,7 @@
  * compute capability gets. Prints "N passed, M failed".
  */
 #include "rqMoeInternal.h"
-#include "rqMoeKernel.h"
+#include "rqMoeLauncher.h"
 
 #include <cstdio>
 #include <string>

@@ -13,7 +13,7 @@ Which cubin runs where: Triton compiles ``sm_80``/``sm_86``/``sm_89`` code that 
 same major version, and ``sm_90a``/``sm_100a``/``sm_103a``/``sm_120a`` code (architecture-specific features)
 that runs on exactly that compute capability. The header records this per cubin and the launcher picks by it.
 
-Launch convention of a Triton kernel (also in plugins/rqMoeKernel.cpp): the non-constexpr parameters in
+Launch convention of a Triton kernel (also in plugins/rqMoeLauncher.cpp): the non-constexpr parameters in
 order, then two null pointers (global and profile scratch), ``blockDim.x = 32 * num_warps`` and
 ``metadata.shared`` bytes of dynamic shared memory (opt-in above 48 KiB).
 """
@@ -167,7 +167,7 @@ def _c_ident(name: str, arch: int) -> str:
 
 
 def launch_constants() -> dict[str, int]:
-    """Compile-time tile sizes shared with plugins/rqMoeKernel.cpp through the generated header."""
+    """Compile-time tile sizes shared with plugins/rqMoeLauncher.cpp through the generated header."""
     return {
         "kDispatchBlockA": dispatch.BLOCK_A,
         "kDispatchBlockN": dispatch.BLOCK_N,

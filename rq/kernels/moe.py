@@ -36,7 +36,7 @@ class LaunchConfig(NamedTuple):
 def launch_config(num_assign: int, num_phys: int) -> LaunchConfig:
     """Row tile of the grouped GEMMs: 16 when copies get few rows (decode), 64 otherwise (prefill).
 
-    The same rule is in plugins/rqMoeKernel.cpp (``chooseBlockM``); keep them equal.
+    The same rule is in plugins/rqMoeLauncher.cpp (``chooseBlockM``); keep them equal.
     """
     block_m = 16 if num_assign <= 16 * max(num_phys, 1) else 64
     return LaunchConfig(block_m, BLOCK_N, BLOCK_K, NUM_WARPS)

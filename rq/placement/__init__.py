@@ -1,5 +1,5 @@
 """Expert-parallel placement of a plan's copies on devices (``place``, pure), the files the serving engines load
-(``formats``: SGLang, vLLM, TensorRT-LLM, EPLB), what each engine does with them (``engines``), engine load
+(``formats``: SGLang, vLLM, TensorRT-LLM, EPLB), what each engine does with them (``servers``), engine load
 dumps as rq stats (``loads``), tables and plots (``report``) and the device-LIS simulation against DeepSeek EPLB
 with the ``rq place`` / ``rq import-loads`` entry points (``run``)."""
 

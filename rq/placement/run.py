@@ -24,7 +24,7 @@ from rq.errors import RQError
 from rq.placement import FILENAMES, FORMATS
 from rq.placement.dispatch import DEFAULT_BATCH_TOKENS, DISPATCH_MODES, ENGINE_MODES, sglang_static_table
 from rq.placement.dispatch import device_loads as dispatch_device_loads
-from rq.placement.engines import engine_flags, engine_warnings
+from rq.placement.servers import engine_flags, engine_warnings
 from rq.placement.formats import DTYPE_BYTES, check_formats, decoder_layers, model_shape, sglang_rows, write_formats
 from rq.placement.loads import import_loads
 from rq.placement.place import (colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt, makespan_ratio, place,

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from rq.cli.main import app
 from rq.errors import RQError
-from rq.placement.engines import SGLANG_MODELS, engine_flags, engine_warnings
+from rq.placement.servers import SGLANG_MODELS, engine_flags, engine_warnings
 from rq.placement.place import device_lis, device_loads, eplb_rebalance, place
 from rq.placement.run import import_stats, place_plan, target_logcnt
 from rq.plan.planner import make_plan
@@ -87,7 +87,7 @@ def test_sglang_warning_for_models_that_take_no_placement(arch, tmp_path):
 @pytest.mark.parametrize("devices,nodes", [(4, 1), (8, 1), (8, 2)])
 def test_printed_flags_name_every_parallel_size(devices, nodes, tmp_path):
     """SGLang's EP needs --tp G with --ep-size G (moe_tp_size = tp // ep), vLLM's EPLB a data-parallel size;
-    multi-node sets name the nodes (tests/placement/test_engines.py runs them through the engines' own config)."""
+    multi-node sets name the nodes (tests/placement/test_servers.py runs them through the engines' own config)."""
     flags = engine_flags(devices, devices * 3, 16, tmp_path, "deepseek_v3", nodes)
     assert f"--tp {devices} --ep-size {devices}" in flags["sglang"]
     assert f"--data-parallel-size {devices}" in flags["vllm"] and "--enable-eplb" in flags["vllm"]

@@ -1,4 +1,4 @@
-"""Run SGLang's own start-up code on an `rq place` output (used by tests/placement/test_engines.py; needs SGLang).
+"""Run SGLang's own start-up code on an `rq place` output (used by tests/placement/test_servers.py; needs SGLang).
 
     python sglang_check.py PLACEMENT_DIR MODEL_DIR
 

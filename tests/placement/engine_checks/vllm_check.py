@@ -1,4 +1,4 @@
-"""Run vLLM's own argument and EPLB code on an `rq place` output (used by tests/placement/test_engines.py; needs
+"""Run vLLM's own argument and EPLB code on an `rq place` output (used by tests/placement/test_servers.py; needs
 vLLM, CPU is enough with VLLM_TARGET_DEVICE=cpu).
 
     python vllm_check.py PLACEMENT_DIR MODEL_DIR [ARCH,...]

@@ -2,7 +2,7 @@
  * rq::RQMoE launcher: host-side logic and the launch of the AOT-compiled Triton cubins.
  *
  * No TensorRT type appears here, so this library builds and is tested with the CUDA toolkit alone
- * (rqMoeHost.cpp: validation, tables, workspace, cubin choice; rqMoeKernel.cpp: the driver calls).
+ * (rqMoeHost.cpp: validation, tables, workspace, cubin choice; rqMoeLauncher.cpp: the driver calls).
  * Every entry point returns a Status (never throws across this header); `message` says what failed,
  * naming the expected and received sizes.
  */

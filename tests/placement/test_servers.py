@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rq.placement.engines import SGLANG_MODELS, VLLM_MODELS
+from rq.placement.servers import SGLANG_MODELS, VLLM_MODELS
 from rq.placement.formats import model_shape
 from rq.placement.loads import stats_from_loads
 from rq.placement.run import place_plan

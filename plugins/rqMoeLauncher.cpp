@@ -1,11 +1,11 @@
 /*
- * rq::RQMoE launcher, the CUDA part (see rqMoeKernel.h; host logic in rqMoeHost.cpp).
+ * rq::RQMoE launcher, the CUDA part (see rqMoeLauncher.h; host logic in rqMoeHost.cpp).
  *
  * The CUDA driver API is resolved with dlopen("libcuda.so.1") at initialize(), so the library links
  * without a GPU driver and its host logic is tested on machines without one. Grids mirror
  * rq/kernels/moe.py; tile sizes come from the generated rqMoeKernelTable.h.
  */
-#include "rqMoeKernel.h"
+#include "rqMoeLauncher.h"
 #include "rqMoeInternal.h"
 
 #include <cuda.h>
