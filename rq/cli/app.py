@@ -7,9 +7,12 @@ of a second and ``import rq.cli`` loads neither torch nor transformers. Every co
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -42,15 +45,53 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+QUIET_HELP = "Print nothing but errors (and warnings on stderr)."
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Standard output to nowhere and rq's progress bars (on stderr) off; errors still reach stderr."""
+    from rq.progress import console as progress_console
+
+    was = progress_console.quiet
+    progress_console.quiet = True
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        progress_console.quiet = was
+
+
+def with_quiet(fn: Callable) -> Callable:
+    """``fn`` with a ``--quiet`` option (every command has one), unless it declares its own."""
+    signature = inspect.signature(fn)
+    if "quiet" in signature.parameters:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, quiet: bool = False, **kwargs):
+        if not quiet:
+            return fn(*args, **kwargs)
+        with silenced():
+            return fn(*args, **kwargs)
+
+    option = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--quiet", help=QUIET_HELP))
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), option])
+    return wrapper
+
+
 def command(name: str | None = None, target: typer.Typer = app,
             aliases: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """``@command("plan")``: register ``fn`` on ``target`` (the ``rq`` app by default) with friendly errors.
-    ``aliases``: former names of a renamed command, kept working (hidden from ``--help``) for a release."""
+    """``@command("plan")``: register ``fn`` on ``target`` (the ``rq`` app by default) with friendly errors and
+    ``--quiet``. ``aliases``: former names of a renamed command, kept working (hidden from ``--help``) for a
+    release."""
 
     def register(fn: Callable) -> Callable:
-        target.command(name)(friendly_errors(fn))
+        registered = friendly_errors(with_quiet(fn))
+        target.command(name)(registered)
         for alias in aliases:
-            target.command(alias, hidden=True)(friendly_errors(fn))
+            target.command(alias, hidden=True)(registered)
         return fn
 
     return register

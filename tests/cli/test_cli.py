@@ -189,3 +189,16 @@ def test_renamed_commands_keep_their_former_names():
         assert code == 0 and "Triton Inference Server model repository" in out, out
     code, out = _run("export", "--help")
     assert code == 0 and "--tritonserver" in out and "--triton" in out
+
+
+def test_every_command_has_quiet(planned, tmp_path):
+    """``--quiet`` on every command; with it a successful command prints nothing."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        assert any("--quiet" in p.opts for p in cmd.params), f"rq {name} has no --quiet"
+    _, work = planned
+    code, out = _run("plan", work / "stats", "--out", tmp_path / "p.json", "--quiet")
+    assert code == 0 and out.strip() == "", out
+    assert (tmp_path / "p.json").is_file()
