@@ -12,7 +12,7 @@ from rq.cli.app import command, quiet_transformers
 
 @command()
 def demo(
-    out: Path = typer.Option(Path("rq-demo"), "--out", help="Folder for plan, stats, demo.json and the PNG plots."),
+    out: Path = typer.Option(Path("rq-demo"), "--out", help="Folder: plan, stats, demo.json and the PNG plots."),
     quick: bool = typer.Option(False, help="Reduced sizes (seconds): same steps, fewer tokens."),
     model_dir: Optional[Path] = typer.Option(None, help="Another checkpoint to run the demo on (default: built-in)."),
 ) -> None:

@@ -18,7 +18,7 @@ export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, n
 def export(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint the plan was made for."),
     plan: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
-    out: Path = typer.Option(Path("build"), "--out", help="Build folder: model.onnx, model.ort.onnx, manifest, parity."),
+    out: Path = typer.Option(Path("build"), "--out", help="Folder: the build (model.onnx, model.ort.onnx, genai_config.json, manifest, parity)."),
     force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
     dtype: str = typer.Option("float32", help="Activation dtype of the exported graphs: float32 or float16."),
     check: bool = typer.Option(True, help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export."),
@@ -89,7 +89,7 @@ def _parse_dims(items: list[str]) -> dict[str, tuple[int, int, int]]:
 @command()
 def build(
     onnx_path: Path = typer.Argument(Path("build/model.onnx"), help="The exported model.onnx (or encoder/decoder.onnx)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Engine to write (default: engine.plan beside model.onnx)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File: the engine to write (default: engine.plan beside model.onnx)."),
     plugin: Path = typer.Option(Path("build/plugins/librq_moe_plugin.so"), help="The RQMoE plugin library (plugins/)."),
     target: Optional[str] = typer.Option(None, help="TensorRT-RTX only: compute capabilities to build for, e.g. "
                                                     "sm86,sm89 (default: every one the plugin's cubins run on)."),
@@ -116,7 +116,7 @@ def build(
 @command("tritonserver", aliases=("triton",))
 def tritonserver(
     build_dir: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
-    out: Path = typer.Option(Path("model_repository"), "--out", help="Triton model repository to write."),
+    out: Path = typer.Option(Path("model_repository"), "--out", help="Folder: the Triton model repository to write."),
     force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
     engine: Optional[Path] = typer.Option(None, help="TensorRT engine to serve as well (rq build)."),
     plugin: Optional[Path] = typer.Option(None, help="Plugin library shipped beside the engine."),

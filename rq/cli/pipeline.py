@@ -19,7 +19,7 @@ STREAM_HELP = ("always: one decoder layer in memory at a time, read from the che
 def calibrate(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint folder (config.json, safetensors, tokenizer)."),
     data: Path = typer.Option(..., "--data", help="Text file, or folder of text files, to calibrate on."),
-    out: Path = typer.Option(..., "--out", help="Folder for stats.json + stats.safetensors."),
+    out: Path = typer.Option(..., "--out", help="Folder: stats.json + stats.safetensors (replaced whole)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
     sequences: int = typer.Option(128, help="Number of sequences (max); fewer if the data is shorter."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass."),
@@ -62,7 +62,7 @@ def calibrate(
 @command()
 def plan(
     stats_dir: Path = typer.Argument(..., help="Output folder of `rq calibrate`."),
-    out: Path = typer.Option(Path("plan.json"), "--out", help="Where to write plan.json."),
+    out: Path = typer.Option(Path("plan.json"), "--out", help="File: the plan.json to write."),
     budget: float = typer.Option(1.0, help="Memory budget as a multiple of the original expert bytes, per layer."),
     importance: str = typer.Option("quant_sensitivity", help="frequency, gate_mass, contribution or quant_sensitivity."),
     max_quantized_fraction: float = typer.Option(0.5, help="At most this fraction of a layer's experts go INT4."),
@@ -101,7 +101,7 @@ def eval_(
     stream_batch: int = typer.Option(16, help="Concurrent sequences in streaming generation (tokens per decode step)."),
     stream_steps: int = typer.Option(32, help="Decode steps of streaming generation (0 to skip)."),
     seed: int = typer.Option(0, help="Seed that picks which sequences are used."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the numbers as JSON here."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File: also write the numbers here as JSON."),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
     device: str = typer.Option("cpu", help="Where to run both models: cpu, cuda, cuda:1, ... (one decoder layer "
