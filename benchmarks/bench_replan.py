@@ -5,9 +5,10 @@
 
 The demo model is calibrated on its code split and served (``rq tritonserver``, the ``nvidia-pytriton`` wheel's
 server, explicit model control); prose prompts stream at ``--concurrency``. A monitor scrapes ``/metrics`` every
-``--interval`` seconds; the first time a layer's ``rq_moe_plan_drift`` exceeds the threshold (drift detected) it
-runs :func:`rq.replan.run.replan` with the server's address, which publishes version 2 and loads it while the load
-keeps running; the load goes on for ``--after`` seconds on version 2.
+``--interval`` seconds; once a layer's ``rq_moe_plan_drift`` has exceeded the threshold (drift detected) and the
+first window holds ``--min-window`` seconds of traffic, it runs :func:`rq.replan.run.replan` with the server's
+address (in a thread: the monitor keeps scraping), which publishes version 2 and loads it while the load keeps
+running; the load goes on for ``--after`` seconds on version 2.
 
 Reported, on the traffic version 2 served (its logical loads, each plan scored by the replica rule): LIS with no
 balancing, replicate-only at the same memory (EPLB's greedy replicas within the budget: none at budget 1.0), the
@@ -70,7 +71,7 @@ def _timeline(scrapes: list[tuple[float, dict]]) -> list[tuple[float, str, float
     return out
 
 
-def _plot(timeline, detected: float, serving: float, path: Path) -> None:
+def _plot(timeline, detected: float, started: float, serving: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +82,7 @@ def _plot(timeline, detected: float, serving: float, path: Path) -> None:
         points = [(t, y) for t, v, y in timeline if v == version]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=f"version {version}")
     ax.axvline(detected, color="tab:red", ls="--", lw=1, label="drift detected")
+    ax.axvline(started, color="tab:orange", ls=":", lw=1, label="re-plan started")
     ax.axvline(serving, color="tab:green", ls="--", lw=1, label="version 2 serving")
     ax.set_xlabel("seconds")
     ax.set_ylabel("LIS over copies (mean of layers)")
@@ -93,7 +95,7 @@ def _plot(timeline, detected: float, serving: float, path: Path) -> None:
 
 
 def run(root: Path, sequences: int, concurrency: int, interval: float, after: float, threshold: float,
-        max_tokens: int) -> dict:
+        max_tokens: int, min_window: float) -> dict:
     import torch
 
     import rq
@@ -130,24 +132,33 @@ def run(root: Path, sequences: int, concurrency: int, interval: float, after: fl
             timeout=300)), daemon=True)
         t0 = time.perf_counter()
         worker.start()
-        result = None
-        deadline = t0 + 600
-        while time.perf_counter() < deadline:
+        outcome: dict = {}
+        swap = root / "at_swap.prom"
+
+        def do_replan():
+            outcome["result"] = replan(repo, server.metrics_url, root / "stats_code", demo, server=server.http_url,
+                                       save_scrape=swap, margin=0.0)
+            marks["serving"] = time.perf_counter() - t0
+
+        replanner = threading.Thread(target=do_replan, daemon=True)
+        deadline = t0 + 900
+        while time.perf_counter() < deadline:  # the monitor keeps scraping while the re-plan runs
             time.sleep(interval)
             scrape = scrape_metrics(server.metrics_url, "rq_moe_")
             now = time.perf_counter() - t0
             scrapes.append((now, scrape))
             drift = [v for (name, _), v in scrape.items() if name == "rq_moe_plan_drift"]
-            if result is None and drift and max(drift) > threshold and now > 3 * interval:
+            if "detected" not in marks and drift and max(drift) > threshold:
                 marks["detected"] = now
-                swap = root / "at_swap.prom"
-                result = replan(repo, server.metrics_url, root / "stats_code", demo, server=server.http_url,
-                                save_scrape=swap, margin=0.0)
-                marks["serving"] = time.perf_counter() - t0
-                if result.published is None:
+            if "detected" in marks and "started" not in marks and now >= min_window:
+                marks["started"] = now
+                replanner.start()
+            if "started" in marks and not replanner.is_alive():
+                if outcome.get("result") is None or outcome["result"].published is None:
                     break
-            if result is not None and time.perf_counter() - t0 > marks["serving"] + after:
-                break
+                if now > marks["serving"] + after:
+                    break
+        result = outcome.get("result")
         stop.set()
         worker.join(timeout=600)
         final = scrape_metrics(server.metrics_url, "rq_moe_")
@@ -186,8 +197,8 @@ def run(root: Path, sequences: int, concurrency: int, interval: float, after: fl
         "lis": {k: {"mean": m, "worst": w, "reduction": base / m} for k, (m, w) in means.items()},
         "gap_recovered": (code_m - new_m) / (code_m - prose_m) if code_m > prose_m else None,
         "measured_copy_lis": measured, "replan": {"seconds": result.seconds, "summary": result.summary()},
-        "drift_detected_s": marks["detected"], "serving_s": marks["serving"],
-        "detected_to_serving_s": marks["serving"] - marks["detected"],
+        "drift_detected_s": marks["detected"], "replan_started_s": marks["started"], "serving_s": marks["serving"],
+        "started_to_serving_s": marks["serving"] - marks["started"],
         "timeline": _timeline(scrapes),
     }
 
@@ -200,8 +211,9 @@ def report(res: dict) -> str:
     gap = res["gap_recovered"]
     out += (f"\n\nRe-plan recovers {fmt(100 * gap, 0)} % of the code -> prose plan gap. "
             f"LIS over copies measured by the server's counters: version 1 {fmt(res['measured_copy_lis']['1'])}, "
-            f"version 2 {fmt(res['measured_copy_lis']['2'])}. Drift detected -> version 2 serving: "
-            f"{fmt(res['detected_to_serving_s'], 1)} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) +
+            f"version 2 {fmt(res['measured_copy_lis']['2'])}. Drift detected at {fmt(res['drift_detected_s'], 1)} s, "
+            f"re-plan started at {fmt(res['replan_started_s'], 1)} s (first window), version 2 serving "
+            f"{fmt(res['started_to_serving_s'], 1)} s later (" + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) +
             f"). {res['requests']} requests at concurrency {res['settings']['concurrency']}, {res['errors']} failed; "
             f"served by version: {res['versions']}.")
     return out
@@ -215,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
     parser.add_argument("--after", type=float, default=20.0, help="seconds of load on the new version")
     parser.add_argument("--threshold", type=float, default=1.25, help="drift threshold (rq_moe_plan_drift)")
+    parser.add_argument("--min-window", type=float, default=15.0,
+                        help="seconds of traffic the first window holds at least (the re-plan starts after both)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "plots" / "replan_lis.png")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rq-bench-replan-") as tmp:
         res = run(Path(tmp), args.sequences, args.concurrency, args.interval, args.after, args.threshold,
-                  args.max_tokens)
-    _plot(res["timeline"], res["drift_detected_s"], res["serving_s"], args.plot)
+                  args.max_tokens, args.min_window)
+    _plot(res["timeline"], res["drift_detected_s"], res["replan_started_s"], res["serving_s"], args.plot)
     if args.json is not None:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     print(report(res))
