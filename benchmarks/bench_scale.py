@@ -172,7 +172,7 @@ def markdown(results: dict) -> str:
     """The RESULTS.md table: one row per checkpoint and stage."""
     rows = ["| layers | checkpoint | largest layer | stage | peak RssAnon | x layer | peak resident | wall |",
             "|---:|---:|---:|---|---:|---:|---:|---:|"]
-    for run in results["runs"]:
+    for run in sorted(results["runs"], key=lambda r: r["layers"]):
         for stage, m in run["stages"].items():
             ok = "" if m["rc"] == 0 else f" (exit {m['rc']})"
             rows.append(f"| {run['layers']} | {run['checkpoint_bytes'] / GIB:.2f} GiB | "
@@ -188,7 +188,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    runs = sorted(results["runs"], key=lambda r: r["layers"])
     layers = [r["layers"] for r in runs]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(layers, [r["checkpoint_bytes"] / GIB for r in runs], "k--", label="checkpoint size")

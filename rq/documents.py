@@ -54,8 +54,14 @@ class CalibrationInfo(Strict):
 def first_error(err: ValidationError) -> str:
     """``at 'layers.0.experts.3.replicas': <message>`` of a pydantic error: one line naming the field."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return f"at '{where}': {first['msg']}" if where else f"({first['msg']})"
+    where = ".".join(_one_line(str(p)) for p in first["loc"])  # a hand-edited key may hold a newline
+    message = _one_line(first["msg"])
+    return f"at '{where}': {message}" if where else f"({message})"
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``), so an error stays one line whatever a file holds."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def read_json(path: str | Path, *, missing: str, fix: str) -> Any:

@@ -103,8 +103,8 @@ class StreamedModel:
         module_path, _, attr = name.rpartition(".")
         return getattr(self.model.get_submodule(module_path) if module_path else self.model, attr)
 
-    def _set(self, name: str, value: torch.Tensor, model: nn.Module | None = None) -> None:
-        set_tensor(self.model if model is None else model, name, value)
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        set_tensor(self.model, name, value)
 
     def _load_resident(self) -> None:
         for name in self._sources:
@@ -115,11 +115,10 @@ class StreamedModel:
             if tensor.is_meta and not self._in_block(name):
                 raise RQError(f"{self.checkpoint.model_dir} has no tensor for {name}; the checkpoint does not "
                               f"match its config.json")
-        for path, module in self.model.named_modules():  # buffers computed at build time (rotary frequencies)
-            if not self._in_block(path + ".x"):
-                for attr, buffer in module._buffers.items():
-                    if buffer is not None and buffer.device != self.device:
-                        module._buffers[attr] = buffer.to(self.device)
+        for module in self.model.modules():  # buffers computed at build time (rotary frequencies): small
+            for attr, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta and buffer.device != self.device:
+                    module._buffers[attr] = buffer.to(self.device)
 
     def twin(self) -> nn.Module:
         """A second skeleton of the same model that *shares* this one's resident tensors (no copy): the R&Q model

@@ -198,3 +198,31 @@ def test_streamed_calibration_on_cuda(tiny_checkpoints):
     assert all(torch.equal(a.load, b.load) for a, b in zip(cpu.layers, gpu.layers))
     assert all(p.is_meta for _, block in streamed.blocks for p in block.parameters())
     assert streamed.model.get_input_embeddings().weight.is_cuda
+
+
+def test_cli_streams_and_reports_a_broken_checkpoint_in_one_line(tiny_checkpoints, text_file, tmp_path):
+    """``rq calibrate --stream always`` on a sharded checkpoint with a truncated shard: one line naming the file,
+    exit 2, no stats written; intact, the same command gives the whole-model statistics."""
+    from typer.testing import CliRunner
+
+    from rq.calibrate.stats import CalibrationStats
+    from rq.cli.main import app
+
+    source = Path(tiny_checkpoints("olmoe"))
+    model, _ = load_model(source)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((source / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").is_file()
+    args = ["--data", str(text_file), "--seq-len", "32", "--sequences", "4", "--group-size", "64", "--stream", "always"]
+    result = CliRunner().invoke(app, ["calibrate", str(sharded), "--out", str(tmp_path / "stats"), *args])
+    assert result.exit_code == 0, result.output
+    stats = CalibrationStats.load(tmp_path / "stats")
+    assert stats.layers[0].load.sum() == 4 * 32 * stats.layers[0].top_k
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = CliRunner().invoke(app, ["calibrate", str(sharded), "--out", str(tmp_path / "broken"), *args])
+    output = result.stderr if result.stderr_bytes is not None else result.output
+    assert result.exit_code == 2 and "Traceback" not in output and shard.name in output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "broken").exists()
