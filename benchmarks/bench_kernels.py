@@ -58,7 +58,8 @@ def bench_grouped_gemm(name: str, peak: float, tokens_per_expert: tuple[int, ...
     q = int4_layer(hidden, inter, experts)
     w16_in = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.float16) * 0.01
     w16_out = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.float16) * 0.01
-    tables = dispatch.device_tables(torch.ones(experts, dtype=torch.int64), torch.ones(experts, dtype=torch.int64), torch.device("cuda"))
+    tables = dispatch.device_tables(
+        torch.ones(experts, dtype=torch.int64), torch.ones(experts, dtype=torch.int64), torch.device("cuda"))
     print(f"\n== {name}: H={hidden} I={inter} experts={experts} top-{top_k}, INT4 g128 vs FP16 torch.matmul ==")
     print(f"{'tok/expert':>10} {'int4 ms':>9} {'fp16 ms':>9} {'speedup':>8} {'int4 GB/s':>10} {'% peak':>7}")
     rows = []

@@ -507,8 +507,10 @@ def run(model_dir, settings: LISSettings, log=print) -> dict:
             lis[d][name] = lis_entry(before, p.counts, logcnts, full)
             acc[d][name] = accuracy_summary(originals[d], p, settings.bootstrap, settings.seed)
             acc[d][name].update(precision_shares([c[:acc_n] for c in p.counts], plan))
-        log(f"  {name}: memory {meta[name]['memory']:.3f}x, code LIS {lis['heldout_code'][name]['cumulative']['reduction']:.3f}x, "
-            f"ppl {acc['heldout_code'][name]['ppl_change_pct']:+.3f}% code / {acc['heldout_prose'][name]['ppl_change_pct']:+.3f}% prose")
+        log(f"  {name}: memory {meta[name]['memory']:.3f}x, "
+            f"code LIS {lis['heldout_code'][name]['cumulative']['reduction']:.3f}x, "
+            f"ppl {acc['heldout_code'][name]['ppl_change_pct']:+.3f}% code / "
+            f"{acc['heldout_prose'][name]['ppl_change_pct']:+.3f}% prose")
         del model
     if headline in plans:  # per-call sampling floor of the headline plan's copy counts, per batch size
         copies = [sum(l.logcnt) for l in plans[headline].layers]

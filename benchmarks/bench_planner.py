@@ -68,7 +68,8 @@ def _plan_case(shape: str, budget: float, seed: int, num_layers: int | None, dri
     return {
         "shape": shape, "budget": budget, "layers": layers, "experts": n, "top_k": stats.layers[0].top_k,
         "seconds": seconds, "seconds_per_layer": seconds / layers,
-        "peak_rss_growth_mib": rss_after - rss_before, "python_heap_peak_mib": python_peak, "peak_rss_mib": rss_after, "plan_json_bytes": json_bytes,
+        "peak_rss_growth_mib": rss_after - rss_before, "python_heap_peak_mib": python_peak, "peak_rss_mib": rss_after,
+        "plan_json_bytes": json_bytes,
         "memory": plan.budget.planned_bytes / plan.budget.reference_bytes,
         "int4": sum(e.precision == "int4" for l in plan.layers for e in l.experts), "replicas": replicas,
         "eplb_equal_memory_replicas": sum(equal_memory_replicas(budget, s.original_bytes) for s in stats.layers),

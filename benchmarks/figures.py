@@ -181,7 +181,8 @@ def plot_importance(res: dict, path) -> None:
         [(n, n.split("@")[0]) for n in res["accuracy"]["heldout_code"] if n.startswith("random")]
     names = [(n, label) for n, label in names if n in res["accuracy"]["heldout_code"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, ylabel in ((axes[0], "ppl_change_pct", "perplexity change (%)"), (axes[1], "kl_mean", "mean KL(original || R&Q)")):
+    for ax, key, ylabel in ((axes[0], "ppl_change_pct", "perplexity change (%)"),
+                            (axes[1], "kl_mean", "mean KL(original || R&Q)")):
         width = 0.38
         for j, domain in enumerate(DOMAINS):
             vals = [res["accuracy"][domain][n][key] for n, _ in names]

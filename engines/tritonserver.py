@@ -400,7 +400,8 @@ def _repository_document(export: _Export, layout: _Layout, opts: ServingOptions,
         "forward_models": [layout.forward[g] for g in export.graphs] if opts.forward_model else [],
         "tensorrt_model": TRT_MODEL if engine_plan is not None else None,
         "plugin_library": plugin_lib.name if plugin_lib is not None else None,
-        "rq_build_dir": layout.build_parameter, "home_model": layout.onnx[layout.home_graph], "options": {**asdict(opts), "providers": ",".join(opts.providers)},
+        "rq_build_dir": layout.build_parameter, "home_model": layout.onnx[layout.home_graph],
+        "options": {**asdict(opts), "providers": ",".join(opts.providers)},
         "python_requirements": ["numpy", "onnxruntime (or onnxruntime-gpu)", "tokenizers"],
     }
 

@@ -239,11 +239,11 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     ``rq::RQMoE`` nodes and their portable body (TensorRT and any ONNX runtime), ``model.ort.onnx`` (ONNX
     Runtime's fused route, reading ``model.onnx.data``), ``model.genai.onnx`` + ``genai_config.json``
     (onnxruntime-genai, decoder-only models), ``manifest.json``, ``plan.json``, the tokenizer files and
-    ``parity/`` (reference outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files (writes ``parity.json``).
-    All of it is assembled in a staged folder and renamed to ``out_dir`` only when it succeeded: a failure
-    (bad input, an export or ONNX Runtime error, a failed parity check: :class:`ExportCheckFailed`) raises
-    :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed`` keeps the attempt at
-    ``<out_dir>.failed`` for debugging.
+    ``parity/`` (reference outputs), then, when ``check``, runs :func:`rq.export.check_export` on both files
+    (writes ``parity.json``). All of it is assembled in a staged folder and renamed to ``out_dir`` only when
+    it succeeded: a failure (bad input, an export or ONNX Runtime error, a failed parity check:
+    :class:`ExportCheckFailed`) raises :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed``
+    keeps the attempt at ``<out_dir>.failed`` for debugging.
     """
     start = time.perf_counter()
     model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)

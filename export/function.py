@@ -13,12 +13,12 @@ Two functions of domain ``rq``, version 1, built with ``onnx.helper``:
   weights (an ``If`` on ``precision[p]``: the original-precision slot, or the INT4 slot as ``INT4`` data
   dequantized by opset-21 blocked ``DequantizeLinear``, zero point 0, ``block_size = group_size``: the exact
   product ``q * scale`` of docs/spec.md §5; in a model with INT8 copies a first ``If`` takes precision 2 to
-  the INT8 slot, int8 data through the same ``DequantizeLinear``, §5a) and scales it by the routing weight. The ``[n, H]`` rows are
-  scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order, like the PyTorch
-  reference. The §5 bytes (INT8-typed initializers) are unpacked inside the loop, one active INT4 copy at a
-  time: unpacking the whole stacked initializer outside it would let ONNX Runtime constant-fold it when the
-  session is created, which holds twice the packed bytes as int8 for good and, while folding, about six
-  times them (a 1.7 GB mid-size export peaked at 4.8 GB); per call the work stays proportional to the
+  the INT8 slot, int8 data through the same ``DequantizeLinear``, §5a) and scales it by the routing weight. The
+  ``[n, H]`` rows are scattered once into a ``[T*K, H]`` per-slot buffer and summed over ``K`` in slot order,
+  like the PyTorch reference. The §5 bytes (INT8-typed initializers) are unpacked inside the loop, one active
+  INT4 copy at a time: unpacking the whole stacked initializer outside it would let ONNX Runtime constant-fold
+  it when the session is created, which holds twice the packed bytes as int8 for good and, while folding, about
+  six times them (a 1.7 GB mid-size export peaked at 4.8 GB); per call the work stays proportional to the
   copies that received tokens.
 
 This body is the portable definition of the op: it runs on any ONNX runtime with opset 21. ONNX Runtime's

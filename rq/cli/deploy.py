@@ -18,7 +18,8 @@ export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, n
 def export(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint the plan was made for."),
     plan: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
-    out: Path = typer.Option(Path("build"), "--out", help="Folder: the build (model.onnx, model.ort.onnx, genai_config.json, manifest, parity)."),
+    out: Path = typer.Option(
+        Path("build"), "--out", help="Folder: the build (model.onnx, model.ort.onnx, genai_config.json, manifest, parity)."),
     force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
     dtype: str = typer.Option("float32", help="Activation dtype of the exported graphs: float32 or float16."),
     check: bool = typer.Option(True, help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export."),

@@ -2,15 +2,16 @@
 
 :class:`RQLayerWeights` is everything of one R&Q MoE layer that is not per call: the node attributes
 (``top_k``, ``activation``, ``group_size``, ``copies`` = ``logcnt``, ``precision``) and the weight inputs in
-the op's stacked layout: six (original and INT4 classes), or ten when the bundle carries the INT8 class too. Every implementation takes ``(hidden, topk_ids, topk_weights, layer, offsets)``:
-:func:`rq_moe_reference` here, the Triton kernels (:func:`rq.kernels.moe.rq_moe`), the PyTorch R&Q model's
-experts, the ONNX exporter (which writes ``layer.tensors()`` as initializers and ``layer.attributes()`` on
-the node) and, through those attributes and tensors, the TensorRT plugin.
+the op's stacked layout: six (original and INT4 classes), or ten when the bundle carries the INT8 class too.
+Every implementation takes ``(hidden, topk_ids, topk_weights, layer, offsets)``: :func:`rq_moe_reference` here,
+the Triton kernels (:func:`rq.kernels.moe.rq_moe`), the PyTorch R&Q model's experts, the ONNX exporter (which
+writes ``layer.tensors()`` as initializers and ``layer.attributes()`` on the node) and, through those attributes
+and tensors, the TensorRT plugin.
 
 The reference is deliberately simple: one Python loop over the physical copies that received assignments,
-INT4 and INT8 weights dequantized with :mod:`rq.core.int4` / :mod:`rq.core.int8` (the exact product ``q * scale``), the token -> copy mapping
-from :mod:`rq.core.replica`, arithmetic in float32 (``compute_dtype``), and the weighted sum over the top-k
-slots in slot order. Only ``torch`` and ``rq.core`` are imported.
+INT4 and INT8 weights dequantized with :mod:`rq.core.int4` / :mod:`rq.core.int8` (the exact product
+``q * scale``), the token -> copy mapping from :mod:`rq.core.replica`, arithmetic in float32
+(``compute_dtype``), and the weighted sum over the top-k slots in slot order. Only ``torch`` and ``rq.core`` are imported.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from rq.core import int4, int8, replica
 from rq.core.experts import ACTIVATIONS, activation_code, apply_activation, is_glu
 
-__all__ = ["ACTIVATIONS", "CALL_INPUTS", "INPUTS", "INPUTS_INT8", "INT8_INPUTS", "OUTPUTS", "PRECISIONS", "WEIGHT_INPUTS", "CopyTables", "RQLayerWeights",
-           "activation_code", "check_call", "copy_tables", "is_glu", "rq_moe_reference", "stack_layer"]
+__all__ = ["ACTIVATIONS", "CALL_INPUTS", "INPUTS", "INPUTS_INT8", "INT8_INPUTS", "OUTPUTS", "PRECISIONS", "WEIGHT_INPUTS",
+           "CopyTables", "RQLayerWeights", "activation_code", "check_call", "copy_tables", "is_glu", "rq_moe_reference",
+           "stack_layer"]
 
 CALL_INPUTS = ("hidden", "topk_ids", "topk_weights", "offsets")
 INT8_INPUTS = ("w_in_q8", "w_in_scales8", "w_out_q8", "w_out_scales8")

@@ -275,7 +275,8 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def build(out_dir: Path, archs: tuple[int, ...] = DEFAULT_ARCHS, only: list[str] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
+def build(out_dir: Path, archs: tuple[int, ...] = DEFAULT_ARCHS, only: list[str] | None = None,
+          jobs: int = 1) -> list[dict[str, Any]]:
     """Compile all (or ``only`` the named) variants for ``archs`` into ``out_dir``; returns the metadata."""
     # Line info triples the cubin size (and the embedding header); profilers still see kernel names.
     os.environ.setdefault("TRITON_DISABLE_LINE_INFO", "1")

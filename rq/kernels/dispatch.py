@@ -228,7 +228,8 @@ def dispatch_assignments(
     assign_pos = torch.empty(num_assign, **i32)
     phys = torch.empty(num_assign, **i32)
     dispatch_count_kernel[(num_blocks,)](ids, eid, lrank, hist, num_assign, num_experts, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N)
-    dispatch_scan_kernel[(triton.cdiv(num_experts, BLOCK_N),)](hist, counts, num_blocks, num_experts, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
+    dispatch_scan_kernel[(triton.cdiv(num_experts, BLOCK_N),)](
+        hist, counts, num_blocks, num_experts, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
     dispatch_copies_kernel[(1,)](
         counts, offsets, tables.logcnt, tables.phys_base, tables.phy2log, tables.precision,
         copy_start, tile_start[0], tile_start[1], num_phys, BLOCK_M=block_m, BLOCK_P=BLOCK_P,

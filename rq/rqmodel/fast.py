@@ -4,17 +4,17 @@ The reference (:func:`rq.core.op.rq_moe_reference`) dequantizes every INT4 copy 
 most of its time. Here each layer's weights are turned once into the compute dtype and grouped by *weight
 version*: a version is one distinct ``(w_in, w_out)`` pair — each original-precision copy is one, and all the
 INT4 copies of a logical expert (its INT4 primary and its replicas, which hold the same §5 bytes) share one,
-and so do its INT8 copies (§5a), each dequantized exactly (``q * scale``). Assignments are mapped to copies by the replica rule (§4, exact) and then
-to versions; since copies of one version compute the same function, their rows are multiplied together with
-``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
+and so do its INT8 copies (§5a), each dequantized exactly (``q * scale``). Assignments are mapped to copies by the
+replica rule (§4, exact) and then to versions; since copies of one version compute the same function, their rows are
+multiplied together with ``torch.nn.functional.grouped_mm`` — the kernel Hugging Face's own ``grouped_mm`` experts use.
 
 Memory: one float copy per quantized version (one expert per logical expert and quantized precision it has), kept on the layer's
 :class:`~rq.core.op.RQLayerWeights` (which ``RQExperts`` keeps while its buffers are unchanged). A layer whose
 original-precision weights exceed :data:`VIEW_BYTES` multiplies them straight from its own weights (transposed
 views: no copy when the compute dtype and device are theirs), at the price of a second grouped product per
 projection; smaller layers copy them next to the quantized versions and make one call (the fixed cost of a call
-is what matters there: 10-20 % of a small layer's decode step, measured on the demo model). The reference stays the definition the tests compare this backend
-with (within the §9 tolerances).
+is what matters there: 10-20 % of a small layer's decode step, measured on the demo model). The reference stays the
+definition the tests compare this backend with (within the §9 tolerances).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ def test_heavy_hitter_gets_replicas_and_least_important_get_quantized():
     assert d.quantized[-1] and not d.quantized[0]  # importance decreases with id
     assert d.planned_bytes <= 16 * 1000
     assert d.lis_after < d.lis_before
-    assert d.lis_after == pytest.approx(lis_value(split_load(torch.tensor([480, 100, 60, 60, 50, 50, 40, 40, 30, 30, 20, 10, 10, 10, 5, 5]), d.logcnt)))
+    assert d.lis_after == pytest.approx(lis_value(split_load(
+        torch.tensor([480, 100, 60, 60, 50, 50, 40, 40, 30, 30, 20, 10, 10, 10, 5, 5]), d.logcnt)))
 
 
 @pytest.mark.parametrize("seed", range(10))
