@@ -17,7 +17,6 @@ of the merge. Remote-code models map names one to one.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
