@@ -5,6 +5,7 @@ loads and on held-out loads the placement was not fitted to.
     python -m benchmarks.bench_placement                 # DeepSeek-V3-like and Mixtral synthetic shapes
     python -m benchmarks.bench_placement --demo-stats S --demo-heldout H   # plus the demo model's stats
     python -m benchmarks.bench_placement --plots DIR     # also write rq place's per-layer PNGs
+    python -m benchmarks.bench_placement --dispatch      # device LIS per engine dispatch, EP4 / EP8 / 2 nodes
 
 Synthetic loads: :func:`rq.testing.synthetic.synthetic_stats` (seeded Zipf skew; held-out = same popularity ranking
 with log-normal drift 0.25 and fresh sampling). The demo model (rq/demo) is calibrated on its committed
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rq.placement.report import summary_table
+from rq.placement.report import MODE_LABELS, dispatch_table, markdown_table, summary_table
 from rq.placement.run import place_plan
 from rq.plan.planner import PlanOptions, make_plan
 from rq.plan.schema import save_plan
@@ -56,6 +57,20 @@ def run_case(name: str, stats: CalibrationStats, heldout: CalibrationStats | Non
 def table(result: dict) -> str:
     rows = result["manifest"]["simulation"]
     return summary_table(rows, [k for k in ("calibration", "held-out") if k in rows[-1]], digits=1, joined=True)
+
+
+def dispatch_summary(result: dict) -> str:
+    """Device LIS per engine dispatch mode: R&Q's placement against EPLB's (same slots) under the same dispatch."""
+    d = result["manifest"]["dispatch"]
+    keys = [k for k in ("calibration", "held-out") if k in d["modes"][0]["rq"]]
+    return dispatch_table(d["modes"], keys, d["recommended"])
+
+
+def dispatch_row(result: dict, key: str) -> list[str]:
+    """One line of the cross-case table: R&Q / EPLB mean device LIS per mode for load set ``key``."""
+    modes = result["manifest"]["dispatch"]["modes"]
+    return [result["name"]] + [f"{r['rq'][key]['device_lis_mean']:.3f} / {r['eplb_same_slots'][key]['device_lis_mean']:.3f}"
+                               for r in modes]
 
 
 def describe(result: dict) -> str:
@@ -98,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, help="write the first DeepSeek case's placement and PNGs here")
     p.add_argument("--json", type=Path, help="write all results as JSON")
     p.add_argument("--quick", action="store_true", help="fewer cases (CI smoke run)")
+    p.add_argument("--dispatch", action="store_true",
+                   help="only the dispatch cases: EP4, EP8 and 2 nodes on a grouped DeepSeek-V3 test model and the demo")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # thousands of tiny tensor ops: the thread pool only adds latency
 
@@ -124,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.quick:
             cases = [cases[0], cases[6]]
+        if args.dispatch:  # small enough for SGLang's static tables to be replayed for every rank in seconds
+            dsv = synthetic_stats("deepseek_v3", seed=0, tokens=16384, num_layers=6)
+            dsv_held = synthetic_stats("deepseek_v3", seed=0, tokens=16384, num_layers=6, drift=0.25, sample_seed=1)
+            cases = [(f"DeepSeek-V3-like (6 layers, 8 groups), {name}", dsv, dsv_held, kw) for name, kw in
+                     (("EP4", dict(devices=4, groups=8)), ("EP8", dict(devices=8, groups=8)),
+                      ("EP8 (2 nodes x 4)", dict(devices=8, nodes=2, groups=8)))]
         demo = None
         if args.demo_stats is not None:
             demo = (CalibrationStats.load(args.demo_stats),
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             demo = demo_stats(args.demo_sequences)
         if demo is not None:
             n = demo[0].model.num_experts
-            for g, nodes in ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2)):
+            for g, nodes in ((4, 1), (8, 1), (8, 2)) if args.dispatch else ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2)):
                 if g <= n:
                     where = f" ({nodes} nodes x {g // nodes})" if nodes > 1 else ""
                     name = f"demo model ({demo[0].model.architecture}), EP{g}{where}"
@@ -140,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, stats, held, kw in cases:
             result = run_case(name, stats, held, root, **kw)
             results.append(result)
-            print(f"### {name}\n\n{describe(result)}\n\n{table(result)}\n", flush=True)
+            print(f"### {name}\n\n{describe(result)}\n\n{table(result)}\n\n{dispatch_summary(result)}\n", flush=True)
         if demo is None:
             print("### demo model\n\nskipped: no --demo-stats given and the demo checkpoint (rq/demo/checkpoint) "
                   "is absent; build it with `python -m rq.demo.train --out rq/demo/checkpoint`.\n")
+    for key in ("calibration", "held-out"):
+        rows = [dispatch_row(r, key) for r in results if key in r["manifest"]["dispatch"]["modes"][0]["rq"]]
+        if rows:
+            modes = [m["mode"] for m in results[0]["manifest"]["dispatch"]["modes"]]
+            print(f"### Device LIS mean per engine dispatch, R&Q / EPLB same slots ({key} loads)\n\n"
+                  + markdown_table(["case"] + [MODE_LABELS[m] for m in modes], rows) + "\n")
     if args.json is not None:
         args.json.write_text(json.dumps([{k: v for k, v in r.items()} for r in results], indent=1, default=float))
     return 0

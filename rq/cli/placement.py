@@ -21,7 +21,8 @@ _HELP = {
     "inputs": "dump file(s): SGLang recorder .pt, vLLM EPLB state .pt/.safetensors/.json, or the TensorRT-LLM "
               "statistic folder",
     "placement": "TensorRT-LLM only: the load balancer YAML the server ran with (moe_config.load_balancer); its "
-                 "statistics then count slot ids, which this maps to logical experts",
+                 "statistics then count slot ids, which this maps to logical experts; 'none' if it ran without one "
+                 "(required when the statistics count as many ids as there are experts)",
 }
 
 
@@ -39,6 +40,8 @@ def place(
     pad: Annotated[str, typer.Option(help=_HELP["pad"])] = "replicate",
     formats: Annotated[str, typer.Option(help=f"comma-separated subset of {','.join(FORMATS)}")] = ",".join(FORMATS),
     plots: Annotated[bool, typer.Option(help="write PNG plots (one per layer and a summary)")] = True,
+    batch_tokens: Annotated[int, typer.Option(help="tokens of one forward pass on one rank, for the engines' "
+                                                   "row-based dispatch rules")] = 8192,
     quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
 ) -> None:
     """Place an R&Q plan's copies on DEVICES GPUs and write the placement for SGLang, vLLM, TensorRT-LLM and
@@ -47,7 +50,7 @@ def place(
 
     with single_thread():
         place_plan(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device,
-                   pad, formats, plots, echo=None if quiet else typer.echo,
+                   pad, formats, plots, batch_tokens, echo=None if quiet else typer.echo,
                    warn=None if quiet else (lambda line: typer.echo(line, err=True)))
 
 

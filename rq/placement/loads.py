@@ -27,6 +27,8 @@ from rq.documents import CalibrationInfo, ModelInfo
 # TensorRT-LLM's per-rank bincounts; the same folder may hold rank{r}_raw.safetensors (raw token_selected_experts
 # per iteration and layer, written by some versions next to the counts) and rank{r}_numtokens.json: not counts.
 _TRTLLM_COUNTS = re.compile(r"rank(\d+)\.safetensors")
+# ``--placement none``: the TensorRT-LLM server ran without a load balancer, so its statistics count expert ids.
+NO_BALANCER = "none"
 _INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
@@ -323,7 +325,9 @@ def import_loads(engine: str, inputs: list[str | Path], config: str | Path, grou
 
     SGLang rows are decoder layers (dense layers hold zeros) and are reduced to the MoE layers of the
     config; vLLM rows are MoE layers; TensorRT-LLM keys are decoder layers. ``placement``: TensorRT-LLM only,
-    the load balancer YAML the server ran with, whose slots the statistics count (:func:`read_trtllm_loads`).
+    the load balancer YAML the server ran with, whose slots the statistics count (:func:`read_trtllm_loads`), or
+    ``none`` when it ran without one; required when the counts are as wide as the expert count (then slot and
+    expert ids cannot be told apart).
     """
     shape = model_shape(config)
     if placement is not None and engine != "trtllm":
@@ -337,7 +341,8 @@ def import_loads(engine: str, inputs: list[str | Path], config: str | Path, grou
     elif engine == "trtllm":
         if len(inputs) != 1:
             raise RQError("TensorRT-LLM statistics are one folder (EXPERT_STATISTIC_PATH); pass exactly one")
-        slots = read_trtllm_placement(placement, shape.num_experts) if placement is not None else None
+        no_balancer = placement is not None and str(placement) == NO_BALANCER
+        slots = read_trtllm_placement(placement, shape.num_experts) if placement is not None and not no_balancer else None
         per_layer = read_trtllm_loads(inputs[0], slots, shape.num_experts)
         missing = [d for d in shape.moe_layers if d not in per_layer]
         if missing:
@@ -347,6 +352,11 @@ def import_loads(engine: str, inputs: list[str | Path], config: str | Path, grou
             raise RQError(f"{inputs[0]} counts {sorted(widths)} ids per layer, {config} has {shape.num_experts} experts: "
                           f"TensorRT-LLM counts slots while its load balancer is on; pass --placement with the "
                           f"load balancer YAML the server ran with")
+        if placement is None and widths == {shape.num_experts}:
+            raise RQError(f"{inputs[0]} counts {shape.num_experts} ids per layer, as many as {config} has experts: a "
+                          f"server without a load balancer (expert ids) and one with num_slots == {shape.num_experts} "
+                          f"(slot ids) write the same; pass --placement with the load balancer YAML the server ran "
+                          f"with, or --placement {NO_BALANCER} if it ran without one")
         loads = torch.stack([per_layer[d] for d in shape.moe_layers])
     else:
         raise RQError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")

@@ -4,6 +4,7 @@ is one RQError line with the fix, the CLI exits 2 without a traceback, and nothi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +154,7 @@ def test_trtllm_raw_files_beside_the_counts_are_not_counts(config, tmp_path):
     save_file({f"100_{layer}": torch.randint(0, 8, (5, 2), dtype=torch.int32) for layer in range(3)},
               str(folder / "rank0_raw.safetensors"))
     (folder / "rank0_numtokens.json").write_text("{}")
-    stats = import_stats("trtllm", [folder], config, tmp_path / "s")
+    stats = import_stats("trtllm", [folder], config, tmp_path / "s", placement=Path("none"))
     for layer in range(3):
         assert torch.equal(stats.layers[layer].load, (counts[0][layer] + counts[1][layer]).double())
 
@@ -201,6 +202,19 @@ def test_trtllm_placement_yaml_errors(config, tmp_path, edit, match):
                                       "--placement", str(lb)])
     assert result.exit_code == 2 and match in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_trtllm_counts_as_wide_as_the_experts_need_placement_or_none(config, tmp_path):
+    """As many slots as experts: slot ids and expert ids look alike, so without --placement the import is refused
+    (one line, no output) instead of importing slot counts as expert loads."""
+    folder = _statistic_folder(tmp_path / "stat", {0: {layer: torch.arange(8) for layer in range(3)}}, 8)
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["import-loads", "trtllm", str(folder), "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 2 and "--placement none" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    ok = CliRunner().invoke(app, ["import-loads", "trtllm", str(folder), "--config", str(config), "--out", str(out),
+                                  "--placement", "none", "--quiet"])
+    assert ok.exit_code == 0 and out.is_dir()
 
 
 def test_trtllm_slot_counts_without_the_yaml_name_the_fix(config, tmp_path):

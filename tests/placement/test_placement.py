@@ -4,6 +4,7 @@ engine applies when loading them, the EPLB baseline, importers of engine load du
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -394,7 +395,7 @@ def test_trtllm_statistic_folder_round_trip(small_config, tmp_path):
                 for it in (100, 101) for layer in (1, 2, 3)} for r in (0, 1)}
     for r, tensors in data.items():
         save_file(tensors, str(folder / f"rank{r}.safetensors"))
-    stats = import_stats("trtllm", [folder], config=small_config, out=tmp_path / "s")
+    stats = import_stats("trtllm", [folder], config=small_config, out=tmp_path / "s", placement=Path("none"))
     for i, layer in enumerate((1, 2, 3)):
         expected = sum(data[r][f"{it}_{layer}"].long() for r in (0, 1) for it in (100, 101))
         assert torch.equal(stats.layers[i].load, expected.double())
