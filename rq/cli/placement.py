@@ -49,9 +49,10 @@ def place(
     from rq.placement.run import place_plan, single_thread
 
     with single_thread():
-        place_plan(plan_path, devices, nodes, out_dir, stats_dir, heldout_stats, config, groups, slots_per_device,
-                   pad, formats, plots, batch_tokens, echo=None if quiet else typer.echo,
-                   warn=None if quiet else (lambda line: typer.echo(line, err=True)))
+        place_plan(plan_path, devices=devices, nodes=nodes, out_dir=out_dir, stats_dir=stats_dir,
+                   heldout_stats=heldout_stats, config=config, groups=groups, slots_per_device=slots_per_device,
+                   pad=pad, formats=formats, plots=plots, batch_tokens=batch_tokens,
+                   echo=None if quiet else typer.echo, warn=None if quiet else (lambda line: typer.echo(line, err=True)))
 
 
 @command("import-loads")

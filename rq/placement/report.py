@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 from rq.core.lis import fmt
 from rq.placement.place import device_lis
+from rq.placement.dispatch import DISPATCH_MODES
+from rq.placement.simulate import DISPATCH_METHODS, Simulation, lis_summary
 
 if TYPE_CHECKING:
-    from rq.placement.run import Simulation
     from rq.plan.schema import Plan
 
 METHODS = ("before", "eplb_same_slots", "eplb_same_memory", "rq")
@@ -147,3 +148,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def dispatch_rows(sim: Simulation) -> list[dict]:
+    """One row per dispatch mode: device LIS of R&Q's and EPLB's placement (same slots) per load set."""
+    return [{"mode": mode, **{name: {key: lis_summary(v) for key, v in sim.dispatch[mode][name].items()}
+                              for name in DISPATCH_METHODS}} for mode in DISPATCH_MODES]
+
+
+def summary_rows(sim: Simulation, num_gpus: int) -> list[dict]:
+    rows = []
+    for name in METHODS:
+        mean = sim.bytes_per_gpu_mean if name == "rq" else sim.bytes_per_gpu[name]
+        row = {"method": name, "label": METHOD_LABELS[name], "slots": sim.slots[name],
+               "slots_per_gpu": sim.slots[name] / num_gpus, "expert_bytes_per_gpu": sim.bytes_per_gpu[name],
+               "expert_bytes_per_gpu_mean": mean}
+        for key, loads in sim.loads[name].items():
+            row[key] = lis_summary(loads)
+        rows.append(row)
+    return rows

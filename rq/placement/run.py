@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from rq import __version__
@@ -22,16 +19,16 @@ from rq.atomic import atomic_write_text, staged_dir
 from rq.calibrate.stats import CalibrationStats
 from rq.errors import RQError
 from rq.placement import FILENAMES, FORMATS
-from rq.placement.dispatch import DEFAULT_BATCH_TOKENS, DISPATCH_MODES, ENGINE_MODES, sglang_static_table
-from rq.placement.dispatch import device_loads as dispatch_device_loads
+from rq.placement.dispatch import DEFAULT_BATCH_TOKENS
 from rq.placement.servers import engine_flags, engine_warnings
-from rq.placement.formats import DTYPE_BYTES, check_formats, decoder_layers, model_shape, sglang_rows, write_formats
+from rq.placement.simulate import Layout, recommend, simulate
+from rq.placement.formats import check_formats, decoder_layers, model_shape, write_formats
+from rq.placement.fit import check_stats, copy_bytes, copy_changes, plan_loads, target_logcnt
 from rq.placement.loads import import_loads
-from rq.placement.place import (colocated, device_lis, device_loads, eplb_rebalance, fit_logcnt, makespan_ratio, place,
-                                trivial_placement, unavoidable_colocated)
-from rq.placement.report import METHOD_LABELS, METHODS, dispatch_table, layers_table, plot_layers, summary_table
-from rq.plan.planner import expert_int4_bytes
-from rq.plan.schema import Plan, load_plan
+from rq.placement.place import (colocated, place,
+                                unavoidable_colocated)
+from rq.placement.report import dispatch_rows, summary_rows, dispatch_table, layers_table, plot_layers, summary_table
+from rq.plan.schema import load_plan
 
 PLACEMENT_VERSION = 1
 
@@ -48,244 +45,6 @@ def single_thread():
         torch.set_num_threads(before)
 
 
-# ----------------------------------------------------------------------------- inputs
-
-def plan_loads(plan: Plan, stats: CalibrationStats | None) -> torch.Tensor:
-    """``[L, N]`` int64 loads behind ``plan``: the stats' counts when given, else ``load_share * T * K``."""
-    if stats is None:
-        total = plan.calibration.tokens * plan.model.top_k
-        return torch.tensor([[round(e.load_share * total) for e in layer.experts] for layer in plan.layers],
-                            dtype=torch.int64)
-    check_stats(plan, stats, "stats")
-    return torch.stack([s.load for s in stats.layers]).round().to(torch.int64)
-
-
-def check_stats(plan: Plan, stats: CalibrationStats, what: str) -> None:
-    if stats.model.fingerprint != plan.model.fingerprint:
-        raise RQError(f"the {what} are of another model (fingerprint {stats.model.fingerprint[:20]}..., plan "
-                      f"{plan.model.fingerprint[:20]}...); pass stats of the model the plan was made for")
-    if len(stats.layers) != len(plan.layers) or stats.model.num_experts != plan.model.num_experts:
-        raise RQError(f"the {what} have {len(stats.layers)} layers x {stats.model.num_experts} experts, the plan "
-                      f"{len(plan.layers)} x {plan.model.num_experts}")
-
-
-def copy_bytes(plan: Plan, stats: CalibrationStats | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(original [L], int4 [L])`` bytes of one expert copy per layer: from the stats' real sizes when given;
-    else original = reference bytes / (L*N) and INT4 solved from the plan's planned bytes (or, for a
-    layer without INT4 copies, estimated as 0.5 + 2/G bytes per weight)."""
-    num_layers, n = len(plan.layers), plan.model.num_experts
-    if stats is not None:
-        group = stats.group_size
-        orig = torch.tensor([sum(s.original_bytes) / s.num_experts for s in stats.layers], dtype=torch.float64)
-        q = torch.tensor([expert_int4_bytes(s, group) if s.quantizable else sum(s.original_bytes) / s.num_experts
-                          for s in stats.layers], dtype=torch.float64)
-        return orig, q
-    per = plan.budget.reference_bytes / (num_layers * n)
-    elem = DTYPE_BYTES.get(plan.model.dtype, 2)
-    estimate = per * (0.5 + 2 / plan.quantization.group_size) / elem
-    orig = torch.full((num_layers,), per, dtype=torch.float64)
-    q = torch.full((num_layers,), estimate, dtype=torch.float64)
-    for i, layer in enumerate(plan.layers):
-        codes = [c for e in layer.experts for c in e.copy_precisions]
-        n_int4 = codes.count(1)
-        if n_int4:  # INT8 copies at their estimated size (twice INT4's values, the same scales)
-            int8_estimate = per * (1 + 2 / plan.quantization.group_size) / elem
-            q[i] = (layer.planned_bytes - codes.count(0) * per - codes.count(2) * int8_estimate) / n_int4
-    return orig, q
-
-
-def copy_byte_table(plan: Plan, logcnt: torch.Tensor, orig: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``[L, N, max copies]`` bytes of copy ``c`` of expert ``e`` as placed (0 past ``logcnt``): the plan's
-    precision for the copies it has (docs/spec.md §6 order), INT4 for copies the placement added. INT8 copies
-    are ``q * (1 + 2/G) / (0.5 + 2/G)`` of an INT4 one: the same scales, a byte per value."""
-    g = plan.quantization.group_size
-    q8 = q * (1 + 2 / g) / (0.5 + 2 / g)
-    num_layers, n = logcnt.shape
-    table = torch.zeros(num_layers, n, int(logcnt.max()), dtype=torch.float64)
-    for li, layer in enumerate(plan.layers):
-        size = (float(orig[li]), float(q[li]), float(q8[li]))
-        for e, expert in enumerate(layer.experts):
-            codes = expert.copy_precisions
-            for c in range(int(logcnt[li, e])):
-                table[li, e, c] = size[codes[c] if c < len(codes) else 1]
-    return table
-
-
-def rq_bytes(plan: Plan, logcnt: torch.Tensor, orig: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``[L]`` bytes of the placed copies with per-copy precision (:func:`copy_byte_table`)."""
-    return copy_byte_table(plan, logcnt, orig, q).sum((-1, -2))
-
-
-@dataclass
-class Target:
-    num_phy: int
-    logcnt: torch.Tensor  # [L, N] fitted
-
-
-def copy_changes(plan: Plan, logcnt: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Copies added and removed per layer, placed ``logcnt [L, N]`` against the plan's."""
-    diff = logcnt - torch.tensor([layer.logcnt for layer in plan.layers], dtype=torch.int64)
-    return diff.clamp(min=0).sum(-1).tolist(), (-diff).clamp(min=0).sum(-1).tolist()
-
-
-def target_logcnt(plan: Plan, loads: torch.Tensor, num_gpus: int, slots_per_device: int | None,
-                  pad: str) -> Target:
-    """Fit each layer's plan copies to one engine-wide ``P`` (a multiple of G, at most G copies per expert).
-
-    ``pad``: ``replicate`` fits every layer up to the largest layer's copies (rounded up to a multiple of G),
-    ``trim`` down to the smallest layer's (rounded down; then no layer exceeds its planned bytes), ``error``
-    refuses a plan whose layers do not already agree. ``slots_per_device`` overrides P.
-    """
-    n = plan.model.num_experts
-    logcnt = torch.tensor([layer.logcnt for layer in plan.layers], dtype=torch.int64)
-    per_layer = logcnt.sum(-1)
-    least = math.ceil(n / num_gpus) * num_gpus
-    if pad not in ("replicate", "trim", "error"):
-        raise RQError(f"--pad must be 'replicate', 'trim' or 'error', got '{pad}'")
-    largest = int(per_layer.max())
-    if slots_per_device is None and largest < num_gpus:
-        raise RQError(f"the plan has at most {largest} copies per layer but --devices {num_gpus}: {num_gpus - largest} "
-                      f"devices would hold none of its copies (rq place would add replicas the plan did not budget); "
-                      f"use --devices {largest} or fewer, plan more replicas (rq plan --budget), or set "
-                      f"--slots-per-device to pad on purpose")
-    if slots_per_device is not None:
-        if slots_per_device * num_gpus < n:
-            raise RQError(f"--slots-per-device {slots_per_device} x {num_gpus} devices = {slots_per_device * num_gpus} "
-                          f"slots < {n} experts: every expert needs a slot; raise --slots-per-device")
-        if slots_per_device > n:
-            raise RQError(f"--slots-per-device {slots_per_device} exceeds the {n} experts: a device would hold two "
-                          f"copies of one expert, which adds nothing to device balance")
-        num_phy = slots_per_device * num_gpus
-    elif pad == "trim":
-        num_phy = max(int(per_layer.min()) // num_gpus * num_gpus, least)
-    else:
-        num_phy = min(math.ceil(int(per_layer.max()) / num_gpus) * num_gpus, n * num_gpus)
-    if pad == "error":
-        bad = [(i, int(c)) for i, c in enumerate(per_layer) if int(c) != num_phy]
-        over = [(i, int(e)) for i in range(len(plan.layers)) for e in torch.nonzero(logcnt[i] > num_gpus).flatten()]
-        if bad:
-            i, c = bad[0]
-            raise RQError(f"layer {i} has {c} copies but engines need the same P in every layer and "
-                          f"P % {num_gpus} == 0 (P = {num_phy} here); rerun with --pad replicate, --pad trim or "
-                          f"--slots-per-device")
-        if over:
-            i, e = over[0]
-            raise RQError(f"layer {i} expert {e} has {int(logcnt[i, e])} copies on {num_gpus} devices; copies beyond "
-                          f"one per device do not balance devices: rerun with --pad replicate or "
-                          f"rq plan --max-replicas")
-    fitted = torch.stack([fit_logcnt(loads[i], logcnt[i], num_phy, num_gpus) for i in range(len(plan.layers))])
-    return Target(num_phy, fitted)
-
-
-# ----------------------------------------------------------------------------- simulation
-
-@dataclass
-class Simulation:
-    """Device loads ``{method: {load set: [L, G]}}`` and the slot count of each method."""
-
-    slots: dict[str, int]
-    loads: dict[str, dict[str, torch.Tensor]]
-    bytes_per_gpu: dict[str, float]  # max over devices of expert bytes per device, summed over layers
-    bytes_per_gpu_mean: float  # R&Q: mean over devices
-    same_memory_clipped: bool
-    # {dispatch mode: {method: {load set: [L, G]}}} for the placements an engine is given (R&Q, EPLB same slots)
-    dispatch: dict[str, dict[str, dict[str, torch.Tensor]]]
-
-
-DISPATCH_METHODS = ("eplb_same_slots", "rq")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How the MoE layers sit in the model (SGLang's static tables span every decoder layer)."""
-
-    decoder: list[int]
-    num_hidden: int
-    top_k: int
-    batch_tokens: int
-
-
-def dispatch_loads(loads: dict[str, torch.Tensor], phy2log: torch.Tensor, num_gpus: int, num_nodes: int,
-                   layout: Layout) -> dict[str, dict[str, torch.Tensor]]:
-    """``{mode: {load set: [L, G]}}`` device loads of one placement under every engine's dispatch rule."""
-    n = loads["calibration"].shape[1]
-    tables = sglang_static_table(sglang_rows(phy2log, layout.decoder, layout.num_hidden, n), num_gpus,
-                                 num_nodes)[:, layout.decoder]
-    return {mode: {key: dispatch_device_loads(mode, value, phy2log, num_gpus, top_k=layout.top_k,
-                                              batch_tokens=layout.batch_tokens, static_tables=tables)
-                   for key, value in loads.items()} for mode in DISPATCH_MODES}
-
-
-def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-             num_gpus: int, num_nodes: int, num_groups: int, orig: torch.Tensor, q: torch.Tensor,
-             layout: Layout) -> Simulation:
-    """Device loads of the four methods for each load set (``{"calibration": [L, N], "held-out": ...}``).
-
-    ``eplb_same_slots`` gets R&Q's slot count; ``eplb_same_memory`` the slots that R&Q's bytes (per-copy
-    precision) buy at the original precision, rounded down to a multiple of G (never below N)."""
-    phy2log, log2phy, logcnt = placed
-    num_layers, n = logcnt.shape
-    num_phy = phy2log.shape[1]
-    calib = loads["calibration"]
-    total_rq = float(rq_bytes(plan, logcnt, orig, q).sum())
-    mem_slots = int(total_rq // float(orig.sum())) // num_gpus * num_gpus
-    floor = math.ceil(n / num_gpus) * num_gpus
-    methods = {
-        "before": trivial_placement(num_layers, n),
-        "eplb_same_slots": eplb_rebalance(calib, num_phy, num_groups, num_nodes, num_gpus),
-        "eplb_same_memory": eplb_rebalance(calib, max(mem_slots, floor), num_groups, num_nodes, num_gpus),
-        "rq": placed,
-    }
-    slots = {name: int(m[0].shape[1]) for name, m in methods.items()}
-    out = {name: {key: device_loads(value, m[1], m[2], num_gpus) for key, value in loads.items()}
-           for name, m in methods.items()}
-    per_gpu = {name: float(orig.sum()) * math.ceil(slots[name] / num_gpus) for name in methods if name != "rq"}
-    table = copy_byte_table(plan, logcnt, orig, q)
-    rq_dev = torch.zeros(num_gpus, dtype=torch.float64)
-    for li in range(num_layers):  # per-copy precision (copy_byte_table)
-        copy_b = torch.zeros(num_phy, dtype=torch.float64)
-        copy_slots = log2phy[li, :, :table.shape[-1]]
-        copy_b[copy_slots[copy_slots >= 0]] = table[li][copy_slots >= 0]
-        rq_dev += copy_b.view(num_gpus, -1).sum(-1)
-    per_gpu["rq"] = float(rq_dev.max())
-    by_method = {name: dispatch_loads(loads, methods[name][0], num_gpus, num_nodes, layout) for name in DISPATCH_METHODS}
-    dispatch = {mode: {name: by_method[name][mode] for name in DISPATCH_METHODS} for mode in DISPATCH_MODES}
-    return Simulation(slots, out, per_gpu, float(rq_dev.mean()), mem_slots < floor, dispatch)
-
-
-def _lis_summary(loads: torch.Tensor) -> dict:
-    values = device_lis(loads).numpy()
-    defined = values[~np.isnan(values)]  # a layer without load has no LIS (docs/spec.md §2)
-    return {"device_lis_mean": float(np.mean(defined)) if defined.size else math.nan,
-            "device_lis_worst": float(np.max(defined)) if defined.size else math.nan,
-            "makespan_ratio": makespan_ratio(loads)}
-
-
-def dispatch_rows(sim: Simulation) -> list[dict]:
-    """One row per dispatch mode: device LIS of R&Q's and EPLB's placement (same slots) per load set."""
-    return [{"mode": mode, **{name: {key: _lis_summary(v) for key, v in sim.dispatch[mode][name].items()}
-                              for name in DISPATCH_METHODS}} for mode in DISPATCH_MODES]
-
-
-def recommend(rows: list[dict]) -> dict[str, str]:
-    """Per engine, the dispatch mode whose R&Q device LIS (mean over layers, calibration loads) is lowest."""
-    by_mode = {r["mode"]: r["rq"]["calibration"]["device_lis_mean"] for r in rows}
-    return {engine: min(modes, key=lambda m: (by_mode[m], modes.index(m))) for engine, modes in ENGINE_MODES.items()}
-
-
-def summary_rows(sim: Simulation, num_gpus: int) -> list[dict]:
-    rows = []
-    for name in METHODS:
-        mean = sim.bytes_per_gpu_mean if name == "rq" else sim.bytes_per_gpu[name]
-        row = {"method": name, "label": METHOD_LABELS[name], "slots": sim.slots[name],
-               "slots_per_gpu": sim.slots[name] / num_gpus, "expert_bytes_per_gpu": sim.bytes_per_gpu[name],
-               "expert_bytes_per_gpu_mean": mean}
-        for key, loads in sim.loads[name].items():
-            row[key] = _lis_summary(loads)
-        rows.append(row)
-    return rows
-
-
 def _check_out_dir(out_dir: Path) -> None:
     """``rq place`` replaces its output folder whole (no half-written placement is ever left); refuse to replace a
     folder that is not an earlier ``rq place`` output."""
@@ -294,7 +53,7 @@ def _check_out_dir(out_dir: Path) -> None:
                       f"folder whole: choose a new --out")
 
 
-def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Path("placement"),
+def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path = Path("placement"),
                stats_dir: Path | None = None, heldout_stats: Path | None = None, config: Path | None = None,
                groups: int | None = None, slots_per_device: int | None = None, pad: str = "replicate",
                formats: str = ",".join(FORMATS), plots: bool = True, batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -342,7 +101,7 @@ def place_plan(plan_path: Path, devices: int, nodes: int = 1, out_dir: Path = Pa
     sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q, layout)
     rows = summary_rows(sim, devices)
     modes = dispatch_rows(sim)
-    chosen = recommend(modes)
+    chosen = recommend(sim)
     load_sets = list(loads)
     plan_counts = [sum(layer.logcnt) for layer in plan.layers]
     colo, unavoidable = colocated(phy2log, devices), sum(unavoidable_colocated(c, devices) for c in logcnt)

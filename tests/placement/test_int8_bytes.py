@@ -2,7 +2,7 @@
 
 import torch
 
-from rq.placement.run import copy_bytes, rq_bytes
+from rq.placement.fit import copy_bytes, rq_bytes
 from rq.plan.planner import PlanOptions, make_plan
 from rq.testing.synthetic import synthetic_stats
 

@@ -16,7 +16,8 @@ from rq.cli.main import app
 from rq.errors import RQError
 from rq.placement.servers import SGLANG_MODELS, engine_flags, engine_warnings
 from rq.placement.place import device_lis, device_loads, eplb_rebalance, place
-from rq.placement.run import import_stats, place_plan, target_logcnt
+from rq.placement.fit import target_logcnt
+from rq.placement.run import import_stats, place_plan
 from rq.plan.planner import make_plan
 from rq.testing.synthetic import synthetic_stats
 

@@ -23,7 +23,8 @@ from rq.placement.servers import SGLANG_MODELS, VLLM_MODELS
 from rq.placement.place import device_lis
 from rq.placement.formats import model_shape
 from rq.placement.loads import stats_from_loads
-from rq.placement.run import place_plan, plan_loads
+from rq.placement.fit import plan_loads
+from rq.placement.run import place_plan
 from rq.plan.planner import make_plan
 from rq.plan.schema import load_plan, save_plan
 
