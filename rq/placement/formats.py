@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from rq.atomic import atomic_path, atomic_write_text
+from rq.documents import read_json
 from rq.errors import RQError
 from rq.models.adapters.base import activation_name
 from rq.placement import FILENAMES, FORMATS
@@ -94,12 +95,10 @@ def model_shape(config_path: str | Path) -> ModelShape:
     path = Path(config_path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise RQError(f"{path} does not exist; pass --config with the model's Hugging Face config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RQError(f"{path} is not valid JSON ({err})") from None
+    raw = read_json(path, missing=f"{path} does not exist; pass --config with the model's Hugging Face config.json",
+                    fix="pass the model's own config.json")
+    if not isinstance(raw, dict):
+        raise RQError(f"{path} is not a Hugging Face config (a JSON object); pass the model's own config.json")
     cfg = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
     num_layers = int(_first(cfg, ("num_hidden_layers", "num_layers", "n_layer"), path, "layer count"))
     if "first_k_dense_replace" in cfg:
