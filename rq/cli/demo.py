@@ -1,9 +1,7 @@
 """The ``rq demo`` command."""
 
-from __future__ import annotations
-
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,9 +10,10 @@ from rq.cli.app import command, quiet_transformers
 
 @command()
 def demo(
-    out: Path = typer.Option(Path("rq-demo"), "--out", help="Folder: plan, stats, demo.json and the PNG plots."),
-    quick: bool = typer.Option(False, help="Reduced sizes (seconds): same steps, fewer tokens."),
-    model_dir: Optional[Path] = typer.Option(None, help="Another checkpoint to run the demo on (default: built-in)."),
+    out: Annotated[Path, typer.Option("--out", help="Folder: plan, stats, demo.json and the PNG plots.")] = Path("rq-demo"),
+    quick: Annotated[bool, typer.Option(help="Reduced sizes (seconds): same steps, fewer tokens.")] = False,
+    model_dir: Annotated[Optional[Path], typer.Option(
+        help="Another checkpoint to run the demo on (default: built-in).")] = None,
 ) -> None:
     """Calibrate, plan and evaluate the built-in demo MoE (trained on Python's stdlib): LIS tables + plots."""
     import os

@@ -1,9 +1,7 @@
 """Deployment commands: ``rq export`` (also installed as ``rq-export``), ``rq check``, ``rq build``, ``rq tritonserver``."""
 
-from __future__ import annotations
-
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,18 +14,20 @@ export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, n
 
 @command("export")
 def export(
-    model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint the plan was made for."),
-    plan: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
-    out: Path = typer.Option(
-        Path("build"), "--out", help="Folder: the build (model.onnx, model.ort.onnx, genai_config.json, manifest, parity)."),
-    force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
-    dtype: str = typer.Option("float32", help="Activation dtype of the exported graphs: float32 or float16."),
-    check: bool = typer.Option(True, help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export."),
-    keep_failed: bool = typer.Option(False, help="On failure keep the attempt at OUT.failed for debugging."),
-    tritonserver: Optional[Path] = typer.Option(None, "--tritonserver", "--triton",
-                                                help="Also write a Triton Inference Server model repository here "
-                                                     "(folder; --triton is its former name)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
+    model_dir: Annotated[Path, typer.Argument(help="Local Hugging Face checkpoint the plan was made for.")],
+    plan: Annotated[Path, typer.Option("--plan", help="plan.json from `rq plan`.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder: the build (model.onnx, model.ort.onnx, genai_config.json, manifest, parity).")
+    ] = Path("build"),
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    dtype: Annotated[str, typer.Option(help="Activation dtype of the exported graphs: float32 or float16.")] = "float32",
+    check: Annotated[bool, typer.Option(
+        help="Run the Polygraphy parity check (ONNX Runtime vs PyTorch) after export.")] = True,
+    keep_failed: Annotated[bool, typer.Option(help="On failure keep the attempt at OUT.failed for debugging.")] = False,
+    tritonserver: Annotated[Optional[Path], typer.Option("--tritonserver", "--triton",
+                                                         help="Also write a Triton Inference Server model repository "
+                                                              "here (folder; --triton is its former name).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own modeling code.")] = False,
 ) -> None:
     """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer (plus ONNX Runtime's fused route), and
     check both files against PyTorch; nothing is written to OUT unless all of it succeeds."""
@@ -56,11 +56,13 @@ def export(
 
 @command()
 def check(
-    build: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
-    trt: bool = typer.Option(False, "--trt", help="Check the TensorRT engines (BUILD/engine.plan) instead of ONNX Runtime."),
-    plugin: Optional[Path] = typer.Option(None, help="With --trt: load this librq_moe_plugin.so instead of the one "
-                                                     "the engine carries."),
-    engine: Optional[Path] = typer.Option(None, help="With --trt: the plan to run (default BUILD/engine.plan)."),
+    build: Annotated[Path, typer.Argument(help="Output folder of rq-export.")] = Path("build"),
+    trt: Annotated[bool, typer.Option(
+        "--trt", help="Check the TensorRT engines (BUILD/engine.plan) instead of ONNX Runtime.")] = False,
+    plugin: Annotated[Optional[Path], typer.Option(help="With --trt: load this librq_moe_plugin.so instead of the one "
+                                                        "the engine carries.")] = None,
+    engine: Annotated[Optional[Path], typer.Option(
+        help="With --trt: the plan to run (default BUILD/engine.plan).")] = None,
 ) -> None:
     """Polygraphy parity: ONNX Runtime (or TensorRT with --trt, on a GPU) vs the PyTorch R&Q reference (docs/spec.md §9)."""
     if trt:
@@ -89,17 +91,23 @@ def _parse_dims(items: list[str]) -> dict[str, tuple[int, int, int]]:
 
 @command()
 def build(
-    onnx_path: Path = typer.Argument(Path("build/model.onnx"), help="The exported model.onnx (or encoder/decoder.onnx)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="File: the engine to write (default: engine.plan beside model.onnx)."),
-    plugin: Path = typer.Option(Path("build/plugins/librq_moe_plugin.so"), help="The RQMoE plugin library (plugins/)."),
-    target: Optional[str] = typer.Option(None, help="TensorRT-RTX only: compute capabilities to build for, e.g. "
-                                                    "sm86,sm89 (default: every one the plugin's cubins run on)."),
-    max_batch: int = typer.Option(8, help="Largest batch the engine accepts."),
-    max_seq: int = typer.Option(2048, help="Most new tokens per call (prefill length; encoder input length)."),
-    max_cache: int = typer.Option(2048, help="Most cached tokens (past_seq)."),
-    dim: list[str] = typer.Option([], help="Range of any dynamic dimension of the file: NAME=MIN:OPT:MAX (repeatable)."),
-    workspace_gib: Optional[float] = typer.Option(None, help="Builder workspace limit in GiB."),
-    verbose: bool = typer.Option(False, help="Print TensorRT's warnings and errors."),
+    onnx_path: Annotated[Path, typer.Argument(
+        help="The exported model.onnx (or encoder/decoder.onnx).")] = Path("build/model.onnx"),
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="File: the engine to write (default: engine.plan beside model.onnx).")] = None,
+    plugin: Annotated[Path, typer.Option(
+        help="The RQMoE plugin library (plugins/).")] = Path("build/plugins/librq_moe_plugin.so"),
+    target: Annotated[Optional[str], typer.Option(help="TensorRT-RTX only: compute capabilities to build for, e.g. "
+                                                       "sm86,sm89 (default: every one the plugin's cubins run on)."
+                                                  )] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch the engine accepts.")] = 8,
+    max_seq: Annotated[int, typer.Option(
+        help="Most new tokens per call (prefill length; encoder input length).")] = 2048,
+    max_cache: Annotated[int, typer.Option(help="Most cached tokens (past_seq).")] = 2048,
+    dim: Annotated[list[str], typer.Option(
+        help="Range of any dynamic dimension of the file: NAME=MIN:OPT:MAX (repeatable).")] = [],
+    workspace_gib: Annotated[Optional[float], typer.Option(help="Builder workspace limit in GiB.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Print TensorRT's warnings and errors.")] = False,
 ) -> None:
     """Build a TensorRT engine with the RQMoE plugin inside (full TensorRT >= 10.7 on its GPU, or TensorRT-RTX >= 1.7
     ahead of time, no GPU needed; see docs/tensorrt.md)."""
@@ -116,16 +124,18 @@ def build(
 
 @command("tritonserver", aliases=("triton",))
 def tritonserver(
-    build_dir: Path = typer.Argument(Path("build"), help="Output folder of rq-export."),
-    out: Path = typer.Option(Path("model_repository"), "--out", help="Folder: the Triton model repository to write."),
-    force: bool = typer.Option(False, help="Replace a non-empty --out folder."),
-    engine: Optional[Path] = typer.Option(None, help="TensorRT engine to serve as well (rq build)."),
-    plugin: Optional[Path] = typer.Option(None, help="Plugin library shipped beside the engine."),
-    instances: int = typer.Option(1, help="Model instances per Python-backend model."),
-    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads per instance (0 = default)."),
-    providers: str = typer.Option("CPUExecutionProvider", help="ONNX Runtime providers, comma separated."),
-    max_context: int = typer.Option(2048, help="Longest prompt + generation the generate model accepts."),
-    offsets_scope: str = typer.Option("request", help="Replica offsets rotate per request or per instance."),
+    build_dir: Annotated[Path, typer.Argument(help="Output folder of rq-export.")] = Path("build"),
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder: the Triton model repository to write.")] = Path("model_repository"),
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    engine: Annotated[Optional[Path], typer.Option(help="TensorRT engine to serve as well (rq build).")] = None,
+    plugin: Annotated[Optional[Path], typer.Option(help="Plugin library shipped beside the engine.")] = None,
+    instances: Annotated[int, typer.Option(help="Model instances per Python-backend model.")] = 1,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads per instance (0 = default).")] = 0,
+    providers: Annotated[str, typer.Option(
+        help="ONNX Runtime providers, comma separated.")] = "CPUExecutionProvider",
+    max_context: Annotated[int, typer.Option(help="Longest prompt + generation the generate model accepts.")] = 2048,
+    offsets_scope: Annotated[str, typer.Option(help="Replica offsets rotate per request or per instance.")] = "request",
 ) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime model, streaming generate model)."""
     from rq.engines.tritonserver import ServingOptions, write_model_repository

@@ -1,10 +1,8 @@
 """Pipeline commands: ``rq calibrate`` -> ``rq plan`` -> ``rq eval``."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,19 +15,20 @@ STREAM_HELP = ("always: one decoder layer in memory at a time, read from the che
 
 @command()
 def calibrate(
-    model_dir: Path = typer.Argument(..., help="Local Hugging Face checkpoint folder (config.json, safetensors, tokenizer)."),
-    data: Path = typer.Option(..., "--data", help="Text file, or folder of text files, to calibrate on."),
-    out: Path = typer.Option(..., "--out", help="Folder: stats.json + stats.safetensors (replaced whole)."),
-    seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
-    sequences: int = typer.Option(128, help="Number of sequences (max); fewer if the data is shorter."),
-    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
-    group_size: int = typer.Option(128, help="INT4 block size for quant_sensitivity: 128 or 64."),
-    seed: int = typer.Option(0, help="Seed that picks which sequences are used."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
-    device: str = typer.Option("cpu", help="Where to run the model: cpu, cuda, cuda:1, ... (one decoder layer "
-                                           "there at a time)"),
-    stream: str = typer.Option("auto", help=STREAM_HELP),
+    model_dir: Annotated[Path, typer.Argument(
+        help="Local Hugging Face checkpoint folder (config.json, safetensors, tokenizer).")],
+    data: Annotated[Path, typer.Option("--data", help="Text file, or folder of text files, to calibrate on.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder: stats.json + stats.safetensors (replaced whole).")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
+    sequences: Annotated[int, typer.Option(help="Number of sequences (max); fewer if the data is shorter.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    group_size: Annotated[int, typer.Option(help="INT4 block size for quant_sensitivity: 128 or 64.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed that picks which sequences are used.")] = 0,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own modeling code.")] = False,
+    device: Annotated[str, typer.Option(help="Where to run the model: cpu, cuda, cuda:1, ... (one decoder layer "
+                                             "there at a time)")] = "cpu",
+    stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
 ) -> None:
     """Record per-layer expert loads and importance (gate mass, contribution, INT4 sensitivity).
 
@@ -61,16 +60,20 @@ def calibrate(
 
 @command()
 def plan(
-    stats_dir: Path = typer.Argument(..., help="Output folder of `rq calibrate`."),
-    out: Path = typer.Option(Path("plan.json"), "--out", help="File: the plan.json to write."),
-    budget: float = typer.Option(1.0, help="Memory budget as a multiple of the original expert bytes, per layer."),
-    importance: str = typer.Option("quant_sensitivity", help="frequency, gate_mass, contribution or quant_sensitivity."),
-    max_quantized_fraction: float = typer.Option(0.5, help="At most this fraction of a layer's experts go INT4."),
-    max_replicas: int = typer.Option(7, help="At most this many INT4 replicas per expert."),
-    lis_tolerance: float = typer.Option(0.0, help="Keep the fewest replicas whose predicted LIS is within "
-                                                  "(1 + this) of the best: trades a little balance for accuracy."),
-    precisions: str = typer.Option("int4", help="Quantized formats copies may use: int4, int8 or int4,int8 (with "
-                                                "int8: the exact per-layer solver, least predicted error)."),
+    stats_dir: Annotated[Path, typer.Argument(help="Output folder of `rq calibrate`.")],
+    out: Annotated[Path, typer.Option("--out", help="File: the plan.json to write.")] = Path("plan.json"),
+    budget: Annotated[float, typer.Option(
+        help="Memory budget as a multiple of the original expert bytes, per layer.")] = 1.0,
+    importance: Annotated[str, typer.Option(
+        help="frequency, gate_mass, contribution or quant_sensitivity.")] = "quant_sensitivity",
+    max_quantized_fraction: Annotated[float, typer.Option(
+        help="At most this fraction of a layer's experts go INT4.")] = 0.5,
+    max_replicas: Annotated[int, typer.Option(help="At most this many INT4 replicas per expert.")] = 7,
+    lis_tolerance: Annotated[float, typer.Option(help="Keep the fewest replicas whose predicted LIS is within "
+                                                      "(1 + this) of the best: trades a little balance for accuracy."
+                                                 )] = 0.0,
+    precisions: Annotated[str, typer.Option(help="Quantized formats copies may use: int4, int8 or int4,int8 (with "
+                                                 "int8: the exact per-layer solver, least predicted error).")] = "int4",
 ) -> None:
     """Choose each copy's precision and the replicas per layer within the memory budget; write a validated plan.json."""
     from rq.plan.planner import PlanOptions, make_plan
@@ -92,21 +95,22 @@ def plan(
 
 @command("eval")
 def eval_(
-    model_dir: Path = typer.Argument(..., help="The checkpoint the plan was made for."),
-    plan_path: Path = typer.Option(..., "--plan", help="plan.json from `rq plan`."),
-    data: Path = typer.Option(..., "--data", help="Held-out text file or folder."),
-    seq_len: int = typer.Option(256, help="Tokens per evaluation sequence."),
-    sequences: int = typer.Option(64, help="Number of evaluation sequences (max)."),
-    batch_sizes: str = typer.Option("1,4,16,64", help="Batch sizes (sequences per call) for batch LIS."),
-    stream_batch: int = typer.Option(16, help="Concurrent sequences in streaming generation (tokens per decode step)."),
-    stream_steps: int = typer.Option(32, help="Decode steps of streaming generation (0 to skip)."),
-    seed: int = typer.Option(0, help="Seed that picks which sequences are used."),
-    out: Optional[Path] = typer.Option(None, "--out", help="File: also write the numbers here as JSON."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    trust_remote_code: bool = typer.Option(False, help="Allow checkpoints that ship their own modeling code."),
-    device: str = typer.Option("cpu", help="Where to run both models: cpu, cuda, cuda:1, ... (one decoder layer "
-                                           "of each there at a time)"),
-    stream: str = typer.Option("auto", help=STREAM_HELP),
+    model_dir: Annotated[Path, typer.Argument(help="The checkpoint the plan was made for.")],
+    plan_path: Annotated[Path, typer.Option("--plan", help="plan.json from `rq plan`.")],
+    data: Annotated[Path, typer.Option("--data", help="Held-out text file or folder.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation sequence.")] = 256,
+    sequences: Annotated[int, typer.Option(help="Number of evaluation sequences (max).")] = 64,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes (sequences per call) for batch LIS.")] = "1,4,16,64",
+    stream_batch: Annotated[int, typer.Option(
+        help="Concurrent sequences in streaming generation (tokens per decode step).")] = 16,
+    stream_steps: Annotated[int, typer.Option(help="Decode steps of streaming generation (0 to skip).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed that picks which sequences are used.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="File: also write the numbers here as JSON.")] = None,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own modeling code.")] = False,
+    device: Annotated[str, typer.Option(help="Where to run both models: cpu, cuda, cuda:1, ... (one decoder layer "
+                                             "of each there at a time)")] = "cpu",
+    stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
 ) -> None:
     """LIS before/after (batch sizes and streaming, cumulative and instantaneous) and accuracy parity.
 
