@@ -64,7 +64,7 @@ def silenced() -> Iterator[None]:
 
 def with_quiet(fn: Callable) -> Callable:
     """``fn`` with a ``--quiet`` option (every command has one), unless it declares its own."""
-    signature = inspect.signature(fn)
+    signature = inspect.signature(fn, eval_str=True)  # typer reads this signature as is: no string annotations
     if "quiet" in signature.parameters:
         return fn
 
