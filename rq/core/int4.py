@@ -76,17 +76,20 @@ def _blocks(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return padded.reshape(out_features, nb, group_size)
 
 
-def compute_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float16 ``[out, ceil(in/G)]``: ``max|W| / 7`` per block in float32, then rounded; all-zero blocks get 1."""
-    scales = (_blocks(weight, group_size).abs().amax(dim=-1) / QMAX).to(torch.float16)
+def compute_scales(weight: torch.Tensor, group_size: int, qmax: int = QMAX) -> torch.Tensor:
+    """float16 ``[out, ceil(in/G)]``: ``max|W| / qmax`` per block in float32 (7 here, 127 for INT8, §5a), then
+    rounded; all-zero blocks get 1."""
+    scales = (_blocks(weight, group_size).abs().amax(dim=-1) / qmax).to(torch.float16)
     return torch.where(scales == 0, torch.ones_like(scales), scales)
 
 
-def quantize_values(weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """int8 ``[out, in]`` in [-8, 7]: ``clamp(round_half_even(W / scale_f16))``, computed in float32."""
+def quantize_values(weight: torch.Tensor, scales: torch.Tensor, group_size: int, qmin: int = QMIN,
+                    qmax: int = QMAX) -> torch.Tensor:
+    """int8 ``[out, in]`` in [qmin, qmax] ([-8, 7] here, [-127, 127] for INT8):
+    ``clamp(round_half_even(W / scale_f16))``, computed in float32."""
     out_features, in_features = weight.shape
     q = torch.round(_blocks(weight, group_size) / scales.to(torch.float32).unsqueeze(-1))  # half-to-even
-    return q.clamp(QMIN, QMAX).to(torch.int8).reshape(out_features, -1)[:, :in_features]
+    return q.clamp(qmin, qmax).to(torch.int8).reshape(out_features, -1)[:, :in_features]
 
 
 def pack(values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rq.core.int4 import _blocks, can_quantize, check_group_size, num_blocks
+from rq.core import int4
+from rq.core.int4 import can_quantize, check_group_size, num_blocks
 
 QMAX = 127
 QMIN = -QMAX  # symmetric: -128 is never produced
@@ -48,15 +49,12 @@ def int8_nbytes(shape: tuple[int, int], group_size: int) -> int:
 
 def compute_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """float16 ``[out, ceil(in/G)]``: ``max|W| / 127`` per block in float32, then rounded; all-zero blocks get 1."""
-    scales = (_blocks(weight, group_size).abs().amax(dim=-1) / QMAX).to(torch.float16)
-    return torch.where(scales == 0, torch.ones_like(scales), scales)
+    return int4.compute_scales(weight, group_size, qmax=QMAX)
 
 
 def quantize_values(weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """int8 ``[out, in]`` in [-127, 127]: ``clamp(round_half_even(W / scale_f16))``, computed in float32."""
-    out_features, in_features = weight.shape
-    q = torch.round(_blocks(weight, group_size) / scales.to(torch.float32).unsqueeze(-1))  # half-to-even
-    return q.clamp(QMIN, QMAX).to(torch.int8).reshape(out_features, -1)[:, :in_features]
+    return int4.quantize_values(weight, scales, group_size, qmin=QMIN, qmax=QMAX)
 
 
 def quantize(weight: torch.Tensor, group_size: int = 128) -> Int8Weight:
