@@ -44,8 +44,8 @@ bool shapeMatches(Shape const& got, Shape const& want)
     return true;
 }
 
-char const* const kInputNames[kNB_INPUTS] = {"hidden", "topk_ids", "topk_weights", "offsets", "w_in", "w_out",
-    "w_in_q", "w_in_scales", "w_out_q", "w_out_scales"};
+char const* const kInputNames[kNB_INPUTS_INT8] = {"hidden", "topk_ids", "topk_weights", "offsets", "w_in", "w_out",
+    "w_in_q", "w_in_scales", "w_out_q", "w_out_scales", "w_in_q8", "w_in_scales8", "w_out_q8", "w_out_scales8"};
 
 } // namespace
 
@@ -136,20 +136,19 @@ Status validateAttributes(MoeAttributes const& a, std::string& message) noexcept
                 a.precision.size());
             return Status::kBAD_ATTRIBUTE;
         }
-        bool anyInt4 = false;
+        bool anyQuantized = false;
         for (int32_t p : a.precision)
         {
-            if (p != 0 && p != 1)
+            if (p != 0 && p != 1 && p != 2)
             {
-                message = concat("precision entries must be 0 (original) or 1 (int4), got ", p,
-                    p == 2 ? " (INT8 copies are not supported by this plugin: plan with --precisions int4)" : "");
+                message = concat("precision entries must be 0 (original), 1 (int4) or 2 (int8), got ", p);
                 return Status::kBAD_ATTRIBUTE;
             }
-            anyInt4 = anyInt4 || p == 1;
+            anyQuantized = anyQuantized || p != 0;
         }
-        if (anyInt4 && a.groupSize != 64 && a.groupSize != 128)
+        if (anyQuantized && a.groupSize != 64 && a.groupSize != 128)
         {
-            message = concat("group_size must be 64 or 128 (the INT4 block sizes), got ", a.groupSize);
+            message = concat("group_size must be 64 or 128 (the INT4/INT8 block sizes), got ", a.groupSize);
             return Status::kBAD_ATTRIBUTE;
         }
         return Status::kSUCCESS;
@@ -178,18 +177,31 @@ CopyTables buildCopyTables(MoeAttributes const& a)
     }
     for (int32_t p : a.precision)
     {
-        t.slot.push_back(p == 1 ? t.numInt4++ : t.numOrig++);
+        t.slot.push_back(p == 1 ? t.numInt4++ : p == 2 ? t.numInt8++ : t.numOrig++);
     }
     return t;
 }
 
 Status validateShapes(
-    MoeAttributes const& a, Shape const (&in)[kNB_INPUTS], MoeDims& dims, std::string& message) noexcept
+    MoeAttributes const& a, Shape const* in, int32_t nbInputs, MoeDims& dims, std::string& message) noexcept
 {
     try
     {
-        int32_t const ranks[kNB_INPUTS] = {2, 2, 2, 1, 3, 3, 3, 3, 3, 3};
-        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        int32_t const numInt8 = static_cast<int32_t>(std::count(a.precision.begin(), a.precision.end(), 2));
+        if (!validInputCount(nbInputs))
+        {
+            message = concat("expected ", kNB_INPUTS, " inputs, or ", kNB_INPUTS_INT8,
+                " with the INT8 class (docs/spec.md §8), got ", nbInputs);
+            return Status::kBAD_SHAPE;
+        }
+        if (numInt8 > 0 && nbInputs != kNB_INPUTS_INT8)
+        {
+            message = concat("precision has ", numInt8, " INT8 copies (code 2) but the node has no INT8 inputs ",
+                "(w_in_q8, w_in_scales8, w_out_q8, w_out_scales8): export the model again");
+            return Status::kBAD_SHAPE;
+        }
+        int32_t const ranks[kNB_INPUTS_INT8] = {2, 2, 2, 1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3};
+        for (int32_t i = 0; i < nbInputs; ++i)
         {
             if (static_cast<int32_t>(in[i].size()) != ranks[i])
             {
@@ -200,10 +212,10 @@ Status validateShapes(
         int64_t const numTokens = in[kHIDDEN][0];
         int64_t const hidden = in[kHIDDEN][1];
         int32_t const numInt4 = static_cast<int32_t>(std::count(a.precision.begin(), a.precision.end(), 1));
-        int32_t const numOrig = static_cast<int32_t>(a.precision.size()) - numInt4;
+        int32_t const numOrig = static_cast<int32_t>(a.precision.size()) - numInt4 - numInt8;
         bool const glu = isGlu(activationCode(a.activation));
         // I_in from the rows of the gate/up weights of a non-empty class.
-        int64_t const inRows = numOrig > 0 ? in[kW_IN][1] : in[kW_IN_Q][1];
+        int64_t const inRows = numOrig > 0 ? in[kW_IN][1] : numInt4 > 0 ? in[kW_IN_Q][1] : in[kW_IN_Q8][1];
         if (hidden < 0 || inRows < 0)
         {
             message = concat("hidden size and expert weight rows must be static, got hidden ", shapeString(in[kHIDDEN]));
@@ -217,7 +229,7 @@ Status validateShapes(
         }
         int64_t const inter = glu ? inRows / 2 : inRows;
         auto cdivG = [&](int64_t n) { return (n + a.groupSize - 1) / a.groupSize; };
-        Shape const want[kNB_INPUTS] = {
+        Shape const want[kNB_INPUTS_INT8] = {
             {numTokens, hidden},
             {numTokens, a.topK},
             {numTokens, a.topK},
@@ -228,10 +240,16 @@ Status validateShapes(
             {numInt4, inRows, cdivG(hidden)},
             {numInt4, hidden, (inter + 1) / 2},
             {numInt4, hidden, cdivG(inter)},
+            {numInt8, inRows, hidden},
+            {numInt8, inRows, cdivG(hidden)},
+            {numInt8, hidden, inter},
+            {numInt8, hidden, cdivG(inter)},
         };
-        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        for (int32_t i = 0; i < nbInputs; ++i)
         {
-            bool const emptyClass = (i == kW_IN || i == kW_OUT) ? numOrig == 0 : (i >= kW_IN_Q && numInt4 == 0);
+            bool const emptyClass = (i == kW_IN || i == kW_OUT) ? numOrig == 0
+                : i >= kW_IN_Q8                                 ? numInt8 == 0
+                                                                : (i >= kW_IN_Q && numInt4 == 0);
             bool const ok = emptyClass ? (in[i][0] < 0 || in[i][0] == 0) : shapeMatches(in[i], want[i]);
             if (!ok)
             {
@@ -241,8 +259,8 @@ Status validateShapes(
                     shown = {0, -1, -1};
                 }
                 message = concat(kInputNames[i], " must be ", shapeString(shown), " (N=", a.numExperts, ", K=", a.topK,
-                    ", H=", hidden, ", I=", inter, ", ", numOrig, " original and ", numInt4, " INT4 copies, G=",
-                    a.groupSize, "), got ", shapeString(in[i]));
+                    ", H=", hidden, ", I=", inter, ", ", numOrig, " original, ", numInt4, " INT4 and ", numInt8,
+                    " INT8 copies, G=", a.groupSize, "), got ", shapeString(in[i]));
                 return Status::kBAD_SHAPE;
             }
         }
@@ -280,7 +298,7 @@ Status validateDims(MoeDims const& d, MoeAttributes const& a, std::string& messa
             message = concat("the call has ", d.numPhys, " physical copies, the precision attribute ", a.precision.size());
             return Status::kBAD_SHAPE;
         }
-        // The cubins are compiled with H and I divisible by 16 (vectorized loads); INT4 scale blocks may be partial.
+        // The cubins are compiled with H and I divisible by 16 (vectorized loads); scale blocks may be partial.
         if (d.hiddenSize % 16 != 0 || d.interSize % 16 != 0 || d.hiddenSize <= 0 || d.interSize <= 0)
         {
             message = concat("the compiled kernels need H and I to be positive multiples of 16, got H=", d.hiddenSize,
@@ -319,6 +337,7 @@ WorkspaceLayout workspaceLayout(MoeDims const& d) noexcept
     w.copyStart = plan.take((d.numPhys + 1) * 4);
     w.tileStart[0] = plan.take((d.numPhys + 1) * 4);
     w.tileStart[1] = plan.take((d.numPhys + 1) * 4);
+    w.tileStart[2] = plan.take((d.numPhys + 1) * 4);
     w.sortedAssign = plan.take(numAssign * 4);
     w.assignPos = plan.take(numAssign * 4);
     w.phys = plan.take(numAssign * 4);
@@ -339,7 +358,9 @@ Status checkAlignment(MoeTensors const& t, void const* workspace, std::string& m
         };
         Named const all[] = {{"hidden", t.hidden}, {"topk_ids", t.topkIds}, {"topk_weights", t.topkWeights},
             {"offsets", t.offsets}, {"w_in", t.wIn}, {"w_out", t.wOut}, {"w_in_q", t.wInQ},
-            {"w_in_scales", t.wInScales}, {"w_out_q", t.wOutQ}, {"w_out_scales", t.wOutScales}, {"y", t.y},
+            {"w_in_scales", t.wInScales}, {"w_out_q", t.wOutQ}, {"w_out_scales", t.wOutScales},
+            {"w_in_q8", t.wInQ8}, {"w_in_scales8", t.wInScales8}, {"w_out_q8", t.wOutQ8},
+            {"w_out_scales8", t.wOutScales8}, {"y", t.y},
             {"expert_counts", t.expertCounts}, {"workspace", workspace}};
         for (Named const& n : all)
         {
@@ -408,7 +429,7 @@ std::vector<std::string> variantNames()
     }
     for (char const* dt : {"f16", "f32"})
     {
-        for (char const* cls : {"orig", "int4"})
+        for (char const* cls : {"orig", "int4", "int8"})
         {
             for (int32_t bm : {kGemmBlockMSmall, kGemmBlockMLarge})
             {

@@ -408,7 +408,7 @@ Status MoeLauncher::enqueue(MoeDims const& d, MoeTensors const& t, void* workspa
         ArgPack copies;
         copies.ptr(t.expertCounts).ptr(offsets).ptr(table(im.logcntAt)).ptr(table(im.baseAt)).ptr(table(im.phy2logAt))
             .ptr(table(im.precisionAt)).ptr(wsp(w.copyStart)).ptr(wsp(w.tileStart[0])).ptr(wsp(w.tileStart[1]))
-            .i32(numPhys);
+            .ptr(wsp(w.tileStart[2])).i32(numPhys);
         if ((s = launch(concat("dispatch_copies_m", blockM), 1, 1, copies)) != Status::kSUCCESS)
         {
             return s;
@@ -430,9 +430,11 @@ Status MoeLauncher::enqueue(MoeDims const& d, MoeTensors const& t, void* workspa
             void const* wOut;
             void const* sOut;
         };
-        Class const classes[2] = {{mTables.numOrig, "orig", t.wIn, t.wIn, t.wOut, t.wOut},
-            {mTables.numInt4, "int4", t.wInQ, t.wInScales, t.wOutQ, t.wOutScales}};
-        for (int32_t c = 0; c < 2; ++c)
+        // Precision classes in code order (docs/spec.md §8): original, INT4 (§5), INT8 (§5a).
+        Class const classes[3] = {{mTables.numOrig, "orig", t.wIn, t.wIn, t.wOut, t.wOut},
+            {mTables.numInt4, "int4", t.wInQ, t.wInScales, t.wOutQ, t.wOutScales},
+            {mTables.numInt8, "int8", t.wInQ8, t.wInScales8, t.wOutQ8, t.wOutScales8}};
+        for (int32_t c = 0; c < 3; ++c)
         {
             Class const& k = classes[c];
             if (k.count == 0)

@@ -47,7 +47,7 @@ struct MoeAttributes
     int32_t topK{0};
     std::string activation;
     std::vector<int32_t> copies;    // [N] C_e >= 1
-    std::vector<int32_t> precision; // [P] 0 original, 1 INT4
+    std::vector<int32_t> precision; // [P] 0 original, 1 INT4, 2 INT8
     int32_t groupSize{128};
 };
 
@@ -64,6 +64,7 @@ struct CopyTables
     std::vector<int32_t> slot;      // [P] index inside the precision class
     int32_t numOrig{0};
     int32_t numInt4{0};
+    int32_t numInt8{0};
 };
 
 CopyTables buildCopyTables(MoeAttributes const& attrs);
@@ -74,8 +75,8 @@ enum class FloatType : int32_t
     kFLOAT16 = 1,
 };
 
-//! Sizes of one call. hiddenSize and interSize must be multiples of 16 (the cubins assume it); INT4 rows of
-//! any such width work, the last scale block may be partial (docs/spec.md §5).
+//! Sizes of one call. hiddenSize and interSize must be multiples of 16 (the cubins assume it); INT4 and INT8
+//! rows of any such width work, the last scale block may be partial (docs/spec.md §5, §5a).
 struct MoeDims
 {
     int64_t numTokens{0};
@@ -88,7 +89,8 @@ struct MoeDims
     bool ids64{false};
 };
 
-//! Input positions (docs/spec.md §8).
+//! Input positions (docs/spec.md §8). The INT8 class (10-13) is present on the nodes of a model with INT8
+//! copies anywhere and absent otherwise: a node has kNB_INPUTS or kNB_INPUTS_INT8 inputs.
 enum Input : int32_t
 {
     kHIDDEN = 0,
@@ -102,15 +104,27 @@ enum Input : int32_t
     kW_OUT_Q = 8,
     kW_OUT_SCALES = 9,
     kNB_INPUTS = 10,
+    kW_IN_Q8 = 10,
+    kW_IN_SCALES8 = 11,
+    kW_OUT_Q8 = 12,
+    kW_OUT_SCALES8 = 13,
+    kNB_INPUTS_INT8 = 14,
 };
+
+//! True when a node with `nbInputs` inputs is a valid rq::RQMoE node (10 inputs, or 14 with the INT8 class).
+inline bool validInputCount(int32_t nbInputs) noexcept
+{
+    return nbInputs == kNB_INPUTS || nbInputs == kNB_INPUTS_INT8;
+}
 
 //! Shape of one tensor; -1 marks a dimension not known yet (dynamic, at build time).
 using Shape = std::vector<int64_t>;
 
-//! Checks the ten input shapes (docs/spec.md §8 order) against each other and the attributes: ranks, T and K,
-//! N, every weight tensor's copies, rows and (packed) columns for H and I. Fills `dims` (numTokens -1 when
-//! dynamic); floatType and ids64 are left as they are.
-Status validateShapes(MoeAttributes const& attrs, Shape const (&inputs)[kNB_INPUTS], MoeDims& dims,
+//! Checks the input shapes (docs/spec.md §8 order; `nbInputs` 10, or 14 with the INT8 class) against each other
+//! and the attributes: ranks, T and K, N, every weight tensor's copies, rows and (packed) columns for H and I. A
+//! precision 2 needs the INT8 class. Fills `dims` (numTokens -1 when dynamic); floatType and ids64 are left as
+//! they are.
+Status validateShapes(MoeAttributes const& attrs, Shape const* inputs, int32_t nbInputs, MoeDims& dims,
     std::string& message) noexcept;
 
 //! Checks the sizes of a call against the attributes and the compiled kernels (shape errors say expected vs got).
@@ -123,7 +137,7 @@ int32_t chooseBlockM(int64_t numAssign, int32_t numPhys) noexcept;
 struct WorkspaceLayout
 {
     size_t eid{0}, lrank{0}, hist{0}, copyStart{0}, sortedAssign{0}, assignPos{0}, phys{0};
-    size_t tileStart[2]{0, 0}; // per precision class: one buffer each, so both stay aligned
+    size_t tileStart[3]{0, 0, 0}; // per precision class: one buffer each, so all stay aligned
     size_t hiddenAct{0};       // [A, I] intermediate
     size_t expertOut{0};       // [A, H] per-assignment expert output
     size_t total{0};
@@ -144,6 +158,10 @@ struct MoeTensors
     void const* wInScales{nullptr};   // [P_int4, I_in, ceil(H/G)] fp16
     void const* wOutQ{nullptr};       // [P_int4, H, ceil(I/2)] packed bytes
     void const* wOutScales{nullptr};  // [P_int4, H, ceil(I/G)] fp16
+    void const* wInQ8{nullptr};       // [P_int8, I_in, H] int8 (null when the node has no INT8 class)
+    void const* wInScales8{nullptr};  // [P_int8, I_in, ceil(H/G)] fp16
+    void const* wOutQ8{nullptr};      // [P_int8, H, I] int8
+    void const* wOutScales8{nullptr}; // [P_int8, H, ceil(I/G)] fp16
     void* y{nullptr};                 // [T, H]
     void* expertCounts{nullptr};      // [N] int64
 };

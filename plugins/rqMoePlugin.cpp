@@ -147,7 +147,7 @@ Status parseFields(PluginFieldCollection const& fc, MoeAttributes& attrs, std::s
             }
         }
         char const* names[6] = {"num_experts", "top_k", "activation", "copies", "precision", "group_size"};
-        for (int32_t i = 0; i < 5; ++i) // group_size may be absent when no copy is INT4 (default 128)
+        for (int32_t i = 0; i < 5; ++i) // group_size may be absent when no copy is quantized (default 128)
         {
             if (!seen[i])
             {
@@ -173,6 +173,8 @@ RQMoEPlugin::RQMoEPlugin(MoeAttributes attrs)
         throw std::invalid_argument(message);
     }
     mNumOrig = static_cast<int32_t>(std::count(mAttrs.precision.begin(), mAttrs.precision.end(), 0));
+    mNumInt4 = static_cast<int32_t>(std::count(mAttrs.precision.begin(), mAttrs.precision.end(), 1));
+    mNumInt8 = static_cast<int32_t>(std::count(mAttrs.precision.begin(), mAttrs.precision.end(), 2));
     mSerialFields = {
         PluginField("num_experts", &mAttrs.numExperts, PluginFieldType::kINT32, 1),
         PluginField("top_k", &mAttrs.topK, PluginFieldType::kINT32, 1),
@@ -229,10 +231,10 @@ int32_t RQMoEPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
     return guarded<int32_t>("getOutputDataTypes", -1, [&] {
-        if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
+        if (!validInputCount(nbInputs) || nbOutputs != kNB_OUTPUTS)
         {
-            logError("expected 10 inputs and 2 outputs (docs/spec.md §8), got " + std::to_string(nbInputs) + " and "
-                + std::to_string(nbOutputs));
+            logError("expected 10 inputs (14 with the INT8 class) and 2 outputs (docs/spec.md §8), got "
+                + std::to_string(nbInputs) + " and " + std::to_string(nbOutputs));
             return -1;
         }
         outputTypes[0] = inputTypes[kHIDDEN];
@@ -245,9 +247,9 @@ int32_t RQMoEPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, 
     int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept
 {
     return guarded<int32_t>("getOutputShapes", -1, [&] {
-        if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || inputs[kHIDDEN].nbDims != 2)
+        if (!validInputCount(nbInputs) || nbOutputs != kNB_OUTPUTS || inputs[kHIDDEN].nbDims != 2)
         {
-            logError("getOutputShapes: expected hidden [T, H] and 10 inputs / 2 outputs");
+            logError("getOutputShapes: expected hidden [T, H] and 10 (or 14) inputs / 2 outputs");
             return -1;
         }
         outputs[0] = inputs[kHIDDEN]; // y [T, H]
@@ -261,7 +263,7 @@ bool RQMoEPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
     return guarded<bool>("supportsFormatCombination", false, [&] {
-        if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS || pos < 0 || pos >= nbInputs + nbOutputs)
+        if (!validInputCount(nbInputs) || nbOutputs != kNB_OUTPUTS || pos < 0 || pos >= nbInputs + nbOutputs)
         {
             return false;
         }
@@ -271,6 +273,14 @@ bool RQMoEPlugin::supportsFormatCombination(
             return false;
         }
         DataType const act = inOut[kHIDDEN].desc.type;
+        if (pos == nbInputs)
+        {
+            return d.type == act; // y
+        }
+        if (pos == nbInputs + 1)
+        {
+            return d.type == DataType::kINT64; // expert_counts
+        }
         switch (pos)
         {
         case kHIDDEN: return d.type == DataType::kHALF || d.type == DataType::kFLOAT;
@@ -283,10 +293,13 @@ bool RQMoEPlugin::supportsFormatCombination(
         // UINT8 initializers to INT32); UINT8 too, the same bytes, for networks built through the API.
         case kW_IN_Q:
         case kW_OUT_Q: return d.type == DataType::kINT8 || d.type == DataType::kUINT8;
+        // INT8 values (docs/spec.md §5a), one signed byte each.
+        case kW_IN_Q8:
+        case kW_OUT_Q8: return d.type == DataType::kINT8;
         case kW_IN_SCALES:
-        case kW_OUT_SCALES: return d.type == DataType::kHALF;
-        case kNB_INPUTS: return d.type == act;                  // y
-        case kNB_INPUTS + 1: return d.type == DataType::kINT64; // expert_counts
+        case kW_OUT_SCALES:
+        case kW_IN_SCALES8:
+        case kW_OUT_SCALES8: return d.type == DataType::kHALF;
         default: return false;
         }
     });
@@ -296,20 +309,20 @@ int32_t RQMoEPlugin::configurePlugin(
     DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
     return guarded<int32_t>("configurePlugin", -1, [&] {
-        if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
+        if (!validInputCount(nbInputs) || nbOutputs != kNB_OUTPUTS)
         {
-            logError("expected 10 inputs and 2 outputs (docs/spec.md §8)");
+            logError("expected 10 inputs (14 with the INT8 class) and 2 outputs (docs/spec.md §8)");
             return -1;
         }
         // Dynamic dimensions are -1 here: every static one (H, I, K, N, copies) is checked now, at build time.
-        Shape shapes[kNB_INPUTS];
-        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        Shape shapes[kNB_INPUTS_INT8];
+        for (int32_t i = 0; i < nbInputs; ++i)
         {
             shapes[i] = toShape(in[i].desc.dims);
         }
         MoeDims dims;
         std::string message;
-        if (validateShapes(mAttrs, shapes, dims, message) != Status::kSUCCESS)
+        if (validateShapes(mAttrs, shapes, nbInputs, dims, message) != Status::kSUCCESS)
         {
             logError(message);
             return -1;
@@ -326,7 +339,7 @@ MoeDims RQMoEPlugin::dimsOf(PluginTensorDesc const* in) const noexcept
     d.topK = static_cast<int32_t>(in[kTOPK_IDS].dims.d[1]);
     d.numExperts = static_cast<int32_t>(in[kOFFSETS].dims.d[0]);
     d.numPhys = static_cast<int32_t>(mAttrs.precision.size());
-    int64_t const inRows = mNumOrig > 0 ? in[kW_IN].dims.d[1] : in[kW_IN_Q].dims.d[1];
+    int64_t const inRows = mNumOrig > 0 ? in[kW_IN].dims.d[1] : mNumInt4 > 0 ? in[kW_IN_Q].dims.d[1] : in[kW_IN_Q8].dims.d[1];
     d.interSize = static_cast<int32_t>(isGlu(activationCode(mAttrs.activation)) ? inRows / 2 : inRows);
     d.floatType = in[kHIDDEN].type == DataType::kHALF ? FloatType::kFLOAT16 : FloatType::kFLOAT32;
     d.ids64 = in[kTOPK_IDS].type == DataType::kINT64;
@@ -338,13 +351,13 @@ size_t RQMoEPlugin::getWorkspaceSize(
     int32_t /*nbOutputs*/) const noexcept
 {
     return guarded<size_t>("getWorkspaceSize", 0, [&]() -> size_t {
-        if (nbInputs != kNB_INPUTS)
+        if (!validInputCount(nbInputs))
         {
             return 0;
         }
         // Sized for the profile's largest T: enough for any smaller call.
-        PluginTensorDesc descs[kNB_INPUTS];
-        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        PluginTensorDesc descs[kNB_INPUTS_INT8];
+        for (int32_t i = 0; i < nbInputs; ++i)
         {
             descs[i] = inputs[i].desc;
             descs[i].dims = inputs[i].max;
@@ -359,18 +372,18 @@ int32_t RQMoEPlugin::onShapeChange(
     // Validation only: TensorRT may call this while the application captures a CUDA graph, so no CUDA call
     // (allocation, copy, module load) happens here; attachToContext did them.
     return guarded<int32_t>("onShapeChange", -1, [&] {
-        if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
+        if (!validInputCount(nbInputs) || nbOutputs != kNB_OUTPUTS)
         {
             return -1;
         }
-        Shape shapes[kNB_INPUTS];
-        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        Shape shapes[kNB_INPUTS_INT8];
+        for (int32_t i = 0; i < nbInputs; ++i)
         {
             shapes[i] = toShape(in[i].dims);
         }
         MoeDims dims;
         std::string message;
-        if (validateShapes(mAttrs, shapes, dims, message) != Status::kSUCCESS)
+        if (validateShapes(mAttrs, shapes, nbInputs, dims, message) != Status::kSUCCESS)
         {
             logError(message);
             return -1;
@@ -398,6 +411,13 @@ int32_t RQMoEPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc
         t.wInScales = inputs[kW_IN_SCALES];
         t.wOutQ = inputs[kW_OUT_Q];
         t.wOutScales = inputs[kW_OUT_SCALES];
+        if (mNumInt8 > 0) // onShapeChange checked that a node with INT8 copies has the 14 inputs
+        {
+            t.wInQ8 = inputs[kW_IN_Q8];
+            t.wInScales8 = inputs[kW_IN_SCALES8];
+            t.wOutQ8 = inputs[kW_OUT_Q8];
+            t.wOutScales8 = inputs[kW_OUT_SCALES8];
+        }
         t.y = outputs[0];
         t.expertCounts = outputs[1];
         std::string message;
@@ -501,7 +521,9 @@ extern "C" __attribute__((visibility("default"))) char const* rqMoePluginInfo() 
             {
                 s += (i ? ", " : "") + std::to_string(archs[i]);
             }
-            s += "], \"kernels\": " + std::to_string(rq::embeddedKernelCount()) + ", \"activations\": [";
+            // Copy precisions this build runs (docs/spec.md §8 codes: original, INT4, INT8).
+            s += "], \"kernels\": " + std::to_string(rq::embeddedKernelCount()) + ", \"precisions\": [0, 1, 2]"
+                + ", \"activations\": [";
             for (int32_t code = 0; code < rq::numActivations(); ++code)
             {
                 s += std::string(code ? ", " : "") + "[\"" + rq::activationName(code) + "\", "

@@ -2,7 +2,8 @@
  * TensorRT IPluginV3 for rq::RQMoE (namespace "rq", name "RQMoE", version "1"); semantics in docs/spec.md §8.
  *
  * Plugin fields equal the ONNX node attributes: num_experts, top_k, group_size (INT32), activation (CHAR),
- * copies and precision (INT32 arrays). Inputs 0..9 and outputs 0..1 in docs/spec.md §8 order. The work is done
+ * copies and precision (INT32 arrays). Inputs 0..9 (0..13 with the INT8 class) and outputs 0..1 in docs/spec.md §8
+ * order. The work is done
  * by rq::MoeLauncher (rqMoeLauncher.h); this file only adapts TensorRT's interfaces to it.
  *
  * Only the interfaces of TensorRT's public headers are used (pure virtual classes): the library links no
@@ -68,12 +69,14 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    //! Sizes of a call from the tensor descriptors (T and H from hidden, I from the rows of w_in or w_in_q);
+    //! Sizes of a call from the tensor descriptors (T and H from hidden, I from the rows of w_in, w_in_q or w_in_q8);
     //! onShapeChange has validated them with validateShapes.
     MoeDims dimsOf(nvinfer1::PluginTensorDesc const* in) const noexcept;
 
     MoeAttributes mAttrs;
     int32_t mNumOrig{0};
+    int32_t mNumInt4{0};
+    int32_t mNumInt8{0};
     std::unique_ptr<MoeLauncher> mLauncher; // per runtime clone (one per execution context), made in attachToContext
     std::vector<nvinfer1::PluginField> mSerialFields;
     nvinfer1::PluginFieldCollection mSerialCollection{};
@@ -105,7 +108,7 @@ Status parseFields(nvinfer1::PluginFieldCollection const& fc, MoeAttributes& att
 // The library's entry points (rqMoePlugin.map exports nothing else): TensorRT's getCreators and setLoggerFinder,
 // and two for tools, which load the library without TensorRT:
 //! JSON description of the build (tests pin "activations" to rq.core.experts.ACTIVATIONS):
-//! {"plugin": "rq::RQMoE", "version": "1", "archs": [80, ...], "kernels": 224, "activations": [["silu_glu", true], ...]}
+//! {"plugin": "rq::RQMoE", "version": "1", "archs": [80, ...], "kernels": 308, "precisions": [0, 1, 2], "activations": [["silu_glu", true], ...]}
 extern "C" __attribute__((visibility("default"))) char const* rqMoePluginInfo() noexcept;
 //! 1 when the embedded cubins run on compute capability `arch` (e.g. 86), else 0 (`rq build --target` asks).
 extern "C" __attribute__((visibility("default"))) int32_t rqMoeSupportsArch(int32_t arch) noexcept;

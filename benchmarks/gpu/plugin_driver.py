@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rq.core import int4
+from rq.core import int4, int8
 from rq.core.experts import is_glu
-from rq.core.op import INPUTS, RQLayerWeights, rq_moe_reference
+from rq.core.op import CALL_INPUTS, RQLayerWeights, rq_moe_reference
 
 DTYPES = {"f16": (torch.float16, "float16"), "f32": (torch.float32, "float32")}
 IDS = {"i32": torch.int32, "i64": torch.int64}
@@ -34,7 +34,8 @@ IDS = {"i32": torch.int32, "i64": torch.int64}
 
 @dataclass(frozen=True)
 class Case:
-    """One layer and one call of the op; ``copies``/``precision`` as the node attributes."""
+    """One layer and one call of the op; ``copies``/``precision`` as the node attributes (0 original, 1 INT4,
+    2 INT8). ``int8_class``: the node carries the INT8 inputs (docs/spec.md §8; always where a copy is INT8)."""
 
     name: str
     copies: tuple[int, ...]
@@ -48,6 +49,7 @@ class Case:
     dtype: str = "f16"
     ids: str = "i32"
     rotate_offsets: bool = False  # streaming: non-zero replica offsets
+    int8_class: bool = False
 
 
 CASES = (
@@ -59,15 +61,24 @@ CASES = (
     Case("prefill_64_row_tiles_f16", tuple([2] * 4 + [1] * 12), tuple(([0, 1] * 4) + [1, 0] * 6), 512, 256,
          "gelu_tanh_glu", 64, 512, top_k=4),
     Case("all_int4_relu_f32", (1, 1, 1), (1, 1, 1), 64, 64, "relu", 64, 9, top_k=1, dtype="f32", ids="i64"),
+    # Mixed plans (docs/spec.md §5a): all three precisions, replicas of either quantized format, partial blocks.
+    Case("mixed_int8_replicas_f16", (3, 1, 2, 1, 1, 2), (0, 2, 1, 2, 1, 2, 0, 0, 2, 1), 256, 176, "silu_glu", 64, 53,
+         rotate_offsets=True, int8_class=True),
+    Case("mixed_int8_688_partial_block_f32", (2, 1, 1, 2), (0, 2, 1, 2, 0, 1), 128, 688, "gelu_tanh", 128, 17,
+         dtype="f32", ids="i64", int8_class=True),
+    Case("int8_prefill_64_row_tiles_f16", tuple([2] * 4 + [1] * 4), tuple([0, 2, 2, 2, 0, 1, 0, 2] + [2, 0, 1, 2]), 256,
+         128, "gelu_glu", 128, 400, top_k=4, int8_class=True),
+    Case("empty_int8_class_f16", (1, 2, 1), (0, 1, 1, 0), 128, 64, "silu_glu", 64, 11, int8_class=True),
 )
 
 
 def make_call(case: Case, seed: int = 0) -> tuple[RQLayerWeights, dict[str, torch.Tensor]]:
-    """Random weights (INT4 copies quantized by rq.core.int4) and routing with dropped ids (-1 and N)."""
+    """Random weights (INT4 and INT8 copies quantized by rq.core.int4 / rq.core.int8) and routing with dropped ids
+    (-1 and N)."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[case.dtype][0]
     in_rows = 2 * case.inter if is_glu(case.activation) else case.inter
-    n_orig, n_int4 = case.precision.count(0), case.precision.count(1)
+    n_orig, n_int4, n_int8 = case.precision.count(0), case.precision.count(1), case.precision.count(2)
 
     def weight(rows: int, cols: int) -> torch.Tensor:
         return torch.randn(rows, cols, generator=gen) / cols**0.5
@@ -78,6 +89,16 @@ def make_call(case: Case, seed: int = 0) -> tuple[RQLayerWeights, dict[str, torc
     q_in = [int4.quantize(weight(in_rows, case.hidden), case.group_size) for _ in range(n_int4)]
     q_out = [int4.quantize(weight(case.hidden, case.inter), case.group_size) for _ in range(n_int4)]
     g = case.group_size
+    int8_class = {}
+    if case.int8_class or n_int8:
+        q8_in = [int8.quantize(weight(in_rows, case.hidden), g) for _ in range(n_int8)]
+        q8_out = [int8.quantize(weight(case.hidden, case.inter), g) for _ in range(n_int8)]
+        int8_class = dict(
+            w_in_q8=stack([q.values for q in q8_in], in_rows, case.hidden, dt=torch.int8),
+            w_in_scales8=stack([q.scales for q in q8_in], in_rows, int4.num_blocks(case.hidden, g), dt=torch.float16),
+            w_out_q8=stack([q.values for q in q8_out], case.hidden, case.inter, dt=torch.int8),
+            w_out_scales8=stack([q.scales for q in q8_out], case.hidden, int4.num_blocks(case.inter, g),
+                                dt=torch.float16))
     layer = RQLayerWeights(
         case.top_k, case.activation, g, case.copies, case.precision,
         stack([weight(in_rows, case.hidden).to(dtype) for _ in range(n_orig)], in_rows, case.hidden, dt=dtype),
@@ -86,6 +107,7 @@ def make_call(case: Case, seed: int = 0) -> tuple[RQLayerWeights, dict[str, torc
         stack([q.scales for q in q_in], in_rows, int4.num_blocks(case.hidden, g), dt=torch.float16),
         stack([q.packed for q in q_out], case.hidden, int4.packed_width(case.inter), dt=torch.uint8),
         stack([q.scales for q in q_out], case.hidden, int4.num_blocks(case.inter, g), dt=torch.float16),
+        **int8_class,
     )
     n = len(case.copies)
     logits = torch.randn(case.tokens, n, generator=gen) + torch.linspace(2, -2, n)  # uneven loads
@@ -103,18 +125,21 @@ def make_call(case: Case, seed: int = 0) -> tuple[RQLayerWeights, dict[str, torc
     return layer, call
 
 
-_TYPE_CODES = {torch.float16: "f16", torch.float32: "f32", torch.int32: "i32", torch.int64: "i64", torch.uint8: "i8"}
+_TYPE_CODES = {torch.float16: "f16", torch.float32: "f32", torch.int32: "i32", torch.int64: "i64", torch.uint8: "i8",
+               torch.int8: "i8"}
 
 
 def write_case(folder: Path, layer: RQLayerWeights, call: dict[str, torch.Tensor]) -> None:
-    """``case.txt`` and one ``.bin`` per input (docs/spec.md §8 order); packed bytes INT8-typed, as in ONNX files."""
+    """``case.txt`` and one ``.bin`` per input (docs/spec.md §8 order, the INT8 class where the layer carries it);
+    packed bytes INT8-typed, as in ONNX files."""
     folder.mkdir(parents=True, exist_ok=True)
     attrs = layer.attributes()
     lines = [f"attr num_experts {attrs['num_experts']}", f"attr top_k {attrs['top_k']}",
              f"attr group_size {attrs['group_size']}", f"attr activation {attrs['activation']}",
              "ints copies " + " ".join(map(str, attrs["copies"])), "ints precision " + " ".join(map(str, attrs["precision"]))]
-    tensors = {**call, **dict(zip(INPUTS[4:], layer.tensors()))}
-    for name in INPUTS:
+    names = CALL_INPUTS + layer.weight_names
+    tensors = {**call, **dict(zip(layer.weight_names, layer.tensors()))}
+    for name in names:
         t = tensors[name].contiguous()
         lines.append(f"tensor {name} {_TYPE_CODES[t.dtype]} {t.dim()} " + " ".join(map(str, t.shape)))
         (folder / f"{name}.bin").write_bytes(t.numpy().tobytes())

@@ -18,9 +18,12 @@
 #           else the system's /usr/include/x86_64-linux-gnu or /usr/local/tensorrt/include)
 #   host    the launcher's host test
 #   pytest  the @pytest.mark.gpu tests (tests/kernels, where they live; other folders need rq's full dependencies)
-#   driver  the plugin's IPluginV3 runtime path on CUDA vs the PyTorch reference (benchmarks/gpu/plugin_driver.py)
+#   driver  the plugin's IPluginV3 runtime path on CUDA vs the PyTorch reference (benchmarks/gpu/plugin_driver.py):
+#           INT4-only cases and cases mixing original, INT8 and INT4 copies (the INT8 class, docs/spec.md §5a)
 #   bench   INT4 grouped GEMM vs FP16 torch at 1/16/128/512 tokens per expert, % of HBM bandwidth
 #   trt     demo export -> rq build -> rq check --trt, where TensorRT or TensorRT-RTX runs on this GPU
+#   trt-mixed  the same for a mixed INT4/INT8 plan of the demo (--precisions int4,int8, budget 0.875), from the
+#           trt step's calibration
 set -uo pipefail
 
 usage() { echo "usage: $0 [--dry-run] [--pydeps DIR] OUT_DIR" >&2; exit 2; }
@@ -124,12 +127,18 @@ TRT_COMMANDS=(
   "build '$DEMO/build/model.onnx' --plugin '$BUILD/librq_moe_plugin.so' --max-batch 4 --max-seq 256 --max-cache 256"
   "check '$DEMO/build' --trt"
 )
+TRT_MIXED_COMMANDS=(
+  "plan '$DEMO/stats' --precisions int4,int8 --budget 0.875 --out '$DEMO/plan-mixed.json'"
+  "export rq/demo/checkpoint --plan '$DEMO/plan-mixed.json' --out '$DEMO/build-mixed' --dtype float16 --force"
+  "build '$DEMO/build-mixed/model.onnx' --plugin '$BUILD/librq_moe_plugin.so' --max-batch 4 --max-seq 256 --max-cache 256"
+  "check '$DEMO/build-mixed' --trt"
+)
 if [ "$DRY" = 1 ]; then
   echo "dry run: python $PY, TensorRT headers ${HEADERS:-not found}, GPU compute capability ${CC:-none} (commands shown for ${CC:-90}), output $OUT"
   "$PY" -c "import rq, triton" || { echo "$PY lacks rq or triton" >&2; exit 2; }
   "$PY" -m benchmarks.gpu.plugin_driver --help > /dev/null || exit 2
   "$PY" -m benchmarks.bench_kernels --help > /dev/null || exit 2
-  for c in "${TRT_COMMANDS[@]}"; do  # every option of the trt step exists (click stops at --help after parsing them)
+  for c in "${TRT_COMMANDS[@]}" "${TRT_MIXED_COMMANDS[@]}"; do  # every option of the trt steps exists (click stops at --help after parsing them)
     eval "${RQ[*]} $c --help" > /dev/null || { echo "bad options in: rq $c" >&2; exit 2; }
   done
   CC="${CC:-90}"
@@ -142,7 +151,7 @@ if [ -z "$CC" ]; then
 fi
 
 if [ -n "$HEADERS" ]; then
-  step plugin 120 bash -c "cmake -S plugins -B '$BUILD' -DPython3_EXECUTABLE='$PY' -DTensorRT_INCLUDE_DIR='$HEADERS' \
+  step plugin 100 bash -c "cmake -S plugins -B '$BUILD' -DPython3_EXECUTABLE='$PY' -DTensorRT_INCLUDE_DIR='$HEADERS' \
       -DRQ_CUDA_ARCHS='$CC' -DRQ_WARNINGS_AS_ERRORS=ON && cmake --build '$BUILD' -j \$(nproc)"
   PLUGIN_OK=$?
 else
@@ -152,16 +161,16 @@ fi
 if [ "$PLUGIN_OK" = 0 ]; then
   step host 10 "$BUILD/rq_moe_host_test"
 fi
-step pytest 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --junitxml="$OUT/pytest-gpu.xml"
+step pytest 80 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --junitxml="$OUT/pytest-gpu.xml"
 if [ "$PLUGIN_OK" = 0 ] && ! "$PY" -c "import polygraphy" 2> /dev/null && [ "$DRY" = 0 ]; then
   record driver SKIPPED "$PY has no polygraphy (the comparison of rq.export.parity): pass --pydeps DIR with its wheel"
 elif [ "$PLUGIN_OK" = 0 ]; then
-  step driver 40 "$PY" -m benchmarks.gpu.plugin_driver --driver "$BUILD/rq_moe_plugin_driver" \
+  step driver 50 "$PY" -m benchmarks.gpu.plugin_driver --driver "$BUILD/rq_moe_plugin_driver" \
       --plugin "$BUILD/librq_moe_plugin.so" --out "$OUT/driver" --repeat 50
 else
   record driver SKIPPED "no plugin build"
 fi
-step bench 100 "$PY" -m benchmarks.bench_kernels --no-whole-moe --tokens-per-expert 1 16 128 512 \
+step bench 60 "$PY" -m benchmarks.bench_kernels --no-whole-moe --tokens-per-expert 1 16 128 512 \
     --json "$OUT/bench_kernels.json"
 
 # TensorRT end to end, only where a TensorRT that runs on this GPU is installed.
@@ -177,8 +186,12 @@ if [ -n "$TRT" ] && [ "$PLUGIN_OK" = 0 ] || [ "$DRY" = 1 ]; then
   script="set -e"
   for c in "${TRT_COMMANDS[@]}"; do script+=$'\n'"${RQ[*]} $c"; done
   step trt 90 bash -c "$script"
+  script="set -e"
+  for c in "${TRT_MIXED_COMMANDS[@]}"; do script+=$'\n'"${RQ[*]} $c"; done
+  step trt-mixed 60 bash -c "$script"
 else
   record trt SKIPPED "no TensorRT or TensorRT-RTX that runs on sm_$CC here (TensorRT-RTX has no SM90/SM100 target)"
+  record trt-mixed SKIPPED "as trt"
 fi
 
 echo "summary: $SUMMARY"

@@ -1,6 +1,6 @@
 /*
  * Host-side checks of the launcher library that need no GPU: attribute and shape validation (partial INT4
- * blocks included), copy tables, workspace layout and alignment, tile choice, and which embedded cubin each
+ * blocks and the optional INT8 class included), copy tables, workspace layout and alignment, tile choice, and which embedded cubin each
  * compute capability gets. Prints "N passed, M failed".
  */
 #include "rqMoeInternal.h"
@@ -35,11 +35,21 @@ rq::MoeAttributes attrs()
     return a;
 }
 
-//! The ten input shapes of attrs() for T tokens, hidden H and intermediate I (docs/spec.md §8).
+//! The input shapes of attrs() for T tokens, hidden H and intermediate I (docs/spec.md §8): the ten of a node
+//! without the INT8 class, or fourteen with it.
 struct Shapes
 {
-    rq::Shape s[rq::kNB_INPUTS];
+    rq::Shape s[rq::kNB_INPUTS_INT8];
+    int32_t n{rq::kNB_INPUTS};
 };
+
+//! attrs() with its last original copy and its second INT4 copy made INT8: 2 original, 2 INT4, 2 INT8 copies.
+rq::MoeAttributes mixedAttrs()
+{
+    rq::MoeAttributes a = attrs();
+    a.precision = {0, 2, 1, 1, 0, 2};
+    return a;
+}
 
 Shapes shapesFor(int64_t t, int64_t h, int64_t i, int64_t g = 128)
 {
@@ -48,9 +58,19 @@ Shapes shapesFor(int64_t t, int64_t h, int64_t i, int64_t g = 128)
         {3, 2 * i, cdiv(h, g)}, {3, h, cdiv(i, 2)}, {3, h, cdiv(i, g)}}};
 }
 
-rq::Status validate(Shapes const& x, rq::MoeDims& d, std::string& msg)
+//! The fourteen shapes of mixedAttrs() (2 copies of each class).
+Shapes mixedShapesFor(int64_t t, int64_t h, int64_t i, int64_t g = 128)
 {
-    return rq::validateShapes(attrs(), x.s, d, msg);
+    auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+    return Shapes{{{t, h}, {t, 2}, {t, 2}, {3}, {2, 2 * i, h}, {2, h, i}, {2, 2 * i, cdiv(h, 2)},
+                      {2, 2 * i, cdiv(h, g)}, {2, h, cdiv(i, 2)}, {2, h, cdiv(i, g)}, {2, 2 * i, h},
+                      {2, 2 * i, cdiv(h, g)}, {2, h, i}, {2, h, cdiv(i, g)}},
+        rq::kNB_INPUTS_INT8};
+}
+
+rq::Status validate(Shapes const& x, rq::MoeDims& d, std::string& msg, rq::MoeAttributes const& a = attrs())
+{
+    return rq::validateShapes(a, x.s, x.n, d, msg);
 }
 
 void attributeChecks()
@@ -71,6 +91,16 @@ void attributeChecks()
     bad = attrs();
     bad.copies[1] = 0;
     check(rq::validateAttributes(bad, msg) == rq::Status::kBAD_ATTRIBUTE, "zero copies rejected");
+    check(rq::validateAttributes(mixedAttrs(), msg) == rq::Status::kSUCCESS, "INT8 copies (precision 2) accepted: " + msg);
+    bad = mixedAttrs();
+    bad.precision[1] = 3;
+    check(rq::validateAttributes(bad, msg) == rq::Status::kBAD_ATTRIBUTE && msg.find("2 (int8), got 3") != std::string::npos,
+        "precision 3 rejected, the three codes named: " + msg);
+    bad = mixedAttrs();
+    bad.precision = {0, 2, 0, 0, 0, 2};
+    bad.groupSize = 32;
+    check(rq::validateAttributes(bad, msg) == rq::Status::kBAD_ATTRIBUTE && msg.find("group_size") != std::string::npos,
+        "INT8 copies need group size 64 or 128 too: " + msg);
 
     for (int32_t code = 0; code < rq::numActivations(); ++code)
     {
@@ -87,7 +117,10 @@ void tableChecks()
     check((t.base == std::vector<int32_t>{0, 1, 4}), "phys_base");
     check((t.phy2log == std::vector<int32_t>{0, 1, 1, 1, 2, 2}), "phy2log");
     check((t.slot == std::vector<int32_t>{0, 1, 0, 1, 2, 2}), "slot inside precision class");
-    check(t.numOrig == 3 && t.numInt4 == 3, "class sizes");
+    check(t.numOrig == 3 && t.numInt4 == 3 && t.numInt8 == 0, "class sizes");
+    rq::CopyTables m = rq::buildCopyTables(mixedAttrs()); // precision {0, 2, 1, 1, 0, 2}
+    check((m.slot == std::vector<int32_t>{0, 0, 0, 1, 1, 1}) && m.numOrig == 2 && m.numInt4 == 2 && m.numInt8 == 2,
+        "slots and sizes of three precision classes (docs/spec.md §8)");
     check(rq::chooseBlockM(16 * 6, 6) == 16 && rq::chooseBlockM(16 * 6 + 1, 6) == 64, "block_m rule");
 }
 
@@ -144,8 +177,65 @@ void shapeChecks()
     {
         y.s[i][0] = 6;
     }
-    check(rq::validateShapes(allInt4, y.s, d, msg) == rq::Status::kSUCCESS && d.interSize == 688,
+    check(validate(y, d, msg, allInt4) == rq::Status::kSUCCESS && d.interSize == 688,
         "an empty original class (leading dimension 0) and I read from the INT4 rows: " + msg);
+}
+
+void int8ShapeChecks()
+{
+    std::string msg;
+    rq::MoeDims d;
+    rq::MoeAttributes const mixed = mixedAttrs();
+    check(validate(mixedShapesFor(5, 256, 688), d, msg, mixed) == rq::Status::kSUCCESS && d.interSize == 688
+            && d.numPhys == 6,
+        "14 inputs with 2 original, 2 INT4 and 2 INT8 copies, partial last block: " + msg);
+    check(validate(mixedShapesFor(-1, 256, 128), d, msg, mixed) == rq::Status::kSUCCESS && d.numTokens == -1,
+        "dynamic T with the INT8 class: " + msg);
+    Shapes x = shapesFor(5, 256, 128);
+    check(validate(x, d, msg, mixed) == rq::Status::kBAD_SHAPE && msg.find("no INT8 inputs") != std::string::npos,
+        "INT8 copies on a node of 10 inputs rejected, the missing inputs named: " + msg);
+    x = mixedShapesFor(5, 256, 688);
+    x.s[rq::kW_OUT_SCALES8][2] = 5;
+    check(validate(x, d, msg, mixed) == rq::Status::kBAD_SHAPE
+            && msg.find("w_out_scales8 must be [2, 256, 6]") != std::string::npos && msg.find("2 INT8") != std::string::npos,
+        "INT8 scales without the partial block rejected, expected shape named: " + msg);
+    x = mixedShapesFor(5, 256, 128);
+    x.s[rq::kW_IN_Q8][2] = 128; // packed like INT4: INT8 is one byte per value
+    check(validate(x, d, msg, mixed) == rq::Status::kBAD_SHAPE && msg.find("w_in_q8 must be [2, 256, 256]") != std::string::npos,
+        "INT8 values are unpacked [P_int8, I_in, H]: " + msg);
+    x = mixedShapesFor(5, 256, 128);
+    x.s[rq::kW_OUT_Q8][0] = 3;
+    check(validate(x, d, msg, mixed) == rq::Status::kBAD_SHAPE && msg.find("w_out_q8") != std::string::npos,
+        "INT8 copies must match the precision attribute: " + msg);
+    x = mixedShapesFor(5, 256, 128);
+    x.n = 12;
+    check(validate(x, d, msg, mixed) == rq::Status::kBAD_SHAPE && msg.find("got 12") != std::string::npos,
+        "input counts other than 10 and 14 rejected: " + msg);
+    // A model with INT8 copies in some layer carries the class on every node: an empty one here.
+    x = shapesFor(5, 256, 128);
+    x.n = rq::kNB_INPUTS_INT8;
+    x.s[rq::kW_IN_Q8] = {0, 256, 256};
+    x.s[rq::kW_IN_SCALES8] = {0, 256, 2};
+    x.s[rq::kW_OUT_Q8] = {0, 256, 128};
+    x.s[rq::kW_OUT_SCALES8] = {0, 256, 1};
+    check(validate(x, d, msg) == rq::Status::kSUCCESS, "an empty INT8 class (leading dimension 0) accepted: " + msg);
+    x.s[rq::kW_OUT_Q8][0] = 1;
+    check(validate(x, d, msg) == rq::Status::kBAD_SHAPE && msg.find("w_out_q8 must be [0, ?, ?]") != std::string::npos,
+        "a non-empty INT8 class without INT8 copies rejected: " + msg);
+    // Only INT8 copies: I read from the INT8 rows.
+    rq::MoeAttributes allInt8 = attrs();
+    allInt8.precision = {2, 2, 2, 2, 2, 2};
+    Shapes y = mixedShapesFor(5, 256, 688);
+    for (int32_t i = rq::kW_IN; i <= rq::kW_OUT_SCALES; ++i)
+    {
+        y.s[i][0] = 0;
+    }
+    for (int32_t i = rq::kW_IN_Q8; i <= rq::kW_OUT_SCALES8; ++i)
+    {
+        y.s[i][0] = 6;
+    }
+    check(validate(y, d, msg, allInt8) == rq::Status::kSUCCESS && d.interSize == 688,
+        "only INT8 copies: I read from the INT8 rows: " + msg);
 }
 
 void workspaceChecks()
@@ -163,13 +253,13 @@ void workspaceChecks()
     check(w.total > need && w.total % 256 == 0 && w.expertOut >= w.hiddenAct + 2000 * 128 * 2,
         "workspace layout covers every buffer");
     bool aligned = true;
-    for (size_t at : {w.eid, w.lrank, w.hist, w.copyStart, w.tileStart[0], w.tileStart[1], w.sortedAssign, w.assignPos,
-             w.phys, w.hiddenAct, w.expertOut})
+    for (size_t at : {w.eid, w.lrank, w.hist, w.copyStart, w.tileStart[0], w.tileStart[1], w.tileStart[2],
+             w.sortedAssign, w.assignPos, w.phys, w.hiddenAct, w.expertOut})
     {
         aligned = aligned && at % 256 == 0;
     }
-    check(aligned && w.tileStart[1] >= w.tileStart[0] + (6 + 1) * 4,
-        "every buffer 256-byte aligned, the INT4 class's tile_start in its own buffer");
+    check(aligned && w.tileStart[1] >= w.tileStart[0] + (6 + 1) * 4 && w.tileStart[2] >= w.tileStart[1] + (6 + 1) * 4,
+        "every buffer 256-byte aligned, the INT4 and INT8 classes' tile_start each in its own buffer");
     d.numTokens = 0;
     check(rq::workspaceLayout(d).total > 0, "workspace for T=0");
 
@@ -182,6 +272,10 @@ void workspaceChecks()
     t.offsets = buffer + 8;
     check(rq::checkAlignment(t, buffer + 32, msg) == rq::Status::kUNSUPPORTED && msg.find("offsets") != std::string::npos,
         "a pointer off 16-byte alignment is named: " + msg);
+    t.offsets = buffer + 16;
+    t.wOutScales8 = buffer + 4;
+    check(rq::checkAlignment(t, buffer + 32, msg) == rq::Status::kUNSUPPORTED && msg.find("w_out_scales8") != std::string::npos,
+        "the INT8 class's pointers are checked too: " + msg);
 
     d.numTokens = 4;
     check(rq::validateDims(d, attrs(), msg) == rq::Status::kSUCCESS, "dims accepted");
@@ -236,6 +330,17 @@ void cubinChoiceChecks()
             "sm_" + std::to_string(device) + (has(device) ? " has its cubins" : " gets no cubin (none runs there)"));
     }
     check(!rq::hasAllKernelsForArch(75, missing) && rq::cubinArchFor("combine_f32", 75) == -1, "no cubins for sm_75");
+    // The INT8 class's grouped GEMMs are embedded for every architecture the other variants are.
+    bool int8Everywhere = true;
+    for (int32_t a : archs)
+    {
+        for (char const* v : {"expert_in_f16_int8_glu_m16", "expert_in_f32_int8_plain_m64", "expert_out_f16_int8_m64",
+                 "expert_out_f32_int8_m16"})
+        {
+            int8Everywhere = int8Everywhere && rq::cubinArchFor(v, a) == a;
+        }
+    }
+    check(int8Everywhere, "INT8 grouped GEMM cubins for every embedded architecture");
     check(rq::cubinArchFor("no_such_variant", archs.front()) == -1, "unknown variant");
 }
 
@@ -266,6 +371,7 @@ int main()
     attributeChecks();
     tableChecks();
     shapeChecks();
+    int8ShapeChecks();
     workspaceChecks();
     cubinChoiceChecks();
     cubinRuleChecks();

@@ -11,6 +11,7 @@
  *   attr activation <name>
  *   ints <name> <v0> <v1> ...     copies, precision
  *   tensor <name> <dtype> <rank> <d0> ...    dtype: f16 f32 i8 u8 i32 i64; inputs in docs/spec.md §8 order
+ *                                            (10, or 14 with the INT8 class)
  * It writes y.bin and expert_counts.bin there (the Python side compares them with rq.core.op's reference).
  * --build-only stops before any CUDA call (CI, no GPU). Prints one line per check and "N passed, M failed".
  */
@@ -245,9 +246,10 @@ bool readCase(std::string const& dir, Case& c, std::string& error)
             c.inputs.push_back(std::move(t));
         }
     }
-    if (c.inputs.size() != 10)
+    if (c.inputs.size() != 10 && c.inputs.size() != 14)
     {
-        error = "case.txt must list the 10 inputs of docs/spec.md §8, got " + std::to_string(c.inputs.size());
+        error = "case.txt must list the 10 inputs of docs/spec.md §8 (14 with the INT8 class), got "
+            + std::to_string(c.inputs.size());
         return false;
     }
     return true;
@@ -283,7 +285,7 @@ std::vector<DynamicPluginTensorDesc> dynamicDescs(std::vector<PluginTensorDesc> 
 
 struct Built
 {
-    std::vector<PluginTensorDesc> in, out; // 10 inputs, 2 outputs
+    std::vector<PluginTensorDesc> in, out; // 10 (or 14) inputs, 2 outputs
     size_t workspace{0};
 };
 
@@ -301,10 +303,11 @@ bool buildPhase(IPluginV3* plugin, Case const& c, Built& b)
         "plugin rq::RQMoE version 1");
     check(build->getNbOutputs() == 2, "two outputs");
 
-    DataType inTypes[10];
-    DimsExprs inExprs[10];
+    int32_t const nb = static_cast<int32_t>(c.inputs.size());
+    DataType inTypes[14];
+    DimsExprs inExprs[14];
     ConstantBuilder exprs;
-    for (int32_t i = 0; i < 10; ++i)
+    for (int32_t i = 0; i < nb; ++i)
     {
         Tensor const& t = c.inputs[i];
         inTypes[i] = t.type;
@@ -321,11 +324,11 @@ bool buildPhase(IPluginV3* plugin, Case const& c, Built& b)
         b.in.push_back(desc);
     }
     DataType outTypes[2];
-    check(build->getOutputDataTypes(outTypes, 2, inTypes, 10) == 0 && outTypes[0] == inTypes[0]
+    check(build->getOutputDataTypes(outTypes, 2, inTypes, nb) == 0 && outTypes[0] == inTypes[0]
             && outTypes[1] == DataType::kINT64,
         "output types: y as hidden, expert_counts INT64");
     DimsExprs outExprs[2];
-    bool const shaped = build->getOutputShapes(inExprs, 10, nullptr, 0, outExprs, 2, exprs) == 0;
+    bool const shaped = build->getOutputShapes(inExprs, nb, nullptr, 0, outExprs, 2, exprs) == 0;
     int64_t const numTokens = c.inputs[0].dims.d[0];
     int64_t const hidden = c.inputs[0].dims.d[1];
     if (!check(shaped && outExprs[0].nbDims == 2 && outExprs[0].d[0]->getConstantValue() == numTokens
@@ -352,22 +355,33 @@ bool buildPhase(IPluginV3* plugin, Case const& c, Built& b)
     all.insert(all.end(), b.out.begin(), b.out.end());
     std::vector<DynamicPluginTensorDesc> dyn = dynamicDescs(all);
     bool every = true;
-    for (int32_t pos = 0; pos < 12; ++pos)
+    for (int32_t pos = 0; pos < nb + 2; ++pos)
     {
-        every = build->supportsFormatCombination(pos, dyn.data(), 10, 2) && every;
+        every = build->supportsFormatCombination(pos, dyn.data(), nb, 2) && every;
     }
     check(every, "supportsFormatCombination accepts every input and output of the case");
     // What a network must not feed the plugin: float packed weights, float32 scales, y of another type.
     std::vector<DynamicPluginTensorDesc> wrong = dyn;
     wrong[6].desc.type = DataType::kFLOAT;
     wrong[7].desc.type = DataType::kFLOAT;
-    wrong[10].desc.type = inTypes[0] == DataType::kHALF ? DataType::kFLOAT : DataType::kHALF;
-    check(!build->supportsFormatCombination(6, wrong.data(), 10, 2) && !build->supportsFormatCombination(7, wrong.data(), 10, 2)
-            && !build->supportsFormatCombination(10, wrong.data(), 10, 2),
+    wrong[nb].desc.type = inTypes[0] == DataType::kHALF ? DataType::kFLOAT : DataType::kHALF;
+    check(!build->supportsFormatCombination(6, wrong.data(), nb, 2) && !build->supportsFormatCombination(7, wrong.data(), nb, 2)
+            && !build->supportsFormatCombination(nb, wrong.data(), nb, 2),
         "supportsFormatCombination refuses float packed weights, float32 scales and y of another type");
     wrong[6].desc.format = TensorFormat::kCHW32;
     wrong[6].desc.type = inTypes[6];
-    check(!build->supportsFormatCombination(6, wrong.data(), 10, 2), "only linear formats");
+    check(!build->supportsFormatCombination(6, wrong.data(), nb, 2), "only linear formats");
+    if (nb == 14)
+    {
+        // INT8 values are signed bytes (docs/spec.md §5a), their scales float16.
+        wrong = dyn;
+        wrong[10].desc.type = DataType::kUINT8;
+        wrong[11].desc.type = DataType::kFLOAT;
+        wrong[12].desc.type = DataType::kHALF;
+        check(!build->supportsFormatCombination(10, wrong.data(), nb, 2) && !build->supportsFormatCombination(11, wrong.data(), nb, 2)
+                && !build->supportsFormatCombination(12, wrong.data(), nb, 2),
+            "supportsFormatCombination refuses unsigned or float INT8 values and float32 INT8 scales");
+    }
 
     std::vector<DynamicPluginTensorDesc> in = dynamicDescs(b.in);
     std::vector<DynamicPluginTensorDesc> out = dynamicDescs(b.out);
@@ -375,16 +389,31 @@ bool buildPhase(IPluginV3* plugin, Case const& c, Built& b)
     {
         d->d[0] = -1; // T is dynamic at build time
     }
-    check(build->configurePlugin(in.data(), 10, out.data(), 2) == 0, "configurePlugin accepts the case (T dynamic)");
+    check(build->configurePlugin(in.data(), nb, out.data(), 2) == 0, "configurePlugin accepts the case (T dynamic)");
     std::vector<DynamicPluginTensorDesc> bad = in;
-    int32_t const down = c.inputs[5].dims.d[0] > 0 ? 5 : 8; // w_out, or w_out_q when no copy is original
-    bad[down].desc.dims.d[1] = hidden + 16;                  // rows: another H
-    check(build->configurePlugin(bad.data(), 10, out.data(), 2) != 0,
-        std::string("configurePlugin refuses ") + (down == 5 ? "w_out" : "w_out_q") + " of another H");
+    // w_out, else w_out_q, else w_out_q8: the first non-empty class's down projection
+    int32_t const down = c.inputs[5].dims.d[0] > 0 ? 5 : c.inputs[8].dims.d[0] > 0 || nb == 10 ? 8 : 12;
+    bad[down].desc.dims.d[1] = hidden + 16; // rows: another H
+    check(build->configurePlugin(bad.data(), nb, out.data(), 2) != 0,
+        std::string("configurePlugin refuses ") + (down == 5 ? "w_out" : down == 8 ? "w_out_q" : "w_out_q8") + " of another H");
     bad = in;
     bad[9].desc.dims.d[2] += 1; // w_out_scales: one scale block too many
-    check(build->configurePlugin(bad.data(), 10, out.data(), 2) != 0, "configurePlugin refuses w_out_scales of another I");
-    b.workspace = build->getWorkspaceSize(dynamicDescs(b.in).data(), 10, dynamicDescs(b.out).data(), 2);
+    check(build->configurePlugin(bad.data(), nb, out.data(), 2) != 0, "configurePlugin refuses w_out_scales of another I");
+    if (nb == 14)
+    {
+        bool const hasInt8 = c.inputs[10].dims.d[0] > 0;
+        bad = in;
+        bad[13].desc.dims.d[hasInt8 ? 2 : 0] += 1; // w_out_scales8: one scale block, or one copy, too many
+        check(build->configurePlugin(bad.data(), nb, out.data(), 2) != 0,
+            hasInt8 ? "configurePlugin refuses w_out_scales8 of another I"
+                    : "configurePlugin refuses a non-empty w_out_scales8 without INT8 copies");
+        bad = in;
+        bad.resize(10); // the INT8 class dropped
+        check((build->configurePlugin(bad.data(), 10, out.data(), 2) != 0) == hasInt8,
+            hasInt8 ? "configurePlugin refuses INT8 copies without the INT8 inputs"
+                    : "configurePlugin takes a node without INT8 copies with or without the (empty) INT8 class");
+    }
+    b.workspace = build->getWorkspaceSize(dynamicDescs(b.in).data(), nb, dynamicDescs(b.out).data(), 2);
     check(b.workspace > 0, "workspace " + std::to_string(b.workspace) + " bytes");
     return true;
 }
@@ -425,8 +454,9 @@ bool runtimePhase(IPluginV3* plugin, Case const& c, Built const& b, std::string 
         return false;
     }
     auto* rt = static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    std::vector<void*> inputs(10, nullptr);
-    for (int32_t i = 0; i < 10; ++i)
+    int32_t const nb = static_cast<int32_t>(c.inputs.size());
+    std::vector<void*> inputs(nb, nullptr);
+    for (int32_t i = 0; i < nb; ++i)
     {
         Tensor const& t = c.inputs[i];
         if (!t.host.empty()
@@ -446,7 +476,7 @@ bool runtimePhase(IPluginV3* plugin, Case const& c, Built const& b, std::string 
     {
         return false;
     }
-    check(rt->onShapeChange(b.in.data(), 10, b.out.data(), 2) == 0, "onShapeChange");
+    check(rt->onShapeChange(b.in.data(), nb, b.out.data(), 2) == 0, "onShapeChange");
     bool const ran = rt->enqueue(b.in.data(), b.out.data(), inputs.data(), outputs, workspace, stream) == 0;
     if (!check(ran && cuda(cudaStreamSynchronize(stream), "enqueue"), "enqueue"))
     {
@@ -464,7 +494,7 @@ bool runtimePhase(IPluginV3* plugin, Case const& c, Built const& b, std::string 
     cudaGraphExec_t exec = nullptr;
     cuda(cudaMemsetAsync(outputs[0], 0, yBytes, stream), "memset");
     bool captured = cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), "begin capture");
-    captured = captured && rt->onShapeChange(b.in.data(), 10, b.out.data(), 2) == 0;
+    captured = captured && rt->onShapeChange(b.in.data(), nb, b.out.data(), 2) == 0;
     captured = rt->enqueue(b.in.data(), b.out.data(), inputs.data(), outputs, workspace, stream) == 0 && captured;
     captured = cuda(cudaStreamEndCapture(stream, &graph), "end capture") && captured;
     captured = captured && cuda(cudaGraphInstantiate(&exec, graph, 0), "instantiate");

@@ -72,7 +72,8 @@ def _fn(v: Variant) -> triton.JITFunction:
 
 
 def variants() -> list[Variant]:
-    """Every kernel specialization the plugin may launch (FP16/FP32 activations, INT32/INT64 ids)."""
+    """Every kernel specialization the plugin may launch (FP16/FP32 activations, INT32/INT64 ids, the three
+    weight classes)."""
     out: list[Variant] = []
     for ids, ity in (("i32", "*i32"), ("i64", "*i64")):
         out.append(Variant(f"dispatch_count_{ids}", "dispatch_count_kernel", "dispatch",
@@ -86,7 +87,8 @@ def variants() -> list[Variant]:
         out.append(Variant(f"dispatch_copies_m{bm}", "dispatch_copies_kernel", "dispatch",
                            {"counts_ptr": "*i64", "offsets_ptr": "*i64", "logcnt_ptr": "*i32", "base_ptr": "*i32",
                             "phy2log_ptr": "*i32", "prec_ptr": "*i32", "copy_start_ptr": "*i32",
-                            "tile_start0_ptr": "*i32", "tile_start1_ptr": "*i32", "num_phys": "i32"},
+                            "tile_start0_ptr": "*i32", "tile_start1_ptr": "*i32", "tile_start2_ptr": "*i32",
+                            "num_phys": "i32"},
                            {"BLOCK_M": bm, "BLOCK_P": dispatch.BLOCK_P}))
     out.append(Variant("dispatch_scatter", "dispatch_scatter_kernel", "dispatch",
                        {"eid_ptr": "*i32", "lrank_ptr": "*i32", "prefix_ptr": "*i32", "offsets_ptr": "*i64",
@@ -96,12 +98,11 @@ def variants() -> list[Variant]:
                        {"BLOCK_A": dispatch.BLOCK_A}))
     for dt, ty in ACT_TYPES.items():
         dot_dtype, dot_prec = DOT[dt]
-        for int4 in (False, True):
-            wty = "*u8" if int4 else f"*{ty}"
-            cls = "int4" if int4 else "orig"
+        # Weight classes (docs/spec.md §8): original values, packed INT4 bytes (§5), INT8 values (§5a).
+        for cls, wty in (("orig", f"*{ty}"), ("int4", "*u8"), ("int8", "*i8")):
             for bm in moe.BLOCK_M_CHOICES:
-                tiles = {"BLOCK_M": bm, "BLOCK_N": moe.BLOCK_N, "BLOCK_K": moe.BLOCK_K,
-                         "DOT_DTYPE": dot_dtype, "DOT_PRECISION": dot_prec, "IS_INT4": int4, "IS_INT8": False}
+                tiles = {"BLOCK_M": bm, "BLOCK_N": moe.BLOCK_N, "BLOCK_K": moe.BLOCK_K, "DOT_DTYPE": dot_dtype,
+                         "DOT_PRECISION": dot_prec, "IS_INT4": cls == "int4", "IS_INT8": cls == "int8"}
                 common = {"sorted_assign_ptr": "*i32", "copy_start_ptr": "*i32", "tile_start_ptr": "*i32",
                           "slot_ptr": "*i32", "num_phys": "i32", "hidden_size": "i32", "inter_size": "i32"}
                 for glu in (False, True):

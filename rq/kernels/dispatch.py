@@ -10,9 +10,9 @@ Four small launches, none with atomics, so the result is the same integers whate
    exactly the token-major rank ``n`` of docs/spec.md §4.
 3. ``dispatch_copies``: per physical copy, its load from the rule (``L // C`` plus one for the first
    ``L mod C`` copies counted from the offset, as :func:`rq.core.replica.split_load`), the exclusive prefix
-   ``copy_start [P+1]``, and per precision class the prefix of GEMM row tiles ``tile_start [2, P+1]`` (two
-   pointers, one per class: the TensorRT plugin keeps each in its own 256-byte aligned buffer, as the AOT
-   cubins assume 16-byte aligned pointers).
+   ``copy_start [P+1]``, and per precision class the prefix of GEMM row tiles ``tile_start [3, P+1]`` (three
+   pointers, one per class — original, INT4, INT8: the TensorRT plugin keeps each in its own 256-byte aligned
+   buffer, as the AOT cubins assume 16-byte aligned pointers).
 4. ``dispatch_scatter``: ``copy = (o_e + n) mod C_e``, ``phys = phys_base[e] + copy``; the assignments of
    one copy are the ranks ``n`` with one residue mod ``C_e``, so the position inside the copy is ``n // C_e``
    and ``sorted_assign[copy_start[phys] + n // C_e] = a`` is the permutation sorted by physical id,
@@ -92,10 +92,11 @@ def dispatch_copies_kernel(
     logcnt_ptr,  # [N] int32 copies C_e
     base_ptr,  # [N] int32 first physical id of each expert
     phy2log_ptr,  # [P] int32 logical expert of each copy
-    prec_ptr,  # [P] int32 0 = original, 1 = int4
+    prec_ptr,  # [P] int32 0 = original, 1 = int4, 2 = int8
     copy_start_ptr,  # [P+1] int32 out: first sorted row of each copy
     tile_start0_ptr,  # [P+1] int32 out: first row tile of each copy among the original-precision copies
     tile_start1_ptr,  # [P+1] int32 out: the same among the INT4 copies
+    tile_start2_ptr,  # [P+1] int32 out: the same among the INT8 copies
     num_phys,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -103,6 +104,7 @@ def dispatch_copies_kernel(
     row_carry = 0
     tile_carry0 = 0
     tile_carry1 = 0
+    tile_carry2 = 0
     for p0 in range(0, num_phys, BLOCK_P):
         phys = p0 + tl.arange(0, BLOCK_P)
         mask = phys < num_phys
@@ -118,15 +120,19 @@ def dispatch_copies_kernel(
         tiles = (rows + BLOCK_M - 1) // BLOCK_M
         tiles0 = tl.where(prec == 0, tiles, 0)
         tiles1 = tl.where(prec == 1, tiles, 0)
+        tiles2 = tl.where(prec == 2, tiles, 0)
         tl.store(copy_start_ptr + phys, row_carry + tl.cumsum(rows, axis=0) - rows, mask=mask)
         tl.store(tile_start0_ptr + phys, tile_carry0 + tl.cumsum(tiles0, axis=0) - tiles0, mask=mask)
         tl.store(tile_start1_ptr + phys, tile_carry1 + tl.cumsum(tiles1, axis=0) - tiles1, mask=mask)
+        tl.store(tile_start2_ptr + phys, tile_carry2 + tl.cumsum(tiles2, axis=0) - tiles2, mask=mask)
         row_carry += tl.sum(rows, axis=0)
         tile_carry0 += tl.sum(tiles0, axis=0)
         tile_carry1 += tl.sum(tiles1, axis=0)
+        tile_carry2 += tl.sum(tiles2, axis=0)
     tl.store(copy_start_ptr + num_phys, row_carry)
     tl.store(tile_start0_ptr + num_phys, tile_carry0)
     tl.store(tile_start1_ptr + num_phys, tile_carry1)
+    tl.store(tile_start2_ptr + num_phys, tile_carry2)
 
 
 @triton.jit
@@ -179,7 +185,7 @@ class Dispatch(NamedTuple):
     expert_counts: ``[N]`` int64; phys: ``[T, K]`` int32 physical copy (-1 dropped);
     sorted_assign: ``[A]`` int32 assignment of each sorted row (first ``copy_start[P]`` rows valid);
     assign_pos: ``[A]`` int32 sorted row of each assignment (-1 dropped); copy_start: ``[P+1]`` int32;
-    tile_start: ``[2, P+1]`` int32 row-tile prefix per precision class (0 original, 1 INT4) for ``block_m``.
+    tile_start: ``[3, P+1]`` int32 row-tile prefix per precision class (0 original, 1 INT4, 2 INT8) for ``block_m``.
     """
 
     expert_counts: torch.Tensor
@@ -223,7 +229,7 @@ def dispatch_assignments(
     hist = torch.empty(num_blocks, num_experts, **i32)
     counts = torch.empty(num_experts, dtype=torch.int64, device=device)
     copy_start = torch.empty(num_phys + 1, **i32)
-    tile_start = torch.empty(2, num_phys + 1, **i32)
+    tile_start = torch.empty(3, num_phys + 1, **i32)
     sorted_assign = torch.empty(num_assign, **i32)
     assign_pos = torch.empty(num_assign, **i32)
     phys = torch.empty(num_assign, **i32)
@@ -232,7 +238,7 @@ def dispatch_assignments(
         hist, counts, num_blocks, num_experts, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N)
     dispatch_copies_kernel[(1,)](
         counts, offsets, tables.logcnt, tables.phys_base, tables.phy2log, tables.precision,
-        copy_start, tile_start[0], tile_start[1], num_phys, BLOCK_M=block_m, BLOCK_P=BLOCK_P,
+        copy_start, tile_start[0], tile_start[1], tile_start[2], num_phys, BLOCK_M=block_m, BLOCK_P=BLOCK_P,
     )
     dispatch_scatter_kernel[(num_blocks,)](
         eid, lrank, hist, offsets, tables.logcnt, tables.phys_base, copy_start,

@@ -47,14 +47,6 @@ def _cached_tables(logcnt: tuple[int, ...], precision: tuple[int, ...], device: 
     return _dispatch.device_tables(torch.tensor(logcnt), torch.tensor(precision), torch.device(device))
 
 
-def _class_tile_start(copy_start: torch.Tensor, precision: torch.Tensor, code: int, block_m: int) -> torch.Tensor:
-    """``[P+1]`` int32 row-tile prefix of the copies of precision ``code`` (others take no tile), computed from the
-    dispatch's ``copy_start`` on the device: the INT8 class's twin of the dispatch's ``tile_start`` rows."""
-    rows = (copy_start[1:] - copy_start[:-1]).to(torch.int64)
-    tiles = torch.where(precision.to(torch.int64) == code, (rows + block_m - 1) // block_m, torch.zeros_like(rows))
-    return torch.cat([tiles.new_zeros(1), torch.cumsum(tiles, 0)]).to(torch.int32)
-
-
 def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: RQLayerWeights,
            offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``y [T, H]`` and ``expert_counts [N]`` int64 of ``rq::RQMoE`` with the Triton kernels (docs/spec.md §8).
@@ -84,7 +76,7 @@ def rq_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     ]
     if layer.num_int8:
         classes.append((2, layer.num_int8, layer.w_in_q8, layer.w_in_scales8, layer.w_out_q8, layer.w_out_scales8,
-                        _class_tile_start(d.copy_start, tables.precision, 2, cfg.block_m)))
+                        d.tile_start[2]))
     act = activation_code(layer.activation)
     glu = is_glu(layer.activation)
     for cls, count, wi, si, wo, so, tile_start in classes:

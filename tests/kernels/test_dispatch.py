@@ -26,7 +26,7 @@ def test_dispatch_matches_replica_rule(device, random_routing, tokens, top_k, co
     logcnt = torch.tensor(copies)
     num_phys = int(logcnt.sum())
     gen = torch.Generator().manual_seed(tokens)
-    precision = torch.randint(0, 2, (num_phys,), generator=gen)
+    precision = torch.randint(0, 3, (num_phys,), generator=gen)
     ids, _ = random_routing(tokens, top_k, num_experts, torch.float32, ids_dtype, device, seed=tokens)
     offs = None if offsets is None else torch.tensor(offsets, dtype=torch.int64)
     d = dispatch_assignments(ids, None if offs is None else offs.to(device), device_tables(logcnt, precision, device), block_m)
@@ -50,7 +50,7 @@ def test_dispatch_matches_replica_rule(device, random_routing, tokens, top_k, co
     assert bool((pos[flat < 0] == -1).all())
     # row tiles per precision class
     tiles = (loads + block_m - 1) // block_m
-    for cls in (0, 1):
+    for cls in (0, 1, 2):
         per = torch.where(precision == cls, tiles, torch.zeros_like(tiles))
         want = torch.cat([torch.zeros(1, dtype=torch.int64), per.cumsum(0)])
         assert torch.equal(d.tile_start[cls].cpu().long(), want)

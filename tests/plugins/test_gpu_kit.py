@@ -15,7 +15,7 @@ TENSORRT_HEADERS_ENV = "RQ_TENSORRT_HEADERS"  # as tests/conftest.py reads it
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-STEPS = ("env", "plugin", "host", "pytest", "driver", "bench", "trt")
+STEPS = ("env", "plugin", "host", "pytest", "driver", "bench", "trt", "trt-mixed")
 NEEDS_HEADERS = ("plugin", "host", "driver")  # skipped, each with its reason, where no TensorRT headers are
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("cmake") is None, reason="needs bash, cmake")
@@ -51,3 +51,4 @@ def test_dry_run_plans_every_step_within_its_time_limits(tmp_path):
     limits = [int(line.split("<= ")[1].split("s]")[0]) for line in run.stdout.splitlines() if line.startswith("would run [")]
     assert sum(limits) <= 8 * 60
     assert "--tokens-per-expert 1 16 128 512" in run.stdout and "check" in run.stdout and "--trt" in run.stdout
+    assert "--precisions int4,int8" in run.stdout and "build-mixed" in run.stdout  # the mixed plan's engine too

@@ -42,7 +42,8 @@ def test_cubins_for_the_requested_archs(rq_plugin):
     table = (rq_plugin.cubins / "rqMoeKernelTable.h").read_text()
     archs = rq_plugin.info["archs"]
     assert archs and f"= {{{', '.join(map(str, archs))}}};" in table
-    assert rq_plugin.info["kernels"] == 32 * len(archs)
+    assert rq_plugin.info["kernels"] == 44 * len(archs)  # 12 per architecture for the INT8 class
+    assert rq_plugin.info["precisions"] == [0, 1, 2]
 
 
 def test_compiles_against_tensorrt_10_headers_with_werror(rq_plugin, tmp_path, cmake_plugin, tensorrt_include):
