@@ -177,6 +177,11 @@ class PluginLibrary:
     def archs(self) -> list[int]:
         return list(self.info.get("archs", []))
 
+    @property
+    def precisions(self) -> list[int]:
+        """Copy precisions the plugin runs (docs/spec.md §8 codes); a library that predates the field runs 0, 1."""
+        return list(self.info.get("precisions", [0, 1]))
+
     def runs_on(self, arch: int) -> bool:
         """Whether the embedded cubins run on compute capability ``arch`` (asks the launcher: its own rule)."""
         return bool(_cdll(self.path).rqMoeSupportsArch(arch))
@@ -490,18 +495,22 @@ def _configure(rt: TensorRT, builder: Any, onnx_path: Path, plugin: PluginLibrar
     return config
 
 
-def refuse_int8(onnx_path: Path) -> None:
-    """The plugin has no INT8 path yet (docs/spec.md §8): a model with INT8 copies is refused before building."""
+def require_precisions(onnx_path: Path, plugin: PluginLibrary) -> None:
+    """A model's copy precisions must be ones the plugin library runs (its ``precisions``; a library built before
+    the INT8 class runs 0 and 1 only): refused before building, with the fix, instead of a parser error."""
     import onnx
 
-    from rq.core.op import INPUTS
+    from rq.core.op import PRECISIONS
     from rq.export.onnx_file import rq_nodes
 
+    runs = set(plugin.precisions)
     for node in rq_nodes(onnx.load(str(onnx_path), load_external_data=False)):
         precision = next((list(a.ints) for a in node.attribute if a.name == "precision"), [])
-        if 2 in precision or len(node.input) > len(INPUTS):
-            raise RQError(f"{onnx_path} has INT8 expert copies (node {node.name}); the TensorRT plugin runs original "
-                          f"and INT4 copies only: plan with `rq plan --precisions int4` and export again")
+        missing = sorted(set(precision) - runs)
+        if missing:
+            names = ", ".join(PRECISIONS[p] if 0 <= p < len(PRECISIONS) else str(p) for p in missing)
+            raise RQError(f"{onnx_path} has {names} expert copies (node {node.name}) that the plugin library "
+                          f"{plugin.path} does not run: rebuild it from this version of rq ({PLUGIN_HINT})")
 
 
 def build_engine(onnx_path: str | Path, out_path: str | Path | None = None,
@@ -519,8 +528,8 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None,
     out_path = Path(out_path) if out_path is not None else default_engine_path(onnx_path)
     if not onnx_path.is_file():
         raise RQError(f"{onnx_path} does not exist; export first with `rq-export MODEL_DIR --plan plan.json`")
-    refuse_int8(onnx_path)
     plugin = plugin_library(plugin_lib)
+    require_precisions(onnx_path, plugin)
     rt = load_tensorrt()
     chosen = _resolve_targets(rt, plugin, list(targets) if targets is not None else None)
     start = time.perf_counter()

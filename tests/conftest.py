@@ -218,3 +218,32 @@ def rq_plugin(tmp_path_factory):
     return SimpleNamespace(build=build, library=library, driver=build / "rq_moe_plugin_driver",
                            host_test=build / "rq_moe_host_test", cubins=build / "cubins", include=include,
                            info=json.loads(lib.rqMoePluginInfo().decode()))
+
+
+# --- a plan mixing original, INT8 and INT4 copies (tests/export, tests/engines) --------------------------------
+
+
+@pytest.fixture(scope="session")
+def mixed_export(tiny_checkpoints, tmp_path_factory):
+    """``(plan, ExportResult)`` of the tiny Qwen3-MoE with a ``--precisions int4,int8`` plan at budget 1.0 that mixes
+    all three precisions (asserted), exported with its parity check, built once per session."""
+    from rq.calibrate.accumulate import calibrate
+    from rq.calibrate.data import TokenData
+    from rq.export import export_model
+    from rq.models.adapters import load_model
+    from rq.plan.planner import PlanOptions, make_plan
+    from rq.plan.schema import save_plan
+
+    model_dir = tiny_checkpoints("qwen3_moe")
+    model, adapter = load_model(model_dir)
+    tokens = torch.randint(2, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, adapter, TokenData(tokens, "seeded random tokens"), batch_size=4, group_size=64,
+                      show_progress=False)
+    assert all(s.quant_sensitivity_int8 is not None for s in stats.layers)
+    assert all(bool((s.quant_sensitivity_int8 <= s.quant_sensitivity).all()) for s in stats.layers)
+    plan = make_plan(stats, PlanOptions(budget_factor=1.0, precisions=("int4", "int8")))
+    codes = {p for layer in plan.layers for p in layer.precision}
+    assert codes == {0, 1, 2}, f"the tiny plan should mix all three precisions, got {codes}"
+    out = tmp_path_factory.mktemp("mixed")
+    save_plan(plan, out / "plan.json")
+    return plan, export_model(model_dir, out / "plan.json", out / "build", show_progress=False)

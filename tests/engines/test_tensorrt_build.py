@@ -65,6 +65,37 @@ def test_tiny_engines(arch, dtype, exported, rq_plugin, tensorrt, tmp_path):
         assert build.targets == TARGETS and build.runtime == str(tensorrt)
 
 
+def test_mixed_precision_engine(mixed_export, rq_plugin, tensorrt, tmp_path):
+    """A plan mixing original, INT8 and INT4 copies: every node carries the INT8 class (14 inputs), and each MoE
+    layer becomes one RQMoE plugin layer, through `rq build` as for INT4-only plans."""
+    plan, result = mixed_export
+    assert 2 in rq_plugin.info["precisions"]
+    assert any(2 in layer.precision for layer in plan.layers) and any(1 in layer.precision for layer in plan.layers)
+    for graph in result.manifest["graphs"].values():
+        onnx_path = result.out_dir / graph["file"]
+        build = trt_engine.build_engine(onnx_path, tmp_path / f"{graph['file']}.plan", rq_plugin.library,
+                                        targets=TARGETS, limits=SMALL)
+        _check(build, len(graph["moe_layers"]))
+    out = tmp_path / "engine.plan"
+    cli = CliRunner().invoke(app, ["build", str(result.out_dir / "model.onnx"), "--plugin", str(rq_plugin.library),
+                                   "--out", str(out), "--target", "sm80", "--max-batch", "2", "--max-seq", "64"])
+    assert cli.exit_code == 0, cli.output
+    n = result.manifest["num_moe_layers"]
+    assert f"{n} RQMoE plugin layers for {n} MoE layers; plugin library embedded" in cli.output and out.is_file()
+
+
+def test_a_plugin_without_int8_is_refused_before_building(mixed_export, rq_plugin, monkeypatch, tmp_path):
+    """A plugin library built before the INT8 class says so (no ``precisions`` field): one line with the fix."""
+    _, result = mixed_export
+    old = trt_engine.PluginLibrary(rq_plugin.library, {k: v for k, v in rq_plugin.info.items() if k != "precisions"})
+    monkeypatch.setattr(trt_engine, "plugin_library", lambda path: old)
+    out = tmp_path / "never.plan"
+    cli = CliRunner().invoke(app, ["build", str(result.out_dir / "model.onnx"), "--plugin", str(rq_plugin.library),
+                                   "--out", str(out)])
+    assert cli.exit_code == 2 and "has int8 expert copies" in cli.output and "rebuild it" in cli.output, cli.output
+    assert "Traceback" not in cli.output and not out.exists()
+
+
 def test_default_targets_are_those_the_plugin_serves(exported, rq_plugin, tensorrt, tmp_path):
     build = trt_engine.build_engine(exported("mixtral").out_dir / "model.onnx", tmp_path / "e.plan", rq_plugin.library,
                                     limits=SMALL)
