@@ -17,14 +17,20 @@ Per MoE layer, with the layer's ``P`` copies split into ``P_int4`` INT4 and ``P_
    picks every nonzero entry of a row (a token has at most ``K``), zero-weight picks being skipped;
 4. ``y_o = com.microsoft.MoE(hidden, router_probs=log W_o, ...) * rowsum(W_o)``: the MoE kernel applies a
    softmax to ``router_probs``, which ``log`` undoes up to the row sum (``log 0 = -inf`` entries get weight 0);
-5. ``y = y_q + y_o``.
+5. with INT8 copies (docs/spec.md §5a), ``y_8 = com.microsoft.MoE(hidden, router_probs=log W_8, ...) * rowsum(W_8)``
+   on the exact dequantized values ``q * scale`` (float32; rounded once to float16 in float16 graphs), one column
+   per expert with INT8 copies as for INT4. Not ONNX Runtime's 8-bit ``QMoE``: its CPU kernel (1.32) runs
+   block-wise 8-bit experts through MLAS's n-bit GEMM with activations quantized to int8 whatever the node's
+   ``accuracy_level`` (measured 2.4e-2 absolute error on outputs of magnitude 2.2, its INT4 path 8e-7; only the
+   process-wide ``ORT_QMOE_CPU_QNBIT_GEMM=fp32`` switches that off, which a file cannot carry). The price: the
+   session holds the INT8 experts' weights as floats;
+6. ``y = y_q + y_o (+ y_8)``.
 
 Both kernels compute the exact dequantized value ``q * scale`` of §5 in the activation type, so the route agrees
 with the reference within the §9 tolerances (measured: 1e-7 on float32 layers). A layer the kernels cannot
 serve keeps its ``rq::RQMoE`` node and the portable function body: ONNX Runtime's CPU kernels have no gated GELU
 and their GELU is the tanh approximation (so erf GELU stays portable), and with INT4 copies QMoE needs the
-hidden and expert sizes to be multiples of the group size (no partial last block); layers with INT8 copies stay
-portable too (ONNX Runtime's 8-bit ``QMoE`` is not exact, docs/spec.md §8). The mixing-weight
+hidden and expert sizes to be multiples of the group size (no partial last block). The mixing-weight
 identity of step 4 needs non-negative routing weights, which every supported router produces (softmax or
 sigmoid scores).
 
@@ -47,7 +53,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from rq.core.experts import GLU_ACTIVATIONS
-from rq.core.op import CALL_INPUTS, WEIGHT_INPUTS
+from rq.core.op import CALL_INPUTS, INT8_INPUTS, WEIGHT_INPUTS
 from rq.export.function import DOMAIN, MAP_NAME, OP_NAME
 
 MS_DOMAIN = "com.microsoft"
@@ -97,13 +103,26 @@ def _zero_point_8(b: "_Builder", name: str) -> str:
     return b.op("Cast", b.op("BitwiseXor", name, b.const(np.array(-120, np.int8))), to=TensorProto.UINT8)
 
 
+def _dequant_int8(b: "_Builder", values: str, scales: str, shape: tuple[int, ...], group: int, float_type: int) -> str:
+    """``q * scale`` of the §5a tensors (``[P, R, C]`` int8, ``[P, R, ceil(C/G)]`` float16) in float32, exact, then
+    in the graph's float type: ``Cast``/``Expand``/``Mul`` on initializers, which ONNX Runtime folds (unlike
+    ``DequantizeLinear``, which its constant folding keeps for QDQ fusion)."""
+    p, rows, cols = shape
+    blocks = -(-cols // group)
+    s = b.op("Unsqueeze", b.op("Cast", scales, to=TensorProto.FLOAT), b.const(np.array([3], np.int64)))
+    s = b.op("Expand", s, b.const(np.array([p, rows, blocks, group], np.int64)))
+    s = b.op("Reshape", s, b.const(np.array([p, rows, blocks * group], np.int64)))
+    if blocks * group != cols:  # the partial last block
+        s = b.op("Slice", s, b.const(np.array([0], np.int64)), b.const(np.array([cols], np.int64)),
+                 b.const(np.array([2], np.int64)))
+    out = b.op("Mul", b.op("Cast", values, to=TensorProto.FLOAT), s)
+    return out if float_type == TensorProto.FLOAT else b.op("Cast", out, to=float_type)
+
+
 def route_of(layer: int, activation: str, precision: list[int], hidden: int, inter: int, group: int) -> LayerRoute:
     """Whether ONNX Runtime's fused kernels compute this layer exactly (see the module doc)."""
     if activation not in FUSED_ACTIVATIONS:
         return LayerRoute(layer, False, WHY_NOT.get(activation, f"no fused kernel for {activation}"))
-    if 2 in precision:
-        return LayerRoute(layer, False, "INT8 copies: ONNX Runtime's 8-bit QMoE is not exact (docs/spec.md §8), "
-                                        "the portable body runs them")
     if 1 in precision and (hidden % group or inter % group):
         return LayerRoute(layer, False, f"QMoE needs H={hidden} and I={inter} to be multiples of the group size "
                                         f"{group} (this layer's last INT4 block is partial)")
@@ -158,11 +177,13 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
     top_k, group = int(attrs["top_k"]), int(attrs["group_size"])
     hidden, topk_ids, topk_weights, offsets = node.input[:len(CALL_INPUTS)]
     w = dict(zip(WEIGHT_INPUTS, node.input[len(CALL_INPUTS):]))
+    w |= dict(zip(INT8_INPUTS, node.input[len(CALL_INPUTS) + len(WEIGHT_INPUTS):]))  # the INT8 class, if present
     glu = activation in GLU_ACTIVATIONS
     num_phys = len(precision)
     prec = np.asarray(precision)
     slot = np.where(prec == 1, np.cumsum(prec == 1) - 1, np.cumsum(prec == 0) - 1)
-    n_int4, n_orig = int((prec == 1).sum()), int((prec == 0).sum())
+    n_int4, n_orig, n_int8 = int((prec == 1).sum()), int((prec == 0).sum()), int((prec == 2).sum())
+    owner = np.repeat(np.arange(len(copies)), copies)  # phy2log
     b = _Builder(f"rq_ort_{layer}/")
     phys = b.name("phys")
     b.nodes.append(helper.make_node(MAP_NAME, [topk_ids, offsets], [phys, node.output[1]], name=b.name(MAP_NAME),
@@ -176,7 +197,6 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
     if n_int4:
         # all INT4 copies of one expert hold the same bytes (docs/spec.md §5): QMoE gets each expert's once, and
         # every INT4 copy's weight goes to its expert's column, so replicas cost no extra GEMM or weights here
-        owner = np.repeat(np.arange(len(copies)), copies)  # phy2log
         experts, first = np.unique(owner[prec == 1], return_index=True)  # first INT4 slot of each such expert
         column_of = {int(e): i for i, e in enumerate(experts)}
         n_q = len(experts)
@@ -203,8 +223,27 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
         moe = b.op("MoE", hidden, b.op("Log", w_o), names[0], "", names[1], domain=MS_DOMAIN, k=min(top_k, n_orig),
                    **common)
         parts.append(b.op("Mul", moe, b.op("ReduceSum", w_o, b.const(np.array([1], np.int64)), keepdims=1)))
-    if len(parts) == 2:
-        b.op("Add", *parts, out=node.output[0])
+    if n_int8:
+        # one column per expert with INT8 copies (its copies hold the same values, §5a), as the INT4 class
+        experts8, first8 = np.unique(owner[prec == 2], return_index=True)
+        n_e8 = len(experts8)
+        column_of = {int(e): i for i, e in enumerate(experts8)}
+        fc = []
+        for q, sc in (("w_in_q8", "w_in_scales8"), ("w_out_q8", "w_out_scales8")):
+            shape = (n_e8, *dims[w[q]][1:])
+            fc.append(_dequant_int8(b, _slots(b, w[q], dims[w[q]], first8, n_int8),
+                                    _slots(b, w[sc], dims[w[sc]], first8, n_int8), shape, group, float_type))
+        if glu:
+            fc[0] = _interleave(b, fc[0], (n_e8, *dims[w["w_in_q8"]][1:]), dims[w["w_in_q8"]][1] // 2)
+        column = np.append([column_of[int(e)] if q == 2 else n_e8 for e, q in zip(owner, prec)], n_e8)
+        w_8 = _class_weights(b, column, n_e8, safe, hidden, topk_weights, float_type)
+        moe = b.op("MoE", hidden, b.op("Log", w_8), fc[0], "", fc[1], domain=MS_DOMAIN, k=min(top_k, n_e8), **common)
+        parts.append(b.op("Mul", moe, b.op("ReduceSum", w_8, b.const(np.array([1], np.int64)), keepdims=1)))
+    if len(parts) > 1:
+        total = parts[0]
+        for part in parts[1:-1]:
+            total = b.op("Add", total, part)
+        b.op("Add", total, parts[-1], out=node.output[0])
     else:
         b.op("Identity", parts[0], out=node.output[0])
     return b.nodes, b.inits
