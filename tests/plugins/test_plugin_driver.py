@@ -32,6 +32,24 @@ def test_the_partial_block_case_is_one(rq_plugin):
     assert case.inter % case.group_size != 0 and case.inter % 16 == 0
 
 
+def test_int8_cases_cover_the_class():
+    """The GPU run checks the plugin's INT8 path on layers mixing all three precisions, INT8 replicas, a partial last
+    block, 64-row tiles, both float types, and an INT8 class with no INT8 copy (docs/spec.md §5a, §8)."""
+    int8_cases = [c for c in driver.CASES if c.int8_class]
+    assert any({0, 1, 2} <= set(c.precision) for c in int8_cases)
+    assert any(c.inter % c.group_size for c in int8_cases if 2 in c.precision)
+    assert {c.dtype for c in int8_cases if 2 in c.precision} == {"f16", "f32"}
+    assert any(c.tokens * c.top_k > 16 * len(c.precision) for c in int8_cases if 2 in c.precision)  # 64-row tiles
+    assert any(2 not in c.precision for c in int8_cases)
+    for case in int8_cases:
+        layer, call = driver.make_call(case)
+        assert layer.has_int8_class and layer.num_int8 == case.precision.count(2)
+        replicas = [c > 1 and 2 in case.precision[sum(case.copies[:e]) + 1: sum(case.copies[:e + 1])]
+                    for e, c in enumerate(case.copies)]
+        if 2 in case.precision and case.rotate_offsets:
+            assert any(replicas), case.name  # an INT8 replica, served in rotation
+
+
 def test_runtime_phase_without_a_gpu_fails_cleanly(rq_plugin, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: benchmarks/gpu/run.sh runs the runtime phase")
