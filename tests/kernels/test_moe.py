@@ -184,3 +184,25 @@ def test_plans_mixing_three_precisions(device, data):  # `device` is the same fo
     y, c = rq_moe(hidden.to(device), ids.to(device), weights.to(device), layer_dev, offsets.to(device))
     torch.testing.assert_close(y.cpu(), y_ref, atol=1e-4, rtol=1e-3)
     assert torch.equal(c.cpu(), c_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_realistic_shape_three_precisions(dtype):
+    """The INT8 class on a real GPU beside original and INT4 copies (the same kernels the TensorRT plugin embeds):
+    32 experts, top-8, INT8 and INT4 replicas, H=1024, I=512, decode to 64-row-tile prefill sizes."""
+    from rq.testing.layers import random_layer, random_routing as routing
+
+    copies = (1,) * 24 + (2,) * 6 + (3,) * 2
+    precision = tuple((0, 2, 1)[i % 3] for i in range(sum(copies)))
+    layer = random_layer(copies, precision, hidden=1024, inter=512, group_size=128, top_k=8, dtype=dtype, seed=3)
+    on = {name: t.to("cuda") for name, t in zip(layer.weight_names, layer.tensors())}
+    layer_dev = dataclasses.replace(layer, **on)
+    layer_ref = dataclasses.replace(layer, w_in=layer.w_in.float(), w_out=layer.w_out.float())
+    for tokens in (1, 7, 200, 2048):
+        hidden, ids, weights = routing(tokens, 8, len(copies), seed=tokens, hidden=1024, dtype=dtype)
+        y_ref, c_ref = rq_moe_reference(hidden.float(), ids, weights.float(), layer_ref)
+        y, c = rq_moe(hidden.cuda(), ids.cuda(), weights.cuda(), layer_dev)
+        atol, rtol = TOLERANCE[dtype]
+        torch.testing.assert_close(y.float().cpu(), y_ref, atol=atol, rtol=rtol)
+        assert torch.equal(c.cpu(), c_ref)
