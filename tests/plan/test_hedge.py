@@ -124,3 +124,19 @@ def test_bad_windows_in_a_stats_file_are_refused(tiny_stats, tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(RQError, match="load_windows' must be a float"):
         CalibrationStats.load(tmp_path / "stats")
+
+
+def test_streamed_generation_records_the_same_windows(tiny_checkpoints, text_file):
+    """One decoder layer at a time (the CLI's model) generates and routes exactly as the whole model does."""
+    from rq.models.streaming import open_streamed
+
+    ckpt = tiny_checkpoints("mixtral")
+    model, adapter = load_model(ckpt)
+    data = load_token_data(load_tokenizer(ckpt), text_file, seq_len=32, max_sequences=8)
+    kwargs = dict(batch_size=4, group_size=64, show_progress=False, window=4, generate=4, generate_window=4,
+                  prompt_len=8)
+    whole = calibrate(model, adapter, data, **kwargs)
+    streamed_model = open_streamed(ckpt, show_progress=False)
+    streamed = calibrate(streamed_model, streamed_model.adapter, data, **kwargs)
+    assert whole.windows == streamed.windows
+    assert all(torch.equal(a.load_windows, b.load_windows) for a, b in zip(whole.layers, streamed.layers))
