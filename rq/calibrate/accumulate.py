@@ -19,7 +19,7 @@ from rq.models.routing import record_calls
 from rq.models.streaming import StreamedModel
 from rq.progress import progress_bar
 from rq.documents import CalibrationInfo, ModelInfo
-from rq.calibrate.stats import CalibrationStats, LayerStats
+from rq.calibrate.stats import CalibrationStats, LayerStats, WindowsInfo
 
 
 class _LayerAccumulator:
@@ -37,6 +37,7 @@ class _LayerAccumulator:
         self.quant_sensitivity = torch.zeros(n, dtype=torch.float64)
         self.quant_sensitivity_int8 = torch.zeros(n, dtype=torch.float64)
         self.quantizable = int4.can_quantize(layer.w_in_shape) and int4.can_quantize(layer.w_out_shape)
+        self.call_loads: list[torch.Tensor] = []  # [N] loads of each call (one batch), for the traffic windows
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -46,7 +47,9 @@ class _LayerAccumulator:
         weights = routing.weights.reshape(ids.shape).to(torch.float64).cpu()
         valid = (ids >= 0) & (ids < self.layer.num_experts)
         flat_ids = ids[valid].to(torch.int64)
-        self.load += torch.bincount(flat_ids, minlength=self.layer.num_experts).to(torch.float64)
+        counts = torch.bincount(flat_ids, minlength=self.layer.num_experts).to(torch.float64)
+        self.load += counts
+        self.call_loads.append(counts)
         self.gate_mass.index_add_(0, flat_ids, weights[valid])
         for expert in flat_ids.unique().tolist():
             token, slot = (ids == expert).nonzero(as_tuple=True)
@@ -60,7 +63,7 @@ class _LayerAccumulator:
                     err = (y - expert_forward(x, q_in, q_out, self.layer.activation)).to(torch.float64)
                     sums[expert] += (g.square() * err.square().sum(-1).cpu()).sum()
 
-    def result(self) -> LayerStats:
+    def result(self, windows: torch.Tensor | None = None) -> LayerStats:
         layer = self.layer
         per_expert = [sum(w.numel() * w.element_size() for w in self.adapter.get_expert_weights(layer, e))
                       for e in range(layer.num_experts)]
@@ -68,7 +71,27 @@ class _LayerAccumulator:
                           activation=layer.activation, w_in_shape=layer.w_in_shape, w_out_shape=layer.w_out_shape,
                           original_bytes=per_expert, quantizable=self.quantizable, load=self.load,
                           gate_mass=self.gate_mass, contribution=self.contribution,
-                          quant_sensitivity=self.quant_sensitivity, quant_sensitivity_int8=self.quant_sensitivity_int8)
+                          quant_sensitivity=self.quant_sensitivity, quant_sensitivity_int8=self.quant_sensitivity_int8,
+                          load_windows=windows)
+
+
+class _LoadRecorder:
+    """Forward pre-hook that keeps only the ``[N]`` loads of each call (decode steps of a generation)."""
+
+    def __init__(self, adapter: Adapter, layer: MoELayer):
+        self.adapter, self.layer = adapter, layer
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = self.adapter.routing_from_call(self.layer, args, kwargs).ids.reshape(-1).cpu().to(torch.int64)
+        ids = ids[(ids >= 0) & (ids < self.layer.num_experts)]
+        self.calls.append(torch.bincount(ids, minlength=self.layer.num_experts).to(torch.float64))
+
+
+def group_windows(call_loads: list[torch.Tensor], calls_per_window: int) -> torch.Tensor:
+    """``[W, N]`` sums of ``calls_per_window`` consecutive calls (the last window may hold fewer)."""
+    stacked = torch.stack(call_loads)
+    return torch.stack([chunk.sum(0) for chunk in stacked.split(calls_per_window)])
 
 
 def model_info(model: nn.Module | StreamedModel, adapter: Adapter, layers: list[MoELayer]) -> ModelInfo:
@@ -87,8 +110,14 @@ def model_info(model: nn.Module | StreamedModel, adapter: Adapter, layers: list[
 
 @torch.no_grad()
 def calibrate(model: nn.Module | StreamedModel, adapter: Adapter, data: TokenData, *, batch_size: int = 8,
-              group_size: int = 128, seed: int = 0, show_progress: bool = True) -> CalibrationStats:
+              group_size: int = 128, seed: int = 0, show_progress: bool = True, window: int = 16,
+              generate: int = 0, generate_window: int = 8, prompt_len: int = 16) -> CalibrationStats:
     """Run ``data`` through ``model`` and return the docs/spec.md §3 statistics of every MoE layer.
+
+    Traffic windows (``load_windows``): the loads of every ``window`` consecutive sequences (rounded up to whole
+    batches) and, with ``generate > 0``, of the model's own greedy generation of ``generate`` new tokens from the
+    first ``prompt_len`` tokens of each sequence, ``generate_window`` sequences at a time (decode steps only: decode
+    routes differently from teacher-forced text). The other metrics stay teacher-forced.
 
     A :class:`~rq.models.streaming.StreamedModel` runs the same batches layer-major (one decoder layer in
     memory at a time); every layer sees the same tensors as in the whole model, so the statistics are the same."""
@@ -112,7 +141,45 @@ def calibrate(model: nn.Module | StreamedModel, adapter: Adapter, data: TokenDat
                 advance(batch.shape[0])
     calibration = CalibrationInfo(data=data.description, sequences=data.sequences.shape[0],
                                   seq_len=data.sequences.shape[1], tokens=data.tokens, seed=seed)
-    return CalibrationStats(info, calibration, group_size, [acc.result() for acc in accumulators])
+    calls_per_window = max(1, -(-window // batch_size))
+    windows = [group_windows(acc.call_loads, calls_per_window) for acc in accumulators]
+    info_windows = WindowsInfo(teacher_forced=int(windows[0].shape[0]),
+                               sequences_per_window=min(calls_per_window * batch_size, data.sequences.shape[0]))
+    if generate > 0:
+        prompt = max(1, min(prompt_len, data.sequences.shape[1]))
+        generated = generated_windows(model, adapter, layers, data.sequences[:, :prompt], generate, generate_window)
+        windows = [torch.cat([w, g]) for w, g in zip(windows, generated)]
+        info_windows = info_windows.model_copy(update={
+            "generated": int(generated[0].shape[0]), "generated_tokens": generate,
+            "generated_sequences_per_window": min(generate_window, data.sequences.shape[0]), "prompt_len": prompt})
+    return CalibrationStats(info, calibration, group_size, [acc.result(w) for acc, w in zip(accumulators, windows)],
+                            info_windows)
+
+
+@torch.no_grad()
+def generated_windows(model: nn.Module | StreamedModel, adapter: Adapter, layers: list[MoELayer],
+                      prompts: torch.Tensor, steps: int, per_window: int) -> list[torch.Tensor]:
+    """Per layer ``[W, N]``: the decode-step loads (the prefill call left out) of greedy generation of ``steps``
+    tokens from ``prompts [n, p]``, ``per_window`` sequences per generation call and per window."""
+    module = model.model if isinstance(model, StreamedModel) else model
+    device = model.device if isinstance(model, StreamedModel) else next(module.parameters()).device
+    pad = getattr(module.config, "pad_token_id", None) or 0
+    windows: list[list[torch.Tensor]] = [[] for _ in layers]
+    for batch in batches(prompts, per_window):
+        batch = batch.to(device)
+        gen = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
+                   attention_mask=torch.ones_like(batch), pad_token_id=pad)
+        recorders = [_LoadRecorder(adapter, layer) for layer in layers]
+        with record_calls(module, layers, recorders):
+            if isinstance(model, StreamedModel):
+                model.run([lambda: module.generate(batch, **gen)], label="generating", passes=steps)
+            else:
+                module.generate(batch, **gen)
+        for i, rec in enumerate(recorders):
+            decode = rec.calls[1:]
+            windows[i].append(torch.stack(decode).sum(0) if decode else torch.zeros(layers[i].num_experts,
+                                                                                   dtype=torch.float64))
+    return [torch.stack(w) for w in windows]
 
 
 def _forward_job(adapter: Adapter, model: nn.Module, batch: torch.Tensor):

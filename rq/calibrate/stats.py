@@ -27,6 +27,9 @@ from rq.documents import CalibrationInfo, ModelInfo, PositiveInt, Strict, check_
 METRICS = ("load", "gate_mass", "contribution", "quant_sensitivity")
 OPTIONAL_METRICS = ("quant_sensitivity_int8",)
 """Metrics a stats file may lack (written before they existed); a planner that needs one says so."""
+WINDOWS = "load_windows"
+"""Optional ``[W, N]`` loads of separate traffic windows (docs/spec.md §3): chunks of the calibration text and of
+the model's own generations; the hedged planner (§6) plans for the worst of them."""
 IMPORTANCE_METRICS = ("frequency", "gate_mass", "contribution", "quant_sensitivity")
 
 
@@ -57,6 +60,17 @@ class StatsLayerMeta(Strict):
         return self
 
 
+class WindowsInfo(Strict):
+    """How the traffic windows of ``load_windows`` were cut (docs/spec.md §3)."""
+
+    teacher_forced: Annotated[int, Field(ge=0)]  # windows of calibration text, teacher-forced
+    sequences_per_window: PositiveInt
+    generated: Annotated[int, Field(ge=0)] = 0  # windows of the model's own greedy generations
+    generated_tokens: Annotated[int, Field(ge=0)] = 0  # new tokens per sequence
+    generated_sequences_per_window: Annotated[int, Field(ge=0)] = 0
+    prompt_len: Annotated[int, Field(ge=0)] = 0
+
+
 class StatsMeta(Strict):
     """``stats.json``: what was calibrated, on which data, and the layers' shapes and byte sizes."""
 
@@ -68,6 +82,7 @@ class StatsMeta(Strict):
     calibration: CalibrationInfo
     group_size: Literal[64, 128]
     layers: list[StatsLayerMeta]
+    windows: WindowsInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "StatsMeta":
@@ -94,6 +109,7 @@ class LayerStats:
     contribution: torch.Tensor = field(repr=False)
     quant_sensitivity: torch.Tensor = field(repr=False)
     quant_sensitivity_int8: torch.Tensor | None = field(default=None, repr=False)
+    load_windows: torch.Tensor | None = field(default=None, repr=False)  # [W, N] float64, or None
 
     def sensitivity(self, precision: str) -> torch.Tensor | None:
         """``[N]`` float64 output error of each expert at ``precision`` (``int4``, ``int8``; ``None`` if not measured)."""
@@ -112,6 +128,7 @@ class CalibrationStats:
     calibration: CalibrationInfo
     group_size: int
     layers: list[LayerStats]
+    windows: WindowsInfo | None = None
 
     def save(self, out_dir: str | Path) -> None:
         """Write both files into a temp folder that then replaces ``out_dir``: no partial output on failure."""
@@ -122,9 +139,10 @@ class CalibrationStats:
             layers=[StatsLayerMeta(index=s.index, path=s.path, num_experts=s.num_experts, top_k=s.top_k,
                                    activation=s.activation, w_in_shape=s.w_in_shape, w_out_shape=s.w_out_shape,
                                    original_bytes=s.original_bytes, quantizable=s.quantizable) for s in self.layers],
+            windows=self.windows,
         )
         tensors = {f"layer{s.index}.{m}": getattr(s, m).to(torch.float64).contiguous()
-                   for s in self.layers for m in METRICS + OPTIONAL_METRICS if getattr(s, m) is not None}
+                   for s in self.layers for m in METRICS + OPTIONAL_METRICS + (WINDOWS,) if getattr(s, m) is not None}
         with staged_dir(out_dir) as tmp:
             (tmp / "stats.json").write_text(meta.model_dump_json(indent=2) + "\n")
             save_file(tensors, str(tmp / "stats.safetensors"))
@@ -148,7 +166,7 @@ class CalibrationStats:
                              activation=e.activation, w_in_shape=e.w_in_shape, w_out_shape=e.w_out_shape,
                              original_bytes=e.original_bytes, quantizable=e.quantizable,
                              **_layer_metrics(tensors, e, tensor_path)) for e in meta.layers]
-        return CalibrationStats(meta.model, meta.calibration, meta.group_size, layers)
+        return CalibrationStats(meta.model, meta.calibration, meta.group_size, layers, meta.windows)
 
 
 def _layer_metrics(tensors: dict[str, torch.Tensor], entry: StatsLayerMeta, path: Path) -> dict[str, torch.Tensor]:
@@ -171,4 +189,15 @@ def _layer_metrics(tensors: dict[str, torch.Tensor], entry: StatsLayerMeta, path
         metrics[metric] = value
     if not bool((metrics["load"] == metrics["load"].round()).all()):
         raise RQError(f"{path}: 'layer{entry.index}.load' must hold whole assignment counts; {RECALIBRATE}")
+    windows = tensors.get(f"layer{entry.index}.{WINDOWS}")
+    if windows is not None:
+        key = f"layer{entry.index}.{WINDOWS}"
+        if windows.dim() != 2 or windows.shape[1] != entry.num_experts or not windows.is_floating_point():
+            raise RQError(f"{path}: '{key}' must be a float [W, {entry.num_experts}] matrix, got {windows.dtype} "
+                          f"{list(windows.shape)}; {RECALIBRATE}")
+        windows = windows.to(torch.float64)
+        if not bool(torch.isfinite(windows).all()) or bool((windows < 0).any()) or \
+                not bool((windows == windows.round()).all()):
+            raise RQError(f"{path}: '{key}' must hold whole, non-negative assignment counts; {RECALIBRATE}")
+        metrics[WINDOWS] = windows
     return metrics

@@ -29,6 +29,14 @@ def calibrate(
     device: Annotated[str, typer.Option(help="Where to run the model: cpu, cuda, cuda:1, ... (one decoder layer "
                                              "there at a time)")] = "cpu",
     stream: Annotated[str, typer.Option(help=STREAM_HELP)] = "auto",
+    window: Annotated[int, typer.Option(help="Sequences per traffic window: loads are also kept per window, for "
+                                             "`rq plan --hedge`.")] = 16,
+    generate: Annotated[int, typer.Option(help="Also record routing on the model's own greedy generation of this "
+                                               "many new tokens per sequence (decode routes differently); 0: none."
+                                          )] = 0,
+    generate_window: Annotated[int, typer.Option(help="Sequences per generation call and per generated window.")] = 8,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens (from each sequence's start) that generation "
+                                                 "continues.")] = 16,
 ) -> None:
     """Record per-layer expert loads and importance (gate mass, contribution, INT4 sensitivity).
 
@@ -51,11 +59,19 @@ def calibrate(
     streamed.keep_layers(stream)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     token_data = load_token_data(tokenizer, data, seq_len=seq_len, max_sequences=sequences, seed=seed)
-    stats = run(streamed, streamed.adapter, token_data, batch_size=batch_size, group_size=group_size, seed=seed)
+    for name, value in (("--window", window), ("--generate-window", generate_window), ("--prompt-len", prompt_len)):
+        if value < 1:
+            raise RQError(f"{name} must be at least 1, got {value}")
+    if generate < 0:
+        raise RQError(f"--generate must be 0 or more new tokens, got {generate}")
+    stats = run(streamed, streamed.adapter, token_data, batch_size=batch_size, group_size=group_size, seed=seed,
+                window=window, generate=generate, generate_window=generate_window, prompt_len=prompt_len)
     stats.save(out)
     total = sum(int(s.load.sum()) for s in stats.layers)
+    w = stats.windows
+    extra = f", {w.generated} windows of {w.generated_tokens} generated tokens per sequence" if w and w.generated else ""
     console.print(f"calibrated {len(stats.layers)} MoE layers on {token_data.tokens:,} tokens "
-                  f"({total:,} assignments) -> {out}")
+                  f"({total:,} assignments{extra}) -> {out}")
 
 
 @command()
@@ -74,6 +90,9 @@ def plan(
                                                  )] = 0.0,
     precisions: Annotated[str, typer.Option(help="Quantized formats copies may use: int4, int8 or int4,int8 (with "
                                                  "int8: the exact per-layer solver, least predicted error).")] = "int4",
+    hedge: Annotated[bool, typer.Option(help="Plan for the worst traffic window of the stats (calibration chunks and "
+                                             "generations) instead of their sum: no window gets worse than no "
+                                             "balancing.")] = False,
 ) -> None:
     """Choose each copy's precision and the replicas per layer within the memory budget; write a validated plan.json."""
     from rq.plan.planner import PlanOptions, make_plan
@@ -87,7 +106,8 @@ def plan(
     stats = CalibrationStats.load(stats_dir)
     result = make_plan(stats, PlanOptions(budget_factor=budget, importance=importance,
                                           max_quantized_fraction=max_quantized_fraction, max_replicas=max_replicas,
-                                          lis_tolerance=lis_tolerance, precisions=parse_precisions(precisions)))
+                                          lis_tolerance=lis_tolerance, precisions=parse_precisions(precisions),
+                                          hedge=hedge))
     save_plan(result, out)
     console.print(plan_table(result))
     console.print(f"plan written to {out}")

@@ -43,6 +43,8 @@ def place(
     batch_tokens: Annotated[int, typer.Option(help="tokens of one forward pass on one rank, for the engines' "
                                                    "row-based dispatch rules")] = 8192,
     quiet: Annotated[bool, typer.Option(help="print nothing")] = False,
+    previous: Annotated[Optional[Path], typer.Option(help="an earlier `rq place` output of this model: report the "
+                                                          "copies each device would load and drop")] = None,
 ) -> None:
     """Place an R&Q plan's copies on DEVICES GPUs and write the placement for SGLang, vLLM, TensorRT-LLM and
     DeepSeek EPLB, with a device-balance simulation against EPLB (report.md, plots/)."""
@@ -52,7 +54,8 @@ def place(
         place_plan(plan_path, devices=devices, nodes=nodes, out_dir=out_dir, stats_dir=stats_dir,
                    heldout_stats=heldout_stats, config=config, groups=groups, slots_per_device=slots_per_device,
                    pad=pad, formats=formats, plots=plots, batch_tokens=batch_tokens,
-                   echo=None if quiet else typer.echo, warn=None if quiet else (lambda line: typer.echo(line, err=True)))
+                   echo=None if quiet else typer.echo, warn=None if quiet else (lambda line: typer.echo(line, err=True)),
+                   previous=previous)
 
 
 @command("import-loads")

@@ -27,6 +27,10 @@ from rq.eval.streamed import StreamedPair
 from rq.rqmodel.model import RQExperts, rq_layers_of, set_mode
 
 
+LOSS_MARGIN = 1e-9
+"""Relative margin above no balancing's LIS at which a plan counts as losing (only float noise is forgiven)."""
+
+
 @dataclass
 class LISPoint:
     """One layer (or the model) at one batch size: cumulative LIS and the instantaneous summary."""
@@ -72,6 +76,16 @@ class EvalReport:
         after = model_lis([p.after for p in points])
         return before[0], before[1], after[0], after[1]
 
+    def losses(self) -> list[dict]:
+        """Every (mode, layer) where the plan's cumulative LIS exceeds no balancing's on the same tokens: the plan
+        loses to doing nothing there (its copies were fitted to other traffic)."""
+        modes = [(f"batch {b}", pts) for b, pts in sorted(self.batch.items())]
+        if self.streaming is not None:
+            modes.append((f"streaming {self.stream_batch}", self.streaming))
+        return [{"mode": mode, "layer": name, "before": p.before, "after": p.after}
+                for mode, points in modes for name, p in zip(self.layers, points)
+                if not math.isnan(p.before) and not math.isnan(p.after) and p.after > p.before * (1 + LOSS_MARGIN)]
+
     def to_json(self) -> dict:
         def point(p: LISPoint) -> dict:
             return {"before": p.before, "after": p.after, "reduction": p.reduction,
@@ -83,7 +97,8 @@ class EvalReport:
             "stream_batch": self.stream_batch, "stream_steps": self.stream_steps,
             "accuracy": None if self.accuracy is None else {**asdict(self.accuracy),
                                                             "ppl_change_pct": self.accuracy.ppl_change_pct},
-            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, **self.extra,
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "loses_to_no_balancing": self.losses(), **self.extra,
         }
 
 

@@ -90,3 +90,15 @@ def print_eval(report: EvalReport, console: Console | None = None) -> None:
     console.print(lis_by_batch(report, "Load-Imbalance Score (LIS) before -> after R&Q"))
     console.print(per_layer(report, "Per-layer LIS"))
     console.print(accuracy_table(report))
+    for line in loss_warnings(report):
+        console.print(line, markup=False, highlight=False)
+
+
+LOSS_FIX = ("re-plan on the traffic this model serves (`rq replan`, or `rq calibrate --generate N` on such text, "
+            "then `rq plan --hedge`)")
+
+
+def loss_warnings(report: EvalReport) -> list[str]:
+    """One line per (mode, layer) where the plan loses to no balancing, with the fix."""
+    return [f"warning: {loss['mode']}, {loss['layer']}: the plan raises LIS above no balancing "
+            f"({fmt(loss['before'])} -> {fmt(loss['after'])}); {LOSS_FIX}" for loss in report.losses()]

@@ -19,6 +19,7 @@ from rq.atomic import atomic_write_text, staged_dir
 from rq.calibrate.stats import CalibrationStats
 from rq.errors import RQError
 from rq.placement import FILENAMES, FORMATS
+from rq.placement.diff import diff_document, diff_lines, placement_diff, read_placement
 from rq.placement.dispatch import DEFAULT_BATCH_TOKENS
 from rq.placement.servers import engine_flags, engine_warnings
 from rq.placement.simulate import Layout, recommend, simulate
@@ -57,12 +58,15 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
                stats_dir: Path | None = None, heldout_stats: Path | None = None, config: Path | None = None,
                groups: int | None = None, slots_per_device: int | None = None, pad: str = "replicate",
                formats: str = ",".join(FORMATS), plots: bool = True, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-               echo: Callable[[str], None] | None = print, warn: Callable[[str], None] | None = None) -> dict:
+               echo: Callable[[str], None] | None = print, warn: Callable[[str], None] | None = None,
+               previous: Path | None = None) -> dict:
     """Place an R&Q plan's copies on ``devices`` GPUs, write the engine files, ``report.md``, ``placement.json``
     and plots into ``out_dir``, and simulate device balance against EPLB (docs/multi-gpu.md). Every input is
     checked before anything is written, and ``out_dir`` is written whole or not at all. Returns the
     ``placement.json`` document; ``echo`` (None: silent) receives the summary for humans, ``warn`` (default:
-    ``echo``) one line per engine file its engine will not use as written (also in ``placement.json``)."""
+    ``echo``) one line per engine file its engine will not use as written (also in ``placement.json``). ``previous``:
+    an earlier ``rq place`` output of the same model and devices; the copies each device would load and drop
+    (:mod:`rq.placement.diff`) go to ``report.md``, ``placement.json`` (``diff``) and ``echo``."""
     if devices < 1 or nodes < 1 or devices % nodes:
         raise RQError(f"--devices {devices} must be a positive multiple of --nodes {nodes} (equal devices per node)")
     if batch_tokens < 1:
@@ -78,6 +82,10 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
         held = CalibrationStats.load(heldout_stats)
         check_stats(plan, held, "held-out stats")
         loads["held-out"] = torch.stack([s.load for s in held.layers]).round().to(torch.int64)
+    prior = read_placement(previous) if previous is not None else None
+    if prior is not None and (prior.get("fingerprint") != plan.model.fingerprint or prior.get("devices") != devices):
+        raise RQError(f"--previous {previous} places another model or another device count (fingerprint and "
+                      f"--devices must match); pass the placement this one replaces")
     shape = model_shape(config) if config is not None else None
     decoder = decoder_layers(plan)
     num_hidden = shape.num_hidden_layers if shape is not None else max(decoder) + 1
@@ -92,6 +100,8 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
     original = torch.tensor([[e.precision == "original" for e in layer.experts] for layer in plan.layers])
     placed = place(loads["calibration"], target.logcnt, devices, nodes, num_groups, original)
     phy2log, log2phy, logcnt = placed
+    diff = None if prior is None else diff_document(placement_diff(prior["phy2log"], phy2log, devices), decoder,
+                                                    str(previous))
     added, removed = copy_changes(plan, logcnt)
     architecture = plan.model.architecture
     warnings = engine_warnings(wanted, architecture)
@@ -134,6 +144,8 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
               dispatch_table(modes, load_sets, chosen), "",
               "## Per layer: device LIS", "", layers_table(sim, decoder, target.num_phy, added, removed, plan_counts),
               "", "## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
+    if diff is not None:
+        report += ["## Changes against the previous placement", "", *diff_lines(diff), ""]
     if warnings:
         report += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     with staged_dir(out_dir) as tmp:
@@ -151,7 +163,8 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
             "logcnt": logcnt.tolist(), "files": {k: v.name for k, v in written.items()}, "engine_flags": flags,
             "warnings": warnings, "simulation": rows, "dispatch": {"batch_tokens": batch_tokens, "modes": modes,
                                                                   "recommended": chosen},
-            "plots": [p.name for p in plot_paths],
+            "plots": [p.name for p in plot_paths], "phy2log": phy2log.tolist(),
+            **({"diff": diff} if diff is not None else {}),
         }
         atomic_write_text(tmp / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
     warn = warn or echo
@@ -162,6 +175,8 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
         echo("\n".join(notes))
         echo(summary_table(rows, load_sets))
         echo(dispatch_table(modes, load_sets, chosen))
+        if diff is not None:
+            echo("\n".join(diff_lines(diff)))
         echo(f"wrote {', '.join(sorted(FILENAMES[f] for f in written))}, report.md, placement.json"
              + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
     return manifest

@@ -29,6 +29,7 @@ from rq.documents import first_error
 from rq.plan.schema import MAX_REPLICAS, PLAN_VERSION, BudgetInfo, ExpertPlan, LayerPlan, Plan, QuantizationInfo
 from rq.calibrate.stats import CalibrationStats, LayerStats
 from rq.plan.solver import parse_precisions, predicted_error, solve_layer
+from rq.plan.robust import hedged_layer
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class PlanOptions:
     max_replicas: int = 7  # per expert, so at most 8 copies
     lis_tolerance: float = 0.0  # keep the fewest replicas whose LIS is within (1 + tol) of the best
     precisions: tuple[str, ...] = ("int4",)  # quantized formats allowed; with int8 the exact solver plans
+    hedge: bool = False  # plan for the worst traffic window of the stats (rq.plan.robust), never above no balancing
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,23 @@ def _replay(loads, orig, q_bytes, quant_order, best, max_replicas, lis_before) -
     return LayerDecision(quantized, logcnt, size, lis_before, best_lis)
 
 
+def hedged_decision(s: LayerStats, importance: torch.Tensor, original: torch.Tensor, q_bytes: torch.Tensor, *,
+                    budget_factor: float, max_quantized: int, max_replicas: int) -> LayerDecision:
+    """One layer by :func:`rq.plan.robust.hedged_layer` over the stats' traffic windows and their sum (docs/spec.md
+    §6, "Hedged plans"); predicted LIS on the sum, like the greedy's."""
+    orig, q = [int(v) for v in original.tolist()], [int(v) for v in q_bytes.tolist()]
+    order = torch.argsort(importance.to(torch.float64), stable=True).tolist()[:max_quantized] if s.quantizable else []
+    windows = torch.cat([s.load.unsqueeze(0), s.load_windows])
+    quantized, copies, _ = hedged_layer(windows, order, orig, q, budget=budget_factor * sum(orig),
+                                        max_replicas=max_replicas if s.quantizable else 0)
+    loads = [int(v) for v in s.load.round().to(torch.int64).tolist()]
+    total = sum(loads)
+    before = max(loads) * len(loads) / total if total else math.nan
+    after = max(-(-L // c) for L, c in zip(loads, copies)) * sum(copies) / total if total else math.nan
+    return LayerDecision(torch.tensor(quantized), torch.tensor(copies, dtype=torch.int64),
+                         layer_bytes(orig, q, quantized, [c - 1 for c in copies]), before, after)
+
+
 def layer_bytes(original_bytes: list[int], int4_bytes: list[int], int4_primary: list[bool], replicas: list[int]) -> int:
     """Bytes of one layer's copies: each primary at its precision, every replica INT4 (docs/spec.md §6)."""
     primaries = sum(q if quantized else o for o, q, quantized in zip(original_bytes, int4_bytes, int4_primary))
@@ -215,6 +234,11 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
     if "int8" in precisions and any(s.quant_sensitivity_int8 is None for s in stats.layers):
         raise RQError("these stats have no INT8 sensitivity (calibrated before INT8 existed); rerun `rq calibrate` "
                       "or plan with --precisions int4")
+    if options.hedge and precisions != ("int4",):
+        raise RQError("--hedge plans INT4 copies only; drop --precisions or --hedge")
+    if options.hedge and any(s.load_windows is None for s in stats.layers):
+        raise RQError("these stats have no traffic windows (calibrated before they existed); rerun `rq calibrate` "
+                      "or plan without --hedge")
     if precisions != ("int4",):
         return _mixed_plan(stats, options, precisions)
     group = stats.group_size
@@ -223,10 +247,14 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
         original = torch.tensor(s.original_bytes, dtype=torch.int64)
         q_bytes = torch.full_like(original, expert_int4_bytes(s, group)) if s.quantizable else original.clone()
         importance = s.importance(options.importance)
-        decision = plan_layer(s.load, importance, original, q_bytes, quantizable=s.quantizable,
-                              budget_factor=options.budget_factor,
-                              max_quantized=int(options.max_quantized_fraction * s.num_experts),
-                              max_replicas=options.max_replicas, lis_tolerance=options.lis_tolerance)
+        max_quantized = int(options.max_quantized_fraction * s.num_experts)
+        if options.hedge:
+            decision = hedged_decision(s, importance, original, q_bytes, budget_factor=options.budget_factor,
+                                       max_quantized=max_quantized, max_replicas=options.max_replicas)
+        else:
+            decision = plan_layer(s.load, importance, original, q_bytes, quantizable=s.quantizable,
+                                  budget_factor=options.budget_factor, max_quantized=max_quantized,
+                                  max_replicas=options.max_replicas, lis_tolerance=options.lis_tolerance)
         total = float(s.load.sum())
         warnings = [] if s.quantizable else [
             f"weights {s.w_in_shape}/{s.w_out_shape} are not divisible by group size {group}: layer left unquantized "
@@ -289,5 +317,6 @@ def _plan_document(stats: CalibrationStats, options: PlanOptions, layers: list[L
         budget=BudgetInfo(reference_bytes=reference, planned_bytes=sum(p.planned_bytes for p in layers),
                           budget_factor=options.budget_factor),
         options={"max_quantized_fraction": options.max_quantized_fraction, "max_replicas": options.max_replicas,
-                 "lis_tolerance": options.lis_tolerance, "precisions": ",".join(precisions)},
+                 "lis_tolerance": options.lis_tolerance, "precisions": ",".join(precisions),
+                 **({"hedge": "worst window"} if options.hedge else {})},
         layers=layers)

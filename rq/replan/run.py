@@ -47,6 +47,8 @@ def replan_options(plan: Plan) -> PlanOptions:
     (those :class:`PlanOptions` knows)."""
     known = {f.name for f in dataclasses.fields(PlanOptions)}
     recorded = {k: v for k, v in plan.options.items() if k in known}
+    if "hedge" in recorded:  # recorded as the objective's name (docs/spec.md §6)
+        recorded["hedge"] = bool(recorded["hedge"])
     return PlanOptions(**{**recorded, "budget_factor": plan.budget.budget_factor, "importance": plan.importance_metric})
 
 

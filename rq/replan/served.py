@@ -140,7 +140,7 @@ def served_stats(calibration: CalibrationStats, loads: torch.Tensor, source: str
         layers.append(LayerStats(index=s.index, path=s.path, num_experts=s.num_experts, top_k=s.top_k,
                                  activation=s.activation, w_in_shape=s.w_in_shape, w_out_shape=s.w_out_shape,
                                  original_bytes=list(s.original_bytes), quantizable=s.quantizable, load=load,
-                                 **metrics))
+                                 load_windows=load.unsqueeze(0), **metrics))  # the served window: one window
     top_k = calibration.model.top_k
     tokens = int(round(float(loads.sum(-1).max()) / top_k))
     info = CalibrationInfo(data=f"{source}; served loads (blend {blend:g}) with the importance per assignment of "

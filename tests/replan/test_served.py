@@ -144,3 +144,19 @@ def test_cli_import_loads_tritonserver_and_replan_errors(tmp_path):
     assert result.exit_code == 2 and "needs --metrics, --stats, --model" in result.output
     result = runner.invoke(app, ["replan", str(tmp_path), "--rollback"])
     assert result.exit_code == 2 and "not an rq Triton repository" in result.output
+
+
+def test_replan_of_a_hedged_plan_hedges_on_the_served_window():
+    """A hedged running plan re-plans hedged: the served loads are the new stats' one traffic window."""
+    cal = synthetic_stats("deepseek_v3", seed=2, tokens=8192, num_layers=2)
+    for s in cal.layers:
+        s.load_windows = s.load.unsqueeze(0)
+    running = make_plan(cal, PlanOptions(hedge=True))
+    options = replan_options(running)
+    assert options.hedge is True
+    drifted = synthetic_stats("deepseek_v3", seed=3, tokens=8192, num_layers=2)
+    loads = torch.stack([s.load for s in drifted.layers]).to(torch.int64)
+    new = make_plan(served_stats(cal, loads, "test"), options)
+    for value, load in zip(plan_lis_on(new, loads), loads):
+        assert value <= lis_value(load) + 1e-12  # never above no balancing on the window it was fitted to
+    assert new.options["hedge"] == "worst window"
