@@ -1,0 +1,194 @@
+"""Placement that balances SGLang's static dispatch (``--moe-a2a-backend deepep``): which device each copy sits on,
+chosen so that the static tables SGLang builds from the layout send every device its share.
+
+SGLang's static table (:func:`rq.placement.dispatch.static_layer_table`) is a function of the physical layout:
+a rank holding a copy of an expert sends its tokens to that copy, a rank on a node with a copy (when that narrows
+the choice) to the node's first one, and every other rank to a copy drawn from its own ``random.Random(42)``
+stream. Those draws are not fair across ranks, so a layout that balances an even split of each expert over its
+copies (:func:`rq.placement.place.place`) leaves some devices with several ranks' worth of a hot expert more than
+others (device LIS 1.1-1.3). The draws are deterministic, so the static device loads of a layout can be computed
+exactly, and the layout is the lever: this module searches it. Layer by layer in decoder order (each rank's
+stream runs on through the layers), swaps of two copies between devices are tried on the most loaded device under
+static dispatch, ranked by the loads they would move, and the swap whose exact static loads are best is kept,
+while the even split's most loaded device stays within ``EVEN_SLACK`` of its mean (or of where it was), so the
+other engines' dispatch (all close to the even split) stays balanced. Pure functions over tensors.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from rq.placement.dispatch import SGLANG_SEED, static_layer_table
+
+# Starts of the local search per MoE layer: the layout as placed, then its devices relabelled (seeded; within nodes
+# when router groups pin copies to nodes). Relabelling keeps every device's copies, so the even split stays as it
+# was, while the static tables (the ranks' streams, the candidates' order) are drawn anew.
+RESTARTS = 8
+# Stop once static dispatch's most loaded device is within this fraction of the mean.
+STATIC_TOLERANCE = 0.002
+# Exact evaluations of the static tables per MoE layer, and candidate swaps evaluated per step.
+MAX_EVALS = 400
+CANDIDATES = 48
+
+
+def static_device_loads(table: np.ndarray, load: np.ndarray, num_phy: int) -> np.ndarray:
+    """``[G]`` device loads of one layer when every rank sends ``1/G`` of ``load [N]`` along its table ``[G, N]``."""
+    g = table.shape[0]
+    per_gpu = num_phy // g
+    return np.bincount((table // per_gpu).reshape(-1), weights=np.tile(load / g, g), minlength=g)
+
+
+class _Layer:
+    """One MoE layer's copies (owner, device) and the ranks' streams at the layer's start: exact static loads of
+    any assignment of the copies to devices."""
+
+    def __init__(self, owner: np.ndarray, load: np.ndarray, num_gpus: int, num_nodes: int, states: list):
+        self.owner, self.load, self.g, self.nodes, self.states = owner, load, num_gpus, num_nodes, states
+        self.num_phy = owner.size
+        self.rngs = [random.Random() for _ in range(num_gpus)]
+
+    def row(self, device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(row [P], order [P])``: the layout (device-major, a device's copies by expert) and the copy in each slot."""
+        order = np.lexsort((self.owner, device))
+        return self.owner[order], order
+
+    def evaluate(self, device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(device loads [G], load of each copy [P])`` under static dispatch."""
+        row, order = self.row(device)
+        for rng, state in zip(self.rngs, self.states):
+            rng.setstate(state)
+        table = static_layer_table(row, self.g, self.nodes, self.rngs)
+        g = self.g
+        slot = np.bincount(table.reshape(-1), weights=np.tile(self.load / g, g), minlength=self.num_phy)
+        per_copy = np.empty(self.num_phy)
+        per_copy[order] = slot
+        return np.bincount(device, weights=per_copy, minlength=g), per_copy
+
+
+def _score(loads: np.ndarray) -> tuple[float, float]:
+    return float(loads.max()), float(np.square(loads).sum())
+
+
+def balance_layer(layer: _Layer, device: np.ndarray, node_locked: bool, max_evals: int = MAX_EVALS,
+                  even_slack: float = np.inf) -> tuple[np.ndarray, tuple[float, float]]:
+    """Local search over swaps of copies between devices (module docstring): ``(device of each copy, score)``.
+    ``node_locked``: swaps stay within a node (router groups are placed node by node); ``even_slack``: how far above
+    its mean (or its start) the even split's most loaded device may rise."""
+    g, owner, load = layer.g, layer.owner, layer.load
+    per_node = g // layer.nodes
+    counts = np.bincount(owner, minlength=load.size)
+    weight = load[owner] / counts[owner]  # even split of each expert over its copies
+    even = np.bincount(device, weights=weight, minlength=g)
+    mean = float(load.sum()) / g
+    if mean <= 0:
+        return device, (0.0, 0.0)
+    bound = max(float(even.max()), mean * (1 + even_slack))
+    held = np.zeros((g, load.size), dtype=np.int64)
+    np.add.at(held, (device, owner), 1)
+    static, per_copy = layer.evaluate(device)
+    best = _score(static)
+    evals, tried = 1, set()
+    while evals < max_evals and best[0] > mean * (1 + STATIC_TOLERANCE):
+        p = int(np.argmax(static))
+        mine = np.flatnonzero(device == p)
+        others = np.flatnonzero(device != p)
+        if node_locked:
+            others = others[device[others] // per_node == p // per_node]
+        if mine.size == 0 or others.size == 0:
+            break
+        q = device[others]
+        delta = per_copy[mine][:, None] - per_copy[others][None, :]
+        predicted = np.maximum(static[p] - delta, static[q][None, :] + delta)
+        moved = weight[mine][:, None] - weight[others][None, :]
+        ok = owner[mine][:, None] != owner[others][None, :]
+        ok &= held[q[None, :], owner[mine][:, None]] == 0
+        ok &= held[p, owner[others]][None, :] == 0
+        ok &= (even[p] - moved <= bound) & (even[q][None, :] + moved <= bound)
+        predicted[~ok] = np.inf
+        ranked = np.argsort(predicted, axis=None, kind="stable")
+        trial = None
+        looked = 0
+        for flat in ranked:
+            if looked >= CANDIDATES or evals >= max_evals or not np.isfinite(predicted.flat[flat]):
+                break
+            a, b = np.unravel_index(int(flat), predicted.shape)
+            i, j = int(mine[a]), int(others[b])
+            cand = device.copy()
+            cand[i], cand[j] = device[j], device[i]
+            key = cand.tobytes()
+            if key in tried:
+                continue
+            tried.add(key)
+            looked += 1
+            loads, copies = layer.evaluate(cand)
+            evals += 1
+            if _score(loads) < (best if trial is None else trial[0]):
+                trial = (_score(loads), cand, loads, copies, i, j)
+        if trial is None:
+            break
+        best, new, static, per_copy, i, j = trial
+        for c, src, dst in ((i, device[i], new[i]), (j, device[j], new[j])):
+            held[src, owner[c]] -= 1
+            held[dst, owner[c]] += 1
+            even[src] -= weight[c]
+            even[dst] += weight[c]
+        device = new
+    return device, best
+
+
+def balance_static(load: torch.Tensor, phy2log: torch.Tensor, decoder: list[int], num_hidden: int, num_gpus: int,
+                   num_nodes: int, node_locked: bool = False, max_evals: int = MAX_EVALS, restarts: int = RESTARTS,
+                   even_slack: float = np.inf) -> torch.Tensor:
+    """``phy2log [L, P]`` re-laid so that SGLang's static dispatch balances the devices for ``load [L, N]`` (MoE
+    layer ``l`` at decoder index ``decoder[l]`` of ``num_hidden``; SGLang's other rows are ``p % N`` and draw too).
+    Every device keeps its slot count and every layer its copies; a copy shares a device with another copy of its
+    expert only where the input had that. ``restarts`` starts per layer (:data:`RESTARTS`), each with ``max_evals``
+    exact evaluations; ``even_slack``: see :func:`balance_layer` (unbounded: the layout serves static dispatch)."""
+    num_layers, num_phy = phy2log.shape
+    n = load.shape[1]
+    per_gpu = num_phy // num_gpus
+    rngs = [random.Random(SGLANG_SEED) for _ in range(num_gpus)]
+    where = {d: li for li, d in enumerate(decoder)}
+    out = phy2log.clone().to(torch.int64)
+    for h in range(num_hidden):
+        if h not in where:
+            static_layer_table(np.arange(num_phy) % n, num_gpus, num_nodes, rngs)
+            continue
+        li = where[h]
+        owner = out[li].numpy().copy()
+        layer = _Layer(owner, load[li].to(torch.float64).numpy(), num_gpus, num_nodes, [r.getstate() for r in rngs])
+        base = np.arange(num_phy) // per_gpu
+        shuffle = np.random.default_rng(li)
+        best = None
+        for start in range(max(restarts, 1)):
+            label = np.arange(num_gpus)
+            if start:
+                per_node = num_gpus // num_nodes
+                blocks = label.reshape(num_nodes, per_node) if node_locked else label[None, :]
+                label = np.concatenate([shuffle.permutation(b) for b in blocks])
+            found = balance_layer(layer, label[base], node_locked, max_evals, even_slack)
+            if best is None or found[1] < best[1]:
+                best = found
+            if best[1][0] <= float(layer.load.sum()) / num_gpus * (1 + STATIC_TOLERANCE):
+                break
+        row, _ = layer.row(best[0])
+        out[li] = torch.from_numpy(row)
+        static_layer_table(row, num_gpus, num_nodes, rngs)
+    return out
+
+
+def log2phy_of(phy2log: torch.Tensor, width: int) -> torch.Tensor:
+    """``[L, N, width]`` slot of copy ``c`` of each expert (its ``c``-th slot in ascending order, -1 padded)."""
+    num_layers, num_phy = phy2log.shape
+    n = int(phy2log.max()) + 1
+    out = torch.full((num_layers, n, width), -1, dtype=torch.int64)
+    for li in range(num_layers):
+        row = phy2log[li].numpy()
+        order = np.argsort(row, kind="stable")
+        counts = np.bincount(row, minlength=n)
+        copy = np.arange(num_phy) - np.concatenate([[0], np.cumsum(counts)])[row[order]]
+        out[li, torch.from_numpy(row[order]), torch.from_numpy(copy)] = torch.from_numpy(order)
+    return out

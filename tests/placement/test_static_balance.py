@@ -1,0 +1,71 @@
+"""SGLang's static dispatch balanced by the layout (rq.placement.static): the layout keeps every copy and device
+slot count, its static device loads are what SGLang's tables (rq's exact replay) give, and they are balanced
+where the placement for the even split was not."""
+
+import numpy as np
+import pytest
+import torch
+
+from rq.placement.dispatch import device_loads, sglang_static_table
+from rq.placement.formats import sglang_rows
+from rq.placement.place import device_lis, place
+from rq.placement.static import balance_static, log2phy_of, static_device_loads
+
+
+def _case(seed: int, n: int, layers: int, gpus: int, per_gpu: int):
+    gen = torch.Generator().manual_seed(seed)
+    load = ((torch.empty(layers, n).exponential_(generator=gen) + 0.3) * 1000).round().to(torch.int64)
+    extra = gpus * per_gpu - n
+    logcnt = torch.ones(layers, n, dtype=torch.int64)
+    for li in range(layers):
+        for _ in range(extra):  # replicas to the highest load per copy, at most one per device
+            per_copy = torch.where(logcnt[li] < gpus, load[li] / logcnt[li], torch.zeros(n, dtype=torch.float64))
+            logcnt[li, int(per_copy.argmax())] += 1
+    return load, logcnt
+
+
+def _static_lis(load, phy2log, decoder, num_hidden, gpus, nodes):
+    n = load.shape[1]
+    tables = sglang_static_table(sglang_rows(phy2log, decoder, num_hidden, n), gpus, nodes)[:, decoder]
+    return device_lis(device_loads("sglang-static", load.to(torch.float64), phy2log, gpus, static_tables=tables))
+
+
+@pytest.mark.parametrize("gpus,nodes,groups", [(4, 1, 1), (8, 1, 1), (8, 2, 1), (8, 2, 4)])
+def test_static_layout_balances_static_dispatch(gpus, nodes, groups):
+    n, layers = 32, 3
+    load, logcnt = _case(gpus + nodes, n, layers, gpus, 6)
+    phy2log, _, placed = place(load, logcnt, gpus, nodes, groups)
+    decoder, num_hidden = [1, 2, 4], 5  # dense decoder layers draw from the ranks' streams too
+    grouped = nodes > 1 and groups > 1
+    static = balance_static(load, phy2log, decoder, num_hidden, gpus, nodes, node_locked=grouped)
+    per_gpu = phy2log.shape[1] // gpus
+    for li in range(layers):  # same copies; every device keeps its slot count and its copies apart
+        assert torch.equal(torch.bincount(static[li], minlength=n), placed[li])
+        for d in range(gpus):
+            block = static[li, d * per_gpu:(d + 1) * per_gpu]
+            assert block.unique().numel() == block.numel()
+        if grouped:  # copies stay on their node
+            half = phy2log.shape[1] // nodes
+            for nd in range(nodes):
+                assert sorted(static[li, nd * half:(nd + 1) * half].tolist()) == \
+                    sorted(phy2log[li, nd * half:(nd + 1) * half].tolist())
+    before = _static_lis(load, phy2log, decoder, num_hidden, gpus, nodes)
+    after = _static_lis(load, static, decoder, num_hidden, gpus, nodes)
+    assert float(after.mean()) <= min(float(before.mean()), 1.05)
+    if not grouped:  # copies pinned to their node (16 experts per node here) leave the search less room
+        assert float(after.max()) <= 1.05
+
+
+def test_static_device_loads_follow_the_tables():
+    load, logcnt = _case(0, 16, 1, 4, 6)
+    phy2log, _, _ = place(load, logcnt, 4)
+    table = sglang_static_table(phy2log, 4, 1)[:, 0]
+    mine = static_device_loads(table, load[0].to(torch.float64).numpy(), phy2log.shape[1])
+    ref = device_loads("sglang-static", load.to(torch.float64), phy2log, 4, static_tables=table[:, None])[0]
+    assert np.allclose(mine, ref.numpy())
+
+
+def test_log2phy_of_names_each_copy_in_slot_order():
+    phy2log = torch.tensor([[0, 1, 2, 0, 3, 1]])
+    out = log2phy_of(phy2log, 2)
+    assert out[0].tolist() == [[0, 3], [1, 5], [2, -1], [4, -1]]
