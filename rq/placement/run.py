@@ -27,7 +27,8 @@ from rq.placement.fit import check_stats, copy_bytes, copy_changes, plan_loads, 
 from rq.placement.loads import import_loads
 from rq.placement.place import _grouped, colocated, place, unavoidable_colocated
 from rq.placement.static import balance_static
-from rq.placement.report import dispatch_rows, summary_rows, dispatch_table, layers_table, plot_layers, summary_table
+from rq.placement.report import (dispatch_rows, dispatch_table, layers_table, plot_layers, recommendation_lines,
+                                 summary_rows, summary_table)
 from rq.plan.schema import load_plan
 
 PLACEMENT_VERSION = 1
@@ -137,11 +138,14 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
                      f"copies, laid out so that the static tables SGLang builds from the layout balance the devices "
                      f"(its row in the dispatch table); every other engine and SGLang's dynamic dispatch read "
                      f"{FILENAMES['sglang']} and the other files.")
+    advice = recommendation_lines(modes, chosen, flags)
     report = ["# Expert-parallel placement", "", *[f"- {x}" for x in notes], "",
               "## Model summary (device LIS: max / mean device load per layer; makespan: sum of per-layer max "
               "over sum of per-layer mean)", "", summary_table(rows, load_sets), "",
               "## Device LIS under each engine's dispatch (mean / worst layer)", "",
               dispatch_table(modes, load_sets, chosen), "",
+              "## Recommended dispatch per engine (R&Q, calibration loads, mean / worst layer)", "",
+              *[f"- {x}" for x in advice], "",
               "## Per layer: device LIS", "", layers_table(sim, decoder, target.num_phy, added, removed, plan_counts),
               "", "## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
     if warnings:
@@ -165,7 +169,7 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
             "copies_added": added, "copies_removed": removed, "colocated": colo,
             "logcnt": logcnt.tolist(), "files": files, "engine_flags": flags,
             "warnings": warnings, "simulation": rows, "dispatch": {"batch_tokens": batch_tokens, "modes": modes,
-                                                                  "recommended": chosen},
+                                                                  "recommended": chosen, "advice": advice},
             "plots": [p.name for p in plot_paths],
         }
         atomic_write_text(tmp / "placement.json", json.dumps(manifest, indent=1, default=float) + "\n")
@@ -177,6 +181,7 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
         echo("\n".join(notes))
         echo(summary_table(rows, load_sets))
         echo(dispatch_table(modes, load_sets, chosen))
+        echo("\n".join(advice))
         echo(f"wrote {', '.join(sorted(files.values()))}, report.md, placement.json"
              + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
     return manifest

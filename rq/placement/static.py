@@ -27,8 +27,10 @@ from rq.placement.dispatch import SGLANG_SEED, static_layer_table
 # when router groups pin copies to nodes). Relabelling keeps every device's copies, so the even split stays as it
 # was, while the static tables (the ranks' streams, the candidates' order) are drawn anew.
 RESTARTS = 8
-# Stop once static dispatch's most loaded device is within this fraction of the mean.
+# Stop a search once static dispatch's most loaded device is within this fraction of the mean, and start no other
+# once a start has reached RESTART_TOLERANCE (closer than that the loads' own sampling noise decides).
 STATIC_TOLERANCE = 0.002
+RESTART_TOLERANCE = 0.01
 # Exact evaluations of the static tables per MoE layer, and candidate swaps evaluated per step.
 MAX_EVALS = 400
 CANDIDATES = 48
@@ -172,7 +174,7 @@ def balance_static(load: torch.Tensor, phy2log: torch.Tensor, decoder: list[int]
             found = balance_layer(layer, label[base], node_locked, max_evals, even_slack)
             if best is None or found[1] < best[1]:
                 best = found
-            if best[1][0] <= float(layer.load.sum()) / num_gpus * (1 + STATIC_TOLERANCE):
+            if best[1][0] <= float(layer.load.sum()) / num_gpus * (1 + RESTART_TOLERANCE):
                 break
         row, _ = layer.row(best[0])
         out[li] = torch.from_numpy(row)

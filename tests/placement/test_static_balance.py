@@ -69,3 +69,51 @@ def test_log2phy_of_names_each_copy_in_slot_order():
     phy2log = torch.tensor([[0, 1, 2, 0, 3, 1]])
     out = log2phy_of(phy2log, 2)
     assert out[0].tolist() == [[0, 3], [1, 5], [2, -1], [4, -1]]
+
+
+def test_place_writes_the_static_layout_and_reports_it(tmp_path):
+    """`rq place` on a DeepSeek-V3-shaped model: SGLang's static flags read their own layout, whose rows hold the
+    same copies as the main file; the static row of the report is that layout's replayed device LIS."""
+    import json
+
+    from rq.placement import FILENAMES, SGLANG_STATIC_FILENAME
+    from rq.placement.fit import plan_loads
+    from rq.placement.formats import model_shape
+    from rq.placement.loads import stats_from_loads
+    from rq.placement.run import place_plan
+    from rq.plan.planner import make_plan
+    from rq.plan.schema import load_plan, save_plan
+
+    cfg = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "num_hidden_layers": 4,
+           "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 32, "num_experts_per_tok": 4,
+           "hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128, "n_group": 4, "topk_group": 2,
+           "torch_dtype": "bfloat16", "vocab_size": 100, "num_attention_heads": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = model_shape(tmp_path / "config.json")
+    gen = torch.Generator().manual_seed(3)
+    loads = ((torch.empty(len(shape.moe_layers), 32).exponential_(generator=gen) + 0.3) * 800).round()
+    save_plan(make_plan(stats_from_loads(loads.to(torch.int64), shape, "test loads")), tmp_path / "plan.json")
+    out = tmp_path / "placement"
+    manifest = place_plan(tmp_path / "plan.json", devices=8, out_dir=out, config=tmp_path / "config.json",
+                          plots=False, echo=None)
+    flags = manifest["engine_flags"]
+    static_flags = next(v for k, v in flags.items() if k.startswith("sglang") and "deepep" in v)
+    assert str(out / SGLANG_STATIC_FILENAME) in static_flags
+    dynamic_flags = next(v for k, v in flags.items() if k.startswith("sglang") and "deepep" not in v)
+    assert str(out / FILENAMES["sglang"]) in dynamic_flags
+    assert manifest["files"]["sglang-static"] == SGLANG_STATIC_FILENAME
+    main = torch.tensor(json.loads((out / FILENAMES["sglang"]).read_text())["physical_to_logical_map"])
+    rows = torch.tensor(json.loads((out / SGLANG_STATIC_FILENAME).read_text())["physical_to_logical_map"])
+    assert rows.shape == main.shape and torch.equal(rows[0], main[0])  # the dense layer's trivial row
+    for h in range(rows.shape[0]):
+        assert torch.equal(torch.bincount(rows[h], minlength=32), torch.bincount(main[h], minlength=32))
+    decoder = manifest["decoder_layers"]
+    plan_load = plan_loads(load_plan(tmp_path / "plan.json"), None).to(torch.float64)
+    tables = sglang_static_table(rows, 8, 1)[:, decoder]
+    lis = device_lis(device_loads("sglang-static", plan_load, rows[decoder], 8, static_tables=tables))
+    reported = next(r for r in manifest["dispatch"]["modes"] if r["mode"] == "sglang-static")["rq"]["calibration"]
+    assert reported["device_lis_mean"] == pytest.approx(float(lis.mean()), rel=1e-9)
+    assert reported["device_lis_worst"] <= 1.05
+    report = (out / "report.md").read_text()
+    assert "## Recommended dispatch per engine" in report and "engine_flags.sglang-alternative" in report
+    assert len(manifest["dispatch"]["advice"]) == 4
