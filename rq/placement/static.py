@@ -9,9 +9,10 @@ copies (:func:`rq.placement.place.place`) leaves some devices with several ranks
 others (device LIS 1.1-1.3). The draws are deterministic, so the static device loads of a layout can be computed
 exactly, and the layout is the lever: this module searches it. Layer by layer in decoder order (each rank's
 stream runs on through the layers), swaps of two copies between devices are tried on the most loaded device under
-static dispatch, ranked by the loads they would move, and the swap whose exact static loads are best is kept,
-while the even split's most loaded device stays within ``EVEN_SLACK`` of its mean (or of where it was), so the
-other engines' dispatch (all close to the even split) stays balanced. Pure functions over tensors.
+static dispatch, ranked by the loads they would move, and the swap whose exact static loads are best is kept; the
+search restarts from relabelled devices while it ends more than ``RESTART_TOLERANCE`` above the mean. The layout
+serves static dispatch only (``rq place`` writes it beside the even-split one): moving copies takes the even split
+off balance, which static dispatch does not see. Pure functions over arrays.
 """
 
 from __future__ import annotations
@@ -181,16 +182,3 @@ def balance_static(load: torch.Tensor, phy2log: torch.Tensor, decoder: list[int]
         static_layer_table(row, num_gpus, num_nodes, rngs)
     return out
 
-
-def log2phy_of(phy2log: torch.Tensor, width: int) -> torch.Tensor:
-    """``[L, N, width]`` slot of copy ``c`` of each expert (its ``c``-th slot in ascending order, -1 padded)."""
-    num_layers, num_phy = phy2log.shape
-    n = int(phy2log.max()) + 1
-    out = torch.full((num_layers, n, width), -1, dtype=torch.int64)
-    for li in range(num_layers):
-        row = phy2log[li].numpy()
-        order = np.argsort(row, kind="stable")
-        counts = np.bincount(row, minlength=n)
-        copy = np.arange(num_phy) - np.concatenate([[0], np.cumsum(counts)])[row[order]]
-        out[li, torch.from_numpy(row[order]), torch.from_numpy(copy)] = torch.from_numpy(order)
-    return out

@@ -9,7 +9,7 @@ import torch
 from rq.placement.dispatch import device_loads, sglang_static_table
 from rq.placement.formats import sglang_rows
 from rq.placement.place import device_lis, place
-from rq.placement.static import balance_static, log2phy_of, static_device_loads
+from rq.placement.static import balance_static, static_device_loads
 
 
 def _case(seed: int, n: int, layers: int, gpus: int, per_gpu: int):
@@ -63,12 +63,6 @@ def test_static_device_loads_follow_the_tables():
     mine = static_device_loads(table, load[0].to(torch.float64).numpy(), phy2log.shape[1])
     ref = device_loads("sglang-static", load.to(torch.float64), phy2log, 4, static_tables=table[:, None])[0]
     assert np.allclose(mine, ref.numpy())
-
-
-def test_log2phy_of_names_each_copy_in_slot_order():
-    phy2log = torch.tensor([[0, 1, 2, 0, 3, 1]])
-    out = log2phy_of(phy2log, 2)
-    assert out[0].tolist() == [[0, 3], [1, 5], [2, -1], [4, -1]]
 
 
 def test_place_writes_the_static_layout_and_reports_it(tmp_path):
