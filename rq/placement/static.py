@@ -22,7 +22,7 @@ import random
 import numpy as np
 import torch
 
-from rq.placement.dispatch import SGLANG_SEED, static_layer_table
+from rq.placement.dispatch import SGLANG_SEED, _static_entries, static_layer_table
 
 # Starts of the local search per MoE layer: the layout as placed, then its devices relabelled (seeded; within nodes
 # when router groups pin copies to nodes). Relabelling keeps every device's copies, so the even split stays as it
@@ -58,17 +58,64 @@ class _Layer:
         order = np.lexsort((self.owner, device))
         return self.owner[order], order
 
-    def evaluate(self, device: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(device loads [G], load of each copy [P])`` under static dispatch."""
+    def _entries(self, device: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``(order [P], single [N], {expert: entry})``: :func:`_static_entries` of the layout, slots as in ``order``."""
         row, order = self.row(device)
-        for rng, state in zip(self.rngs, self.states):
-            rng.setstate(state)
-        table = static_layer_table(row, self.g, self.nodes, self.rngs)
-        g = self.g
-        slot = np.bincount(table.reshape(-1), weights=np.tile(self.load / g, g), minlength=self.num_phy)
-        per_copy = np.empty(self.num_phy)
-        per_copy[order] = slot
-        return np.bincount(device, weights=per_copy, minlength=g), per_copy
+        single, entries = _static_entries(row, self.g, self.nodes)
+        return order, single, {entry[0]: entry for entry in entries}
+
+    def _rank(self, r: int, entry: tuple, order: np.ndarray, rng: random.Random | None, cache: dict) -> int:
+        """Copy rank ``r`` sends expert ``entry[0]`` to. A rank left without a pick draws (``rng``: SGLang's
+        ``_fair_choices`` over candidate positions, the same draws as over the slots) or, with ``rng`` None, reuses
+        the positions it drew before (``cache``): the draws depend only on the counts, not on which copies."""
+        e, cand, own, node_first, left = entry
+        if r in own:
+            return int(order[own[r]])
+        if r // (self.g // self.nodes) in node_first:
+            return int(order[node_first[r // (self.g // self.nodes)]])
+        if rng is not None:
+            quotient, remainder = divmod(len(left), len(cand))
+            positions = list(range(len(cand)))
+            ans = positions * quotient + rng.sample(positions, k=remainder)
+            rng.shuffle(ans)
+            cache[e] = ans
+        return int(order[cand[cache[e][left.index(r)]]])
+
+    def _loads(self, device: np.ndarray, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per_copy = np.bincount(pick.reshape(-1), weights=np.tile(self.load / self.g, self.g), minlength=self.num_phy)
+        return np.bincount(device, weights=per_copy, minlength=self.g), per_copy
+
+    def evaluate(self, device: np.ndarray, state: tuple | None = None,
+                 swap: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """``(device loads [G], load of each copy [P], state)`` under static dispatch. With the ``state`` of the
+        layout before and ``swap = (a, b, p, q)`` (experts a on device p and b on q traded a copy, p and q on one
+        node, neither device holding the other's expert before nor a second copy of its own) only ranks p and q
+        draw anew: every other rank keeps its draws (its counts are unchanged) and its picks
+        but for experts a and b."""
+        order, single, entries = self._entries(device)
+        if state is None or swap is None:
+            pick = np.repeat(np.where(single >= 0, order[np.maximum(single, 0)], -1)[None, :], self.g, axis=0)
+            caches = [{} for _ in range(self.g)]
+            for r, (rng, start) in enumerate(zip(self.rngs, self.states)):
+                rng.setstate(start)
+                for e, entry in entries.items():
+                    pick[r, e] = self._rank(r, entry, order, rng, caches[r])
+            return (*self._loads(device, pick), (pick, caches))
+        a, b, p, q = swap
+        pick, caches = state[0].copy(), list(state[1])
+        for r in (p, q):
+            rng, caches[r] = self.rngs[r], {}
+            rng.setstate(self.states[r])
+            for e, entry in entries.items():
+                pick[r, e] = self._rank(r, entry, order, rng, caches[r])
+        for e in {a, b}:
+            if e in entries:
+                for r in range(self.g):
+                    if r != p and r != q:
+                        pick[r, e] = self._rank(r, entries[e], order, None, caches[r])
+            else:
+                pick[:, e] = order[single[e]]
+        return (*self._loads(device, pick), (pick, caches))
 
 
 def _score(loads: np.ndarray) -> tuple[float, float]:
@@ -91,7 +138,7 @@ def balance_layer(layer: _Layer, device: np.ndarray, node_locked: bool, max_eval
     bound = max(float(even.max()), mean * (1 + even_slack))
     held = np.zeros((g, load.size), dtype=np.int64)
     np.add.at(held, (device, owner), 1)
-    static, per_copy = layer.evaluate(device)
+    static, per_copy, state = layer.evaluate(device)
     best = _score(static)
     evals, tried = 1, set()
     while evals < max_evals and best[0] > mean * (1 + STATIC_TOLERANCE):
@@ -126,13 +173,16 @@ def balance_layer(layer: _Layer, device: np.ndarray, node_locked: bool, max_eval
                 continue
             tried.add(key)
             looked += 1
-            loads, copies = layer.evaluate(cand)
+            p_, q_ = int(device[i]), int(device[j])
+            # redraw two ranks only where every expert keeps its device count (no copy leaves a colocated pair)
+            same_node = p_ // per_node == q_ // per_node and held[p_, owner[i]] == 1 and held[q_, owner[j]] == 1
+            loads, copies, after = layer.evaluate(cand, state, (int(owner[i]), int(owner[j]), p_, q_) if same_node else None)
             evals += 1
             if _score(loads) < (best if trial is None else trial[0]):
-                trial = (_score(loads), cand, loads, copies, i, j)
+                trial = (_score(loads), cand, loads, copies, i, j, after)
         if trial is None:
             break
-        best, new, static, per_copy, i, j = trial
+        best, new, static, per_copy, i, j, state = trial
         for c, src, dst in ((i, device[i], new[i]), (j, device[j], new[j])):
             held[src, owner[c]] -= 1
             held[dst, owner[c]] += 1

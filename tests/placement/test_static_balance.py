@@ -111,3 +111,52 @@ def test_place_writes_the_static_layout_and_reports_it(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Recommended dispatch per engine" in report and "engine_flags.sglang-alternative" in report
     assert len(manifest["dispatch"]["advice"]) == 4
+
+
+@pytest.mark.parametrize("gpus,nodes", [(8, 1), (8, 2)])
+def test_incremental_static_loads_equal_the_full_replay(gpus, nodes):
+    """The search's exact static loads: from scratch they are SGLang's tables (rq's replay); after a swap within a
+    node, redrawing only the two ranks whose copies moved gives the same loads as drawing every rank anew."""
+    import random
+
+    from rq.placement.dispatch import SGLANG_SEED, static_layer_table
+    from rq.placement.static import _Layer
+
+    load, logcnt = _case(5, 24, 1, gpus, 5)
+    phy2log, _, _ = place(load, logcnt, gpus, nodes)
+    owner = phy2log[0].numpy().copy()
+    rngs = [random.Random(SGLANG_SEED) for _ in range(gpus)]
+    static_layer_table(np.arange(owner.size) % 24, gpus, nodes, rngs)  # a dense layer before it
+    layer = _Layer(owner, load[0].to(torch.float64).numpy(), gpus, nodes, [r.getstate() for r in rngs])
+    device = np.arange(owner.size) // (owner.size // gpus)
+    loads, _, state = layer.evaluate(device)
+    table = static_layer_table(layer.row(device)[0], gpus, nodes, [_state(s) for s in layer.states])
+    assert np.allclose(loads, static_device_loads(table, layer.load, owner.size))
+    rng = np.random.default_rng(1)
+    per_node = gpus // nodes
+    checked = 0
+    while checked < 20:
+        i, j = rng.integers(0, owner.size, size=2)
+        p, q = device[i], device[j]
+        if p == q or p // per_node != q // per_node or owner[i] == owner[j]:
+            continue
+        held = {(int(d), int(e)) for d, e in zip(device, owner)}
+        if (int(q), int(owner[i])) in held or (int(p), int(owner[j])) in held:
+            continue  # the search keeps copies of an expert apart
+        cand = device.copy()
+        cand[i], cand[j] = q, p
+        full = layer.evaluate(cand)
+        fast = layer.evaluate(cand, state, (int(owner[i]), int(owner[j]), int(p), int(q)))
+        assert np.allclose(full[0], fast[0]) and np.allclose(full[1], fast[1])
+        assert (full[2][0] == fast[2][0]).all()
+        if checked % 3 == 0:  # walk on: the next swap starts from this layout's state
+            device, state = cand, fast[2]
+        checked += 1
+
+
+def _state(state):
+    import random
+
+    rng = random.Random()
+    rng.setstate(state)
+    return rng
