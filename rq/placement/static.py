@@ -35,6 +35,10 @@ RESTART_TOLERANCE = 0.01
 # Exact evaluations of the static tables per MoE layer, and candidate swaps evaluated per step.
 MAX_EVALS = 400
 CANDIDATES = 48
+# Exact evaluations for the whole model, shared by its MoE layers (at least MIN_EVALS each): each costs two ranks'
+# draws over a layer, so a model with many layers and ranks gets fewer restarts instead of hours.
+EVAL_BUDGET = 20000
+MIN_EVALS = 100
 
 
 def static_device_loads(table: np.ndarray, load: np.ndarray, num_phy: int) -> np.ndarray:
@@ -123,8 +127,9 @@ def _score(loads: np.ndarray) -> tuple[float, float]:
 
 
 def balance_layer(layer: _Layer, device: np.ndarray, node_locked: bool, max_evals: int = MAX_EVALS,
-                  even_slack: float = np.inf) -> tuple[np.ndarray, tuple[float, float]]:
-    """Local search over swaps of copies between devices (module docstring): ``(device of each copy, score)``.
+                  even_slack: float = np.inf) -> tuple[np.ndarray, tuple[float, float], int]:
+    """Local search over swaps of copies between devices (module docstring): ``(device of each copy, score,
+    exact evaluations used)``.
     ``node_locked``: swaps stay within a node (router groups are placed node by node); ``even_slack``: how far above
     its mean (or its start) the even split's most loaded device may rise."""
     g, owner, load = layer.g, layer.owner, layer.load
@@ -134,7 +139,7 @@ def balance_layer(layer: _Layer, device: np.ndarray, node_locked: bool, max_eval
     even = np.bincount(device, weights=weight, minlength=g)
     mean = float(load.sum()) / g
     if mean <= 0:
-        return device, (0.0, 0.0)
+        return device, (0.0, 0.0), 0
     bound = max(float(even.max()), mean * (1 + even_slack))
     held = np.zeros((g, load.size), dtype=np.int64)
     np.add.at(held, (device, owner), 1)
@@ -189,7 +194,7 @@ def balance_layer(layer: _Layer, device: np.ndarray, node_locked: bool, max_eval
             even[src] -= weight[c]
             even[dst] += weight[c]
         device = new
-    return device, best
+    return device, best, evals
 
 
 def balance_static(load: torch.Tensor, phy2log: torch.Tensor, decoder: list[int], num_hidden: int, num_gpus: int,
@@ -199,7 +204,8 @@ def balance_static(load: torch.Tensor, phy2log: torch.Tensor, decoder: list[int]
     layer ``l`` at decoder index ``decoder[l]`` of ``num_hidden``; SGLang's other rows are ``p % N`` and draw too).
     Every device keeps its slot count and every layer its copies; a copy shares a device with another copy of its
     expert only where the input had that. ``restarts`` starts per layer (:data:`RESTARTS`), each with ``max_evals``
-    exact evaluations; ``even_slack``: see :func:`balance_layer` (unbounded: the layout serves static dispatch)."""
+    exact evaluations, all within the layer's share of :data:`EVAL_BUDGET`; ``even_slack``: see
+    :func:`balance_layer` (unbounded: the layout serves static dispatch)."""
     num_layers, num_phy = phy2log.shape
     n = load.shape[1]
     per_gpu = num_phy // num_gpus
@@ -216,15 +222,19 @@ def balance_static(load: torch.Tensor, phy2log: torch.Tensor, decoder: list[int]
         base = np.arange(num_phy) // per_gpu
         shuffle = np.random.default_rng(li)
         best = None
+        budget, used = max(MIN_EVALS, min(max(restarts, 1) * max_evals, EVAL_BUDGET // max(len(decoder), 1))), 0
         for start in range(max(restarts, 1)):
+            if used >= budget:
+                break
             label = np.arange(num_gpus)
             if start:
                 per_node = num_gpus // num_nodes
                 blocks = label.reshape(num_nodes, per_node) if node_locked else label[None, :]
                 label = np.concatenate([shuffle.permutation(b) for b in blocks])
-            found = balance_layer(layer, label[base], node_locked, max_evals, even_slack)
+            found = balance_layer(layer, label[base], node_locked, min(max_evals, budget - used), even_slack)
+            used += found[2]
             if best is None or found[1] < best[1]:
-                best = found
+                best = found[:2]
             if best[1][0] <= float(layer.load.sum()) / num_gpus * (1 + RESTART_TOLERANCE):
                 break
         row, _ = layer.row(best[0])
