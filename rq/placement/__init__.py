@@ -12,4 +12,7 @@ FILENAMES = {
     "trtllm": "trtllm_moe_load_balancer.yaml",
     "eplb": "eplb_placement.safetensors",
 }
+# SGLang's static dispatch (--moe-a2a-backend deepep) gets its own layout, placed for its static tables
+# (rq.placement.static), written beside the "sglang" file.
+SGLANG_STATIC_FILENAME = "sglang_expert_location_static.json"
 ENGINES = ("sglang", "vllm", "trtllm")

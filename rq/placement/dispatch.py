@@ -46,23 +46,93 @@ def row_shares(mode: str, batch_tokens: int, num_copies: int) -> np.ndarray:
     return np.bincount(rows % num_copies, minlength=num_copies) / batch_tokens
 
 
-def trtllm_shares(p: float, batch_tokens: int, top_k: int, num_copies: int, num_ranks: int) -> np.ndarray:
-    """``[C]`` expected fraction of an expert's ids that reach each copy under TensorRT-LLM's block round robin,
-    for an expert a token picks with probability ``p``, ``batch_tokens`` tokens per rank, ranks offset by rank."""
+def trtllm_shares(p: np.ndarray | float, batch_tokens: int, top_k: int, num_copies: int, num_ranks: int) -> np.ndarray:
+    """``[E, C]`` (``[C]`` for a scalar ``p``) expected fraction of an expert's ids that reach each copy under
+    TensorRT-LLM's block round robin, for experts a token picks with probability ``p [E]``, ``batch_tokens``
+    tokens per rank, ranks offset by rank.
+
+    Within a block of ``t`` tokens the ``n``-th id of an expert exists with probability ``P(X > n)``,
+    ``X ~ Binomial(t, p)``, and goes to copy ``(n + block + rank) mod C``: per block size, the survival function
+    folded modulo ``C`` and convolved with how often each offset ``block + rank`` occurs (all experts at once)."""
+    scalar = np.ndim(p) == 0
+    prob = np.atleast_1d(np.asarray(p, dtype=np.float64))
+    c = num_copies
     elements = batch_tokens * top_k
     blocks = -(-elements // TRTLLM_BLOCK)
-    out = np.zeros(num_copies)
-    for b in range(blocks):
-        tokens = (min(elements, (b + 1) * TRTLLM_BLOCK) - b * TRTLLM_BLOCK) // top_k
-        if tokens <= 0 or p <= 0:
-            continue
-        pmf = torch.distributions.Binomial(tokens, probs=torch.tensor(min(p, 1.0), dtype=torch.float64)).log_prob(
+    per_block = [(min(elements, (b + 1) * TRTLLM_BLOCK) - b * TRTLLM_BLOCK) // top_k for b in range(blocks)]
+    live = prob > 0
+    out = np.zeros((prob.size, c))
+    for tokens in sorted({t for t in per_block if t > 0}):
+        if not live.any():
+            break
+        probs = torch.from_numpy(np.minimum(prob[live], 1.0)[:, None])
+        pmf = torch.distributions.Binomial(tokens, probs=probs).log_prob(
             torch.arange(tokens + 1, dtype=torch.float64)).exp().numpy()
-        survive = 1.0 - np.cumsum(pmf)[:-1]  # P(X > n), n = 0 .. tokens-1
-        for r in range(num_ranks):
-            np.add.at(out, (np.arange(tokens) + b + r) % num_copies, survive)
-    total = out.sum()
-    return out / total if total > 0 else np.full(num_copies, 1.0 / num_copies)
+        survive = 1.0 - np.cumsum(pmf, axis=1)[:, :-1]  # P(X > n), n = 0 .. tokens-1
+        folded = np.zeros((survive.shape[0], c))
+        np.add.at(folded.T, np.arange(tokens) % c, survive.T)
+        offsets = np.array([b + r for b, t in enumerate(per_block) if t == tokens for r in range(num_ranks)])
+        weight = np.bincount(offsets % c, minlength=c).astype(np.float64)
+        shift = (np.arange(c)[:, None] - np.arange(c)[None, :]) % c  # [k, j]: copy k takes folded (k - j) mod C
+        out[live] += np.einsum("j,ekj->ek", weight, folded[:, shift])
+    total = out.sum(-1, keepdims=True)
+    shares = np.where(total > 0, out / np.where(total > 0, total, 1.0), 1.0 / c)
+    return shares[0] if scalar else shares
+
+
+def _static_entries(row: np.ndarray, num_gpus: int, num_nodes: int) -> tuple[np.ndarray, list[tuple]]:
+    """One ``physical_to_logical_map`` row ``[P]`` -> (``[N]`` the slot every rank takes for an expert with one
+    copy, -1 elsewhere; per expert with several copies ``(e, candidate slots ascending, {rank: its own first copy},
+    {node: the node's first copy where that narrows the choice}, ranks left without a pick)``)."""
+    num_phy = row.size
+    n = int(row.max()) + 1
+    per_gpu = num_phy // num_gpus
+    per_node = num_gpus // num_nodes
+    order = np.argsort(row, kind="stable")
+    counts = np.bincount(row, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    single = np.full(n, -1, dtype=np.int64)
+    ones = np.flatnonzero(counts == 1)
+    single[ones] = order[starts[ones]]
+    entries = []
+    slots, bounds = order.tolist(), starts.tolist()
+    for e in np.flatnonzero(counts > 1).tolist():
+        cand = slots[bounds[e]:bounds[e + 1]]
+        own: dict[int, int] = {}
+        for s in cand:
+            own.setdefault(s // per_gpu, s)  # a device's first copy wins
+        node_first: dict[int, int] = {}
+        if num_nodes > 1:
+            node_count = np.bincount(np.asarray(cand) // per_gpu // per_node, minlength=num_nodes)
+            for s in cand:
+                nd = s // per_gpu // per_node
+                if node_count[nd] < len(cand):
+                    node_first.setdefault(nd, s)
+        left = [r for r in range(num_gpus) if r not in own and r // per_node not in node_first]
+        entries.append((e, cand, own, node_first, left))
+    return single, entries
+
+
+def static_layer_table(row: np.ndarray, num_gpus: int, num_nodes: int, rngs: list[random.Random]) -> np.ndarray:
+    """``[G, N]`` slot each EP rank's static table names for one decoder layer's row ``[P]``; ``rngs`` (one
+    ``random.Random`` per rank, advanced in place) carry each rank's draws from layer to layer."""
+    per_node = num_gpus // num_nodes
+    single, entries = _static_entries(np.asarray(row, dtype=np.int64), num_gpus, num_nodes)
+    table = np.repeat(single[None, :], num_gpus, axis=0)
+    for e, cand, own, node_first, left in entries:
+        for me in range(num_gpus):
+            if me in own:
+                table[me, e] = own[me]
+            elif me // per_node in node_first:
+                table[me, e] = node_first[me // per_node]
+        if left:  # SGLang draws the fair choices of every rank left without a pick; each rank keeps its own
+            quotient, remainder = divmod(len(left), len(cand))
+            for i, me in enumerate(left):
+                rng = rngs[me]
+                ans = cand * quotient + rng.sample(cand, k=remainder)
+                rng.shuffle(ans)
+                table[me, e] = ans[i]
+    return table
 
 
 def sglang_static_table(rows: torch.Tensor, num_gpus: int, num_nodes: int) -> np.ndarray:
@@ -71,52 +141,8 @@ def sglang_static_table(rows: torch.Tensor, num_gpus: int, num_nodes: int) -> np
     narrowed to the rank's own copy (or its node's first copy when that narrows the choice), then the fair
     choices of ``random.Random(42)`` for the ranks left without one, over layers and experts in order."""
     phy = rows.to(torch.int64).numpy()
-    num_layers, num_phy = phy.shape
-    n = int(phy.max()) + 1
-    per_gpu = num_phy // num_gpus
-    per_node = num_gpus // num_nodes
-    ranks = np.arange(num_gpus)
-    # Per (layer, expert): candidate slots (ascending), what a rank holding none of them falls back to, and the
-    # ranks the unnarrowed map leaves without a pick (they share the fair choices).
-    entries = []
-    for li in range(num_layers):
-        row = []
-        for e in range(n):
-            cand = np.flatnonzero(phy[li] == e)
-            if cand.size == 0:
-                row.append(None)
-                continue
-            device = cand // per_gpu
-            own = {int(d): int(s) for d, s in zip(device[::-1], cand[::-1])}  # a device's first copy wins
-            node_first, node_count = {}, np.bincount(device // per_node, minlength=num_nodes)
-            if num_nodes > 1:
-                for d, s in zip(device[::-1], cand[::-1]):
-                    if 0 < node_count[d // per_node] < cand.size:
-                        node_first[int(d // per_node)] = int(s)
-            left = [int(r) for r in ranks if r not in own and (r // per_node) not in node_first]
-            row.append((cand.tolist(), own, node_first, left))
-        entries.append(row)
-    table = np.empty((num_gpus, num_layers, n), dtype=np.int64)
-    for me in range(num_gpus):
-        rng = random.Random(SGLANG_SEED)
-        for li in range(num_layers):
-            for e in range(n):
-                entry = entries[li][e]
-                if entry is None:
-                    continue
-                cand, own, node_first, left = entry
-                if len(cand) == 1:
-                    table[me, li, e] = cand[0]
-                elif me in own:
-                    table[me, li, e] = own[me]
-                elif me // per_node in node_first:
-                    table[me, li, e] = node_first[me // per_node]
-                else:  # SGLang draws the fair choices of every rank left without a pick; this rank keeps its own
-                    quotient, remainder = divmod(len(left), len(cand))
-                    ans = cand * quotient + rng.sample(cand, k=remainder)
-                    rng.shuffle(ans)
-                    table[me, li, e] = ans[left.index(me)]
-    return table
+    rngs = [random.Random(SGLANG_SEED) for _ in range(num_gpus)]
+    return np.stack([static_layer_table(r, num_gpus, num_nodes, rngs) for r in phy], axis=1)
 
 
 def static_slot_loads(load: torch.Tensor, table: np.ndarray, num_phy: int) -> torch.Tensor:
@@ -133,33 +159,44 @@ def slot_loads(mode: str, load: torch.Tensor, phy2log: torch.Tensor, *, num_gpus
 
     tokens: tokens behind ``load`` (TensorRT-LLM's rule needs each expert's pick probability ``load / tokens``;
     default ``sum(load) / top_k``); static_table: ``[G, N]`` for ``sglang-static`` (:func:`sglang_static_table`).
+    Experts are handled by copy count, all experts of one count at once.
     """
     num_phy = phy2log.numel()
     if mode == "sglang-static":
         assert static_table is not None, "sglang-static needs the ranks' static tables"
         return static_slot_loads(load, static_table, num_phy)
-    out = torch.zeros(num_phy, dtype=torch.float64)
-    owner = phy2log.to(torch.int64)
-    counts = torch.bincount(owner, minlength=load.numel())
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"unknown dispatch mode '{mode}'; choose one of {', '.join(DISPATCH_MODES)}")
+    owner = phy2log.to(torch.int64).numpy()
+    n = load.numel()
+    counts = np.bincount(owner, minlength=n)
+    order = np.argsort(owner, kind="stable")  # slots grouped by expert, ascending: copy c of e is its c-th slot
+    owner_sorted = owner[order]
+    copy = np.arange(num_phy) - np.concatenate([[0], np.cumsum(counts)])[owner_sorted]
+    c_of = counts[owner_sorted]
+    value = load.to(torch.float64).numpy()
+    out = np.zeros(num_phy)
+    if mode == "rq":
+        rounded = load.round().to(torch.int64)
+        held = torch.from_numpy(counts)
+        shares = split_load(rounded[held > 0], held[held > 0]).to(torch.float64).numpy()
+        out[order] = shares
+        return torch.from_numpy(out)
     total_tokens = float(load.sum()) / max(top_k, 1) if tokens is None else tokens
-    for e in torch.nonzero(counts).flatten().tolist():
-        slots = torch.nonzero(owner == e).flatten()
-        c, value = slots.numel(), float(load[e])
-        if mode == "rq":
-            share = split_load(load[e:e + 1].round().to(torch.int64), counts[e:e + 1]).to(torch.float64).numpy()
-            out[slots] = torch.from_numpy(share)
-            continue
+    for c in np.unique(counts[counts > 0]).tolist():
+        at = c_of == c
+        slots, e, k = order[at], owner_sorted[at], copy[at]
         if c == 1:
-            out[slots] = value
-            continue
-        if mode in ("sglang-dynamic", "vllm"):
-            frac = row_shares(mode, batch_tokens, c)
-        elif mode == "trtllm":
-            frac = trtllm_shares(value / total_tokens if total_tokens else 0.0, batch_tokens, top_k, c, num_gpus)
-        else:
-            raise ValueError(f"unknown dispatch mode '{mode}'; choose one of {', '.join(DISPATCH_MODES)}")
-        out[slots] = torch.from_numpy(frac * value)
-    return out
+            out[slots] = value[e]
+        elif mode in ("sglang-dynamic", "vllm"):
+            out[slots] = row_shares(mode, batch_tokens, c)[k] * value[e]
+        else:  # trtllm
+            experts = np.flatnonzero(counts == c)
+            p = value[experts] / total_tokens if total_tokens else np.zeros(experts.size)
+            frac = trtllm_shares(p, batch_tokens, top_k, c, num_gpus)
+            index = np.searchsorted(experts, e)
+            out[slots] = frac[index, k] * value[e]
+    return torch.from_numpy(out)
 
 
 def device_loads(mode: str, load: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, *, top_k: int = 1,

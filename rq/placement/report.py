@@ -148,6 +148,37 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# A mode whose worst layer's device LIS (R&Q, calibration loads) is at most this counts as balanced.
+BALANCED_LIS = 1.05
+ENGINE_LABELS = {"rq": "rq runtime", "sglang": "SGLang", "vllm": "vLLM", "trtllm": "TensorRT-LLM"}
+
+
+def recommendation_lines(modes: list[dict], recommended: dict[str, str], flags: dict[str, str]) -> list[str]:
+    """Per engine: the dispatch mode rq recommends with its device LIS (R&Q, calibration loads, mean / worst layer),
+    whether that is balanced (worst layer <= :data:`BALANCED_LIS`) and where its flags are; for SGLang also the
+    other mode (static dispatch reads the layout placed for its tables)."""
+    by_mode = {r["mode"]: r["rq"]["calibration"] for r in modes}
+
+    def lis(mode: str) -> str:
+        s = by_mode[mode]
+        verdict = "balanced" if s["device_lis_worst"] <= BALANCED_LIS else f"not balanced: worst > {BALANCED_LIS}"
+        return f"device LIS {fmt(s['device_lis_mean'], 3)} / {fmt(s['device_lis_worst'], 3)} ({verdict})"
+
+    where = {"rq": "rq's runtime (rq export)", "vllm": "engine_flags.vllm", "trtllm": "engine_flags.trtllm"}
+    out = []
+    for engine, mode in recommended.items():
+        if engine == "sglang":
+            if flags.get("sglang", "").startswith("none:"):
+                out.append(f"SGLang: {flags['sglang'].removeprefix('none: ')}")
+                continue
+            other = "sglang-static" if mode == "sglang-dynamic" else "sglang-dynamic"
+            out.append(f"SGLang: {MODE_LABELS[mode]}, {lis(mode)}: engine_flags.sglang; {MODE_LABELS[other]}, "
+                       f"{lis(other)}: engine_flags.sglang-alternative")
+        else:
+            out.append(f"{ENGINE_LABELS[engine]}: {MODE_LABELS[mode]}, {lis(mode)}: {where[engine]}")
+    return out
+
+
 def dispatch_rows(sim: Simulation) -> list[dict]:
     """One row per dispatch mode: device LIS of R&Q's and EPLB's placement (same slots) per load set."""
     return [{"mode": mode, **{name: {key: lis_summary(v) for key, v in sim.dispatch[mode][name].items()}

@@ -18,17 +18,18 @@ from rq import __version__
 from rq.atomic import atomic_write_text, staged_dir
 from rq.calibrate.stats import CalibrationStats
 from rq.errors import RQError
-from rq.placement import FILENAMES, FORMATS
+from rq.placement import FILENAMES, FORMATS, SGLANG_STATIC_FILENAME
 from rq.placement.diff import diff_document, diff_lines, placement_diff, read_placement
 from rq.placement.dispatch import DEFAULT_BATCH_TOKENS
 from rq.placement.servers import engine_flags, engine_warnings
 from rq.placement.simulate import Layout, recommend, simulate
-from rq.placement.formats import check_formats, decoder_layers, model_shape, write_formats
+from rq.placement.formats import check_formats, decoder_layers, model_shape, write_formats, write_sglang
 from rq.placement.fit import check_stats, copy_bytes, copy_changes, plan_loads, target_logcnt
 from rq.placement.loads import import_loads
-from rq.placement.place import (colocated, place,
-                                unavoidable_colocated)
-from rq.placement.report import dispatch_rows, summary_rows, dispatch_table, layers_table, plot_layers, summary_table
+from rq.placement.place import _grouped, colocated, place, unavoidable_colocated
+from rq.placement.static import balance_static
+from rq.placement.report import (dispatch_rows, dispatch_table, layers_table, plot_layers, recommendation_lines,
+                                 summary_rows, summary_table)
 from rq.plan.schema import load_plan
 
 PLACEMENT_VERSION = 1
@@ -108,7 +109,12 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
 
     orig, q = copy_bytes(plan, stats)
     layout = Layout(decoder, num_hidden, plan.model.top_k, batch_tokens)
-    sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q, layout)
+    takes_sglang = "sglang" in wanted and not engine_flags(devices, target.num_phy, n, out_dir, architecture,
+                                                           nodes)["sglang"].startswith("none:")
+    # SGLang's static dispatch gets the same copies laid out for its static tables (rq.placement.static)
+    static_phy = balance_static(loads["calibration"], phy2log, decoder, num_hidden, devices, nodes,
+                                node_locked=_grouped(n, nodes, num_groups)) if takes_sglang else None
+    sim = simulate(plan, loads, placed, devices, nodes, num_groups, orig, q, layout, static_phy)
     rows = summary_rows(sim, devices)
     modes = dispatch_rows(sim)
     chosen = recommend(sim)
@@ -137,11 +143,19 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
     notes.append(f"Dispatch (tokens per forward pass and rank: {batch_tokens}): SGLang is given "
                  f"{chosen['sglang'].removeprefix('sglang-')} dispatch, the mode whose device LIS is lower for this "
                  f"placement (the other one's flags: engine_flags.sglang-alternative).")
+    if static_phy is not None:
+        notes.append(f"SGLang's static dispatch (--moe-a2a-backend deepep) reads {SGLANG_STATIC_FILENAME}: the same "
+                     f"copies, laid out so that the static tables SGLang builds from the layout balance the devices "
+                     f"(its row in the dispatch table); every other engine and SGLang's dynamic dispatch read "
+                     f"{FILENAMES['sglang']} and the other files.")
+    advice = recommendation_lines(modes, chosen, flags)
     report = ["# Expert-parallel placement", "", *[f"- {x}" for x in notes], "",
               "## Model summary (device LIS: max / mean device load per layer; makespan: sum of per-layer max "
               "over sum of per-layer mean)", "", summary_table(rows, load_sets), "",
               "## Device LIS under each engine's dispatch (mean / worst layer)", "",
               dispatch_table(modes, load_sets, chosen), "",
+              "## Recommended dispatch per engine (R&Q, calibration loads, mean / worst layer)", "",
+              *[f"- {x}" for x in advice], "",
               "## Per layer: device LIS", "", layers_table(sim, decoder, target.num_phy, added, removed, plan_counts),
               "", "## Engine flags", "", *[f"- {k}: `{v}`" for k, v in flags.items()], ""]
     if diff is not None:
@@ -150,6 +164,11 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
         report += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     with staged_dir(out_dir) as tmp:
         written = write_formats(tmp, wanted, phy2log, log2phy, logcnt, decoder, num_hidden, devices)
+        if static_phy is not None:
+            write_sglang(tmp / SGLANG_STATIC_FILENAME, static_phy, decoder, num_hidden, n)
+        files = {k: v.name for k, v in written.items()}
+        if static_phy is not None:
+            files["sglang-static"] = SGLANG_STATIC_FILENAME
         atomic_write_text(tmp / "report.md", "\n".join(report))
         plot_paths = plot_layers(sim, plan, decoder, devices, tmp / "plots") if plots else []
         manifest = {
@@ -160,9 +179,9 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
             "num_redundant_experts": target.num_phy - n, "slots_per_device": target.num_phy // devices,
             "decoder_layers": decoder, "num_hidden_layers": num_hidden, "plan_copies": plan_counts,
             "copies_added": added, "copies_removed": removed, "colocated": colo,
-            "logcnt": logcnt.tolist(), "files": {k: v.name for k, v in written.items()}, "engine_flags": flags,
+            "logcnt": logcnt.tolist(), "files": files, "engine_flags": flags,
             "warnings": warnings, "simulation": rows, "dispatch": {"batch_tokens": batch_tokens, "modes": modes,
-                                                                  "recommended": chosen},
+                                                                  "recommended": chosen, "advice": advice},
             "plots": [p.name for p in plot_paths], "phy2log": phy2log.tolist(),
             **({"diff": diff} if diff is not None else {}),
         }
@@ -175,9 +194,10 @@ def place_plan(plan_path: Path, *, devices: int, nodes: int = 1, out_dir: Path =
         echo("\n".join(notes))
         echo(summary_table(rows, load_sets))
         echo(dispatch_table(modes, load_sets, chosen))
+        echo("\n".join(advice))
         if diff is not None:
             echo("\n".join(diff_lines(diff)))
-        echo(f"wrote {', '.join(sorted(FILENAMES[f] for f in written))}, report.md, placement.json"
+        echo(f"wrote {', '.join(sorted(files.values()))}, report.md, placement.json"
              + (f" and {len(plot_paths)} plots" if plot_paths else "") + f" to {out_dir}")
     return manifest
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rq.placement import FILENAMES
+from rq.placement import FILENAMES, SGLANG_STATIC_FILENAME
 
 SGLANG_VERSION = "0.5.23"
 VLLM_VERSION = "0.33.0"
@@ -105,7 +105,9 @@ def engine_flags(num_gpus: int, num_phy: int, n: int, out_dir: Path, architectur
     elif sglang_takes_placement(architecture) is False:
         sglang = f"none: SGLang {SGLANG_VERSION} takes no placement for {architecture} (serve it without these flags)"
     else:
-        sglang = sglang_flags(num_gpus, num_nodes, redundant, out_dir / FILENAMES["sglang"], sglang_dispatch)
+        # static dispatch reads the layout placed for its static tables (rq.placement.static)
+        name = SGLANG_STATIC_FILENAME if sglang_dispatch == "static" else FILENAMES["sglang"]
+        sglang = sglang_flags(num_gpus, num_nodes, redundant, out_dir / name, sglang_dispatch)
     if not has_model(VLLM_MODELS, architecture):
         vllm = f"none: vLLM {VLLM_VERSION} has no model for {architecture}"
     else:

@@ -46,20 +46,22 @@ class Layout:
 
 
 def dispatch_loads(loads: dict[str, torch.Tensor], phy2log: torch.Tensor, num_gpus: int, num_nodes: int,
-                   layout: Layout) -> dict[str, dict[str, torch.Tensor]]:
+                   layout: Layout, modes: tuple[str, ...] = DISPATCH_MODES) -> dict[str, dict[str, torch.Tensor]]:
     """``{mode: {load set: [L, G]}}`` device loads of one placement under every engine's dispatch rule."""
     n = loads["calibration"].shape[1]
     tables = sglang_static_table(sglang_rows(phy2log, layout.decoder, layout.num_hidden, n), num_gpus,
                                  num_nodes)[:, layout.decoder]
     return {mode: {key: dispatch_device_loads(mode, value, phy2log, num_gpus, top_k=layout.top_k,
                                               batch_tokens=layout.batch_tokens, static_tables=tables)
-                   for key, value in loads.items()} for mode in DISPATCH_MODES}
+                   for key, value in loads.items()} for mode in modes}
 
 
 def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
              num_gpus: int, num_nodes: int, num_groups: int, orig: torch.Tensor, q: torch.Tensor,
-             layout: Layout) -> Simulation:
+             layout: Layout, static_phy2log: torch.Tensor | None = None) -> Simulation:
     """Device loads of the four methods for each load set (``{"calibration": [L, N], "held-out": ...}``).
+    ``static_phy2log``: R&Q's layout for SGLang's static dispatch (:mod:`rq.placement.static`), simulated in the
+    ``sglang-static`` row in place of ``placed``.
 
     ``eplb_same_slots`` gets R&Q's slot count; ``eplb_same_memory`` the slots that R&Q's bytes (per-copy
     precision) buy at the original precision, rounded down to a multiple of G (never below N)."""
@@ -89,6 +91,9 @@ def simulate(plan: Plan, loads: dict[str, torch.Tensor], placed: tuple[torch.Ten
         rq_dev += copy_b.view(num_gpus, -1).sum(-1)
     per_gpu["rq"] = float(rq_dev.max())
     by_method = {name: dispatch_loads(loads, methods[name][0], num_gpus, num_nodes, layout) for name in DISPATCH_METHODS}
+    if static_phy2log is not None:
+        by_method["rq"]["sglang-static"] = dispatch_loads(loads, static_phy2log, num_gpus, num_nodes, layout,
+                                                          ("sglang-static",))["sglang-static"]
     dispatch = {mode: {name: by_method[name][mode] for name in DISPATCH_METHODS} for mode in DISPATCH_MODES}
     return Simulation(slots, out, per_gpu, float(rq_dev.mean()), mem_slots < floor, dispatch)
 

@@ -1,6 +1,6 @@
 """rq's dispatch simulation against re-implementations of the engines' token-level rules run on sampled tokens
-(vLLM's row hash, TensorRT-LLM's block round robin); SGLang's static tables are compared with SGLang's own code in
-test_engines.py."""
+(vLLM's row hash, TensorRT-LLM's block round robin, SGLang's dynamic row rule); SGLang's static tables are
+compared with SGLang's own code in test_servers.py."""
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ def _engine_counts(mode: str, ids: np.ndarray, phy2log: np.ndarray, batch: int, 
                 c = slots[int(e)].size
                 if mode == "vllm":
                     copy = ((pos // k) * KNUTH_MULTIPLIER & 0xFFFFFFFF) % c
+                elif mode == "sglang-dynamic":  # _topk_ids_logical_to_physical_dynamic, rank_invariant: row % C
+                    copy = (pos // k) % c
                 else:  # trtllm: n-th id of e in its block of 1024, offset by block and rank
                     block = pos // TRTLLM_BLOCK
                     n = seen.get((block, int(e)), 0)
@@ -44,7 +46,7 @@ def test_row_hash_and_block_round_robin_match_the_engines_rules():
     phy2log = np.array([0, 1, 2, 3, 0, 4, 5, 1, 6, 7, 0, 2])  # 12 slots, 3 per device
     ids = _tokens(load, k, 16384, rng)
     counts = torch.from_numpy(np.bincount(ids.reshape(-1), minlength=n).astype(np.float64))
-    for mode in ("vllm", "trtllm"):
+    for mode in ("vllm", "trtllm", "sglang-dynamic"):
         engine = torch.from_numpy(_engine_counts(mode, ids, phy2log, batch, gpus)).view(gpus, -1).sum(-1)
         mine = slot_loads(mode, counts, torch.from_numpy(phy2log), num_gpus=gpus, top_k=k, tokens=len(ids),
                           batch_tokens=batch).view(gpus, -1).sum(-1)

@@ -109,13 +109,14 @@ def test_sglang_starts_from_every_printed_flag_set(tmp_path, devices, nodes):
     for key, run in res["runs"].items():
         assert run["tp"] == run["ep"] == devices and run["nnodes"] == nodes
         assert run["moe_tp_size"] >= 1 and run["moe_ep_size"] == devices
-        assert run["metadata"] and run["map"] == rows
+        assert run["metadata"] and run["map"] == run["file_rows"]
+        assert len(run["file_rows"]) == len(rows)
         modes[key] = run["dispatch"]
     recommended = manifest["dispatch"]["recommended"]["sglang"].removeprefix("sglang-")
     assert modes["sglang"] == recommended and set(modes.values()) == {"dynamic", "static"}
     static = next(run for run in res["runs"].values() if run["dispatch"] == "static")
     theirs = np.array(static["static_tables"])
-    assert (sglang_static_table(torch.tensor(rows), devices, nodes) == theirs).all()
+    assert (sglang_static_table(torch.tensor(static["file_rows"]), devices, nodes) == theirs).all()
     plan = load_plan(tmp_path / "plan.json")
     reported = next(r for r in manifest["dispatch"]["modes"] if r["mode"] == "sglang-static")
     measured = _lis_from_tables(manifest, plan_loads(plan, None).to(torch.float64), theirs)

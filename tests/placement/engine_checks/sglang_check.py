@@ -72,6 +72,9 @@ def main(placement_dir: str, model_dir: str, archs: list[str]) -> dict:
     if out["takes_placement_flags"]:
         for key in ("sglang", "sglang-alternative"):
             out["runs"][key] = run_flags(flags[key], model_dir, layer)
+            argv = shell_argv(flags[key])  # static dispatch reads its own layout (sglang_expert_location_static.json)
+            location = argv[argv.index("--init-expert-location") + 1]
+            out["runs"][key]["file_rows"] = json.loads(Path(location).read_text())["physical_to_logical_map"]
         out["file_rows"] = json.loads(Path(file).read_text())["physical_to_logical_map"]
     else:  # what a user who passes the file anyway gets
         devices = manifest["devices"]
