@@ -48,3 +48,11 @@ def test_memory_ratios_subtract_the_imports_and_divide_by_the_named_sizes():
     assert r["calibration peak / PyTorch original peak"] == pytest.approx(1.0)
     assert r["rq-export peak / PyTorch original peak"] == pytest.approx(1800 / 2600)
     assert r["rq eval peak: 8 seqs vs 32 seqs"] == "1400 MiB vs 1400 MiB"
+
+
+@pytest.mark.parametrize("argv", [["--runtimes", "ort,tensorrt"], ["--runtimes", ","], ["--runtimes", "ort", "--mixed"]])
+def test_runtimes_option_names_the_engine_families(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_speed.main(argv)
+    assert exit_info.value.code == 2
+    assert "--runtimes" in capsys.readouterr().err.splitlines()[-1]
