@@ -443,6 +443,8 @@ def memory_ratios(mem: dict) -> dict:
                                                                                / session["file_bytes"])
     for label in ("R&Q fused", "R&Q portable"):
         out[f"ORT session peak above imports: {label} / original"] = _above_imports(mem[f"session: {label}"]) / original
+    if "pytorch: original" not in mem:  # --runtimes without pytorch and nothing stored: the sessions only
+        return out
     out["PyTorch peak above imports: R&Q (fast) / original"] = (_above_imports(mem["pytorch: R&Q (fast)"])
                                                                 / _above_imports(mem["pytorch: original"]))
     # loading a checkpoint with Hugging Face peaks above the model's size by itself: the stages that load one

@@ -56,3 +56,14 @@ def test_runtimes_option_names_the_engine_families(argv, capsys):
         bench_speed.main(argv)
     assert exit_info.value.code == 2
     assert "--runtimes" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_memory_ratios_of_the_sessions_alone():
+    """``--runtimes`` without pytorch and no stored run: only the export and the sessions are reported."""
+    mem = {"checkpoint_bytes": 1000 * MIB, "export": _run(1800 * MIB),
+           "session: original (fused MoE)": _run(1300 * MIB, file_bytes=1000 * MIB),
+           "session: R&Q fused": _run(1500 * MIB, file_bytes=1200 * MIB),
+           "session: R&Q portable": _run(1700 * MIB, file_bytes=1000 * MIB)}
+    r = bench_speed.memory_ratios(mem)
+    assert r["ORT session peak above imports: R&Q fused / original"] == pytest.approx(1.2)
+    assert not any(key.startswith(("PyTorch", "calibration", "rq eval")) for key in r)
