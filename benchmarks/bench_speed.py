@@ -4,6 +4,7 @@
     python -m benchmarks.bench_speed --quick         # a tiny model, for a smoke test (~1 min)
     python -m benchmarks.bench_speed --models demo   # one model
     python -m benchmarks.bench_speed --models demo --only speed --mixed   # + a mixed INT4/INT8 plan's engines
+    python -m benchmarks.bench_speed --models mid --runtimes ort,genai    # ONNX Runtime engines only (less memory)
 
 Engines, each on one thread, run round-robin so a busy machine slows them alike; medians of ``--repeats``:
 
@@ -49,6 +50,8 @@ from pathlib import Path
 
 WORKLOADS = {"prefill 4x128": (4, 128, 0), "decode B=1": (1, 16, 16), "decode B=8": (8, 16, 16)}
 """name -> (batch, prompt tokens, decode steps); tokens/s counts the prefill tokens or the decoded ones."""
+RUNTIMES = ("pytorch", "ort", "genai")
+"""Engine families ``--runtimes`` selects: PyTorch eager, ONNX Runtime (rq's runtime), onnxruntime-genai."""
 
 MID = dict(hidden_size=1024, num_hidden_layers=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
            intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=8192)
@@ -175,8 +178,10 @@ def measured_export(model_dir: Path, plan: Path, out: Path) -> dict:
     return result
 
 
-def memory(model_dir: Path, plan: Path, builds: dict[str, Path], quick: bool) -> dict:
-    """Peak memory of ONNX Runtime sessions, PyTorch, calibration and eval, each in its own process."""
+def memory(model_dir: Path, plan: Path, builds: dict[str, Path], quick: bool,
+           families: tuple[str, ...] = RUNTIMES) -> dict:
+    """Peak memory of ONNX Runtime sessions, PyTorch, calibration and eval, each in its own process (without
+    ``pytorch`` in ``families``: the sessions only)."""
     prefill = "numpy.full((4, 128), 2, dtype=numpy.int64)"
     out = {"checkpoint_bytes": checkpoint_bytes(model_dir)}
     sessions = {"original (fused MoE)": (builds["identity"], "onnxruntime"),
@@ -189,6 +194,8 @@ def memory(model_dir: Path, plan: Path, builds: dict[str, Path], quick: bool) ->
             g.prefill({prefill})
         """)
         out[f"session: {label}"]["file_bytes"] = referenced_bytes(build, flavour)
+    if "pytorch" not in families:
+        return out
     for label, apply in (("original", ""), ("R&Q (fast)", "apply_plan(model, adapter, load_plan(plan))")):
         out[f"pytorch: {label}"] = measure(f"""
             from rq.models.adapters import load_model
@@ -246,8 +253,10 @@ def referenced_bytes(build: Path, flavour: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None) -> dict:
-    """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps)."""
+def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None,
+             families: tuple[str, ...] = RUNTIMES) -> dict:
+    """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps), for
+    the engine ``families`` asked (the PyTorch models are not even loaded without ``pytorch``)."""
     import numpy as np
     import torch
 
@@ -289,22 +298,25 @@ def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bo
             return time.perf_counter() - start
         return run
 
-    original, _ = load_model(model_dir)
-    rq_model, adapter = load_model(model_dir)
-    apply_plan(rq_model, adapter, load_plan(plan))
-    set_mode(rq_model, "streaming")
-    out = {"PyTorch, original": torch_runtime(original), "PyTorch, R&Q (fast)": torch_runtime(rq_model)}
-    if reference:
+    out = {}
+    if "pytorch" in families:
+        original, _ = load_model(model_dir)
+        rq_model, adapter = load_model(model_dir)
+        apply_plan(rq_model, adapter, load_plan(plan))
+        set_mode(rq_model, "streaming")
+        out = {"PyTorch, original": torch_runtime(original), "PyTorch, R&Q (fast)": torch_runtime(rq_model)}
+    if reference and "pytorch" in families:
         ref_model, _ = load_model(model_dir)
         apply_plan(ref_model, adapter, load_plan(plan))
         set_mode(ref_model, "streaming")
         set_backend(ref_model, "reference")
         out["PyTorch, R&Q (reference)"] = torch_runtime(ref_model)
-    out["ONNX Runtime, original (fused MoE)"] = ort_runtime(builds["identity"], "onnxruntime")
-    if "batched_mm" in builds:
-        out["ONNX Runtime, original (HF batched_mm)"] = ort_runtime(builds["batched_mm"], "portable")
-    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_runtime(builds["rq"], "onnxruntime")
-    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_runtime(builds["rq"], "portable")
+    if "ort" in families:
+        out["ONNX Runtime, original (fused MoE)"] = ort_runtime(builds["identity"], "onnxruntime")
+        if "batched_mm" in builds:
+            out["ONNX Runtime, original (HF batched_mm)"] = ort_runtime(builds["batched_mm"], "portable")
+        out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_runtime(builds["rq"], "onnxruntime")
+        out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_runtime(builds["rq"], "portable")
     if mixed is not None:
         mixed_model, _ = load_model(model_dir)
         apply_plan(mixed_model, adapter, load_plan(mixed))
@@ -312,7 +324,7 @@ def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bo
         out["PyTorch, R&Q mixed (fast)"] = torch_runtime(mixed_model)
         out["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = ort_runtime(builds["mixed"], "onnxruntime")
         out["ONNX Runtime, R&Q mixed portable (model.onnx)"] = ort_runtime(builds["mixed"], "portable")
-    if genai_available():
+    if "genai" in families and genai_available():
         out["onnxruntime-genai, original (fused MoE)"] = genai_runtime(builds["identity"])
         out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_runtime(builds["rq"])
     return out
@@ -353,13 +365,13 @@ def genai_runtime(build: Path):
 
 
 def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool,
-          mixed: Path | None = None) -> dict:
+          mixed: Path | None = None, families: tuple[str, ...] = RUNTIMES) -> dict:
     """tokens/s of every engine and workload (medians), engines interleaved."""
     import numpy as np
     import torch
 
     torch.set_num_threads(1)
-    runs = runtimes(model_dir, plan, builds, reference, mixed)
+    runs = runtimes(model_dir, plan, builds, reference, mixed, families)
     vocab = json.loads((builds["rq"] / "manifest.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
     results = {}
@@ -431,6 +443,8 @@ def memory_ratios(mem: dict) -> dict:
                                                                                / session["file_bytes"])
     for label in ("R&Q fused", "R&Q portable"):
         out[f"ORT session peak above imports: {label} / original"] = _above_imports(mem[f"session: {label}"]) / original
+    if "pytorch: original" not in mem:  # --runtimes without pytorch and nothing stored: the sessions only
+        return out
     out["PyTorch peak above imports: R&Q (fast) / original"] = (_above_imports(mem["pytorch: R&Q (fast)"])
                                                                 / _above_imports(mem["pytorch: original"]))
     # loading a checkpoint with Hugging Face peaks above the model's size by itself: the stages that load one
@@ -471,9 +485,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="where speed_memory.json goes (default: print only)")
     parser.add_argument("--workdir", type=Path, help="where builds go (default: a temporary folder)")
     parser.add_argument("--mixed", action="store_true", help="also time a mixed INT4/INT8 plan's engines")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help="comma-separated engine families to time: pytorch, ort, genai (default: all)")
     parser.add_argument("--only", choices=("speed", "memory"),
                         help="measure only this half; the other half is kept from --out's stored run")
     args = parser.parse_args(argv)
+    families = tuple(f.strip() for f in args.runtimes.split(",") if f.strip())
+    if not families or set(families) - set(RUNTIMES):
+        parser.error(f"--runtimes takes a comma-separated subset of {', '.join(RUNTIMES)}, got {args.runtimes!r}")
+    if args.mixed and "pytorch" not in families:
+        parser.error("--mixed times the mixed plan's PyTorch engine too; add pytorch to --runtimes")
     from rq.demo.corpus import demo_checkpoint_dir
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rq-bench-speed-"))
@@ -507,10 +528,12 @@ def main(argv: list[str] | None = None) -> dict:
             builds["mixed"] = folder / "mixed-build"
             measured_export(model_dir, mixed, builds["mixed"])
         if args.only != "memory":
-            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small, mixed=mixed if args.mixed else None)
+            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small, mixed=mixed if args.mixed else None,
+                                    families=families)
             entry["ratios"] = ratios(entry["speeds"])
         if args.only != "speed":
-            entry["memory"] = {"export": export, **memory(model_dir, plan, builds, args.quick)}
+            kept = entry.get("memory", {}) if "pytorch" not in families else {}  # the stages not re-measured
+            entry["memory"] = {**kept, "export": export, **memory(model_dir, plan, builds, args.quick, families)}
             entry["memory_ratios"] = memory_ratios(entry["memory"])
         entry["seconds " + (args.only or "speed and memory")] = time.perf_counter() - started
         if "speeds" in entry and "memory" in entry:

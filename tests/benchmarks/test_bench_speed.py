@@ -48,3 +48,22 @@ def test_memory_ratios_subtract_the_imports_and_divide_by_the_named_sizes():
     assert r["calibration peak / PyTorch original peak"] == pytest.approx(1.0)
     assert r["rq-export peak / PyTorch original peak"] == pytest.approx(1800 / 2600)
     assert r["rq eval peak: 8 seqs vs 32 seqs"] == "1400 MiB vs 1400 MiB"
+
+
+@pytest.mark.parametrize("argv", [["--runtimes", "ort,tensorrt"], ["--runtimes", ","], ["--runtimes", "ort", "--mixed"]])
+def test_runtimes_option_names_the_engine_families(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_speed.main(argv)
+    assert exit_info.value.code == 2
+    assert "--runtimes" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_memory_ratios_of_the_sessions_alone():
+    """``--runtimes`` without pytorch and no stored run: only the export and the sessions are reported."""
+    mem = {"checkpoint_bytes": 1000 * MIB, "export": _run(1800 * MIB),
+           "session: original (fused MoE)": _run(1300 * MIB, file_bytes=1000 * MIB),
+           "session: R&Q fused": _run(1500 * MIB, file_bytes=1200 * MIB),
+           "session: R&Q portable": _run(1700 * MIB, file_bytes=1000 * MIB)}
+    r = bench_speed.memory_ratios(mem)
+    assert r["ORT session peak above imports: R&Q fused / original"] == pytest.approx(1.2)
+    assert not any(key.startswith(("PyTorch", "calibration", "rq eval")) for key in r)

@@ -28,14 +28,14 @@ PROMPTS = ["def main():", "x", "import numpy as np\nprint("]
 NEW_TOKENS = 8
 
 
-def og_generate(build, prompts, new_tokens, layers):
-    """Greedy onnxruntime-genai generation: ``(prompt ids [B, S], its attention mask, tokens [B, n],
-    per-call expert_counts {layer: [N]})``."""
+def og_generate(build, prompts, new_tokens, layers, ids=None):
+    """Greedy onnxruntime-genai generation of ``prompts`` (or of the token rows ``ids [B, S]`` as given):
+    ``(prompt ids [B, S], its attention mask, tokens [B, n], per-call expert_counts {layer: [N]})``."""
     model = og.Model(str(build))
-    encoded = og.Tokenizer(model).encode_batch(prompts)
-    ids = encoded.as_numpy().astype(np.int64)
+    encoded = og.Tokenizer(model).encode_batch(prompts) if ids is None else ids.astype(np.int32)
+    ids = (encoded.as_numpy() if ids is None else ids).astype(np.int64)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=ids.shape[1] + new_tokens, do_sample=False, batch_size=len(prompts))
+    params.set_search_options(max_length=ids.shape[1] + new_tokens, do_sample=False, batch_size=len(ids))
     generator = og.Generator(model, params)
     generator.append_tokens(encoded)
     mask = generator.get_input("attention_mask").astype(np.int64)
@@ -86,11 +86,14 @@ def until_eos(tokens, eos):
     return rows
 
 
-def check_og_matches(result, model_dir, plan_path):
+def check_og_matches(result, model_dir, plan_path, ids=None):
+    """onnxruntime-genai's greedy tokens and per-call counts equal rq's runtime's and the reference's, for
+    ``PROMPTS`` (padded on the right by onnxruntime-genai's tokenizer) or the unpadded token rows ``ids``."""
     build, manifest = result.out_dir, result.manifest
     layers = [l["index"] for l in manifest["moe_layers"]]
-    ids, mask, og_tokens, og_counts = og_generate(build, PROMPTS, NEW_TOKENS, layers)
-    assert (mask == 0).any(), "the prompts should need padding"
+    padded = ids is None
+    ids, mask, og_tokens, og_counts = og_generate(build, PROMPTS, NEW_TOKENS, layers, ids)
+    assert (mask == 0).any() == padded, "the prompts should need padding, the given rows none"
     ours = OrtGenerator(build, flavour="genai").generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=-1)
     reference = reference_generate(model_dir, plan_path, ids, mask, NEW_TOKENS)
     eos = json.loads((build / GENAI_CONFIG).read_text())["model"]["eos_token_id"]
@@ -101,7 +104,7 @@ def check_og_matches(result, model_dir, plan_path):
     for call, (counts, step) in enumerate(zip(og_counts[:calls], ours.steps)):
         for l in layers:
             np.testing.assert_array_equal(counts[l], step.expert_counts[l], err_msg=f"call {call}, layer {l}")
-            assert counts[l].sum() == len(PROMPTS) * (ids.shape[1] if call == 0 else 1) * manifest["moe_layers"][l][
+            assert counts[l].sum() == len(ids) * (ids.shape[1] if call == 0 else 1) * manifest["moe_layers"][l][
                 "top_k"]
 
 
@@ -125,6 +128,34 @@ def test_onnxruntime_genai_runs_the_demo_export(demo_export, tmp_path):
 
     save_plan(plan, tmp_path / "plan.json")
     check_og_matches(result, Path(rq.__file__).parent / "demo" / "checkpoint", tmp_path / "plan.json")
+
+
+def test_onnxruntime_genai_batch_of_equal_length_prompts(exported, tiny):
+    """B=4 prompts of one length (no padding): tokens and counts equal rq's runtime and the reference."""
+    result = exported("qwen3_moe")
+    ids = np.random.default_rng(0).integers(3, result.manifest["vocab_size"], (4, 12)).astype(np.int64)
+    check_og_matches(result, *tiny("qwen3_moe"), ids=ids)
+
+
+def test_onnxruntime_genai_treats_left_padding_as_tokens(exported):
+    """onnxruntime-genai 0.18 masks trailing pad tokens only (its attention mask is built from the last token
+    backwards, docs/export.md): left-padded rows get an all-ones mask, so a left-padded batch is not what
+    onnxruntime-genai runs; its own tokenizer pads on the right, which the tests above cover. If this fails,
+    onnxruntime-genai started masking leading pads: docs/export.md's padding paragraph needs updating."""
+    result = exported("qwen3_moe")
+    pad = json.loads((result.out_dir / GENAI_CONFIG).read_text())["model"]["pad_token_id"]
+    ids = np.full((2, 6), pad, np.int64)
+    ids[0, 2:], ids[1] = [5, 6, 7, 8], [5, 6, 7, 8, 9, 10]
+    model = og.Model(str(result.out_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=8, do_sample=False, batch_size=2)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids.astype(np.int32))
+    np.testing.assert_array_equal(generator.get_input("attention_mask"), np.ones((2, 6)))
+    ids[1, 4:] = pad  # trailing pads are masked
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids.astype(np.int32))
+    np.testing.assert_array_equal(generator.get_input("attention_mask")[1], [1, 1, 1, 1, 0, 0])
 
 
 def test_genai_graph_inputs_are_optional_and_explicit_feeds_win(exported):
