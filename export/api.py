@@ -310,7 +310,7 @@ def _write_rq_export_streamed(model_dir: Path, plan, plan_path: Path, tmp: Path,
             meta = {"rq.tool_version": __version__, "rq.plan_sha256": manifest["plan"]["sha256"],
                     "rq.model_fingerprint": plan.model.fingerprint, "rq.architecture": manifest["architecture"]}
             wrapped = [p for p, m in trace_model.named_modules() if isinstance(m, RQExperts)]  # the wrappers' places
-            lazy = functools.partial(streamed_export.lazy_initializers, weights=weights, wrapped=wrapped)
+            lazy = functools.partial(streamed_export.lazy_program, weights=weights, wrapped=wrapped)
             _write_graphs(trace_model, specs, wrappers, manifest, tmp, opset, meta, advance, lazy=lazy)
             for spec in specs:  # the reference reads the R&Q bytes back from the written file: quantized once
                 for layer, names in onnx_file.rq_node_weights(tmp / spec.file).items():

@@ -48,21 +48,17 @@ def _quiet(enabled: bool = True):
             lg.setLevel(level)
 
 
-def trace(spec: GraphSpec, opset: int, quiet: bool = True, lazy: Callable[[ir.Model], None] | None = None) -> ir.Model:
+def trace(spec: GraphSpec, opset: int, quiet: bool = True, lazy: Callable[[object], None] | None = None) -> ir.Model:
     """Run the dynamo exporter on ``spec`` and return the ONNX IR model. ``lazy``: the module's weights are fake
-    tensors and ``lazy(model)`` gives the traced graph lazy initializers (:mod:`rq.export.streamed`), before the
-    exporter's optimizer runs on them as it runs on real weights."""
+    tensors; the graph is traced unoptimized and ``lazy(program)`` gives it lazy initializers and runs the
+    exporter's optimizer on them (:func:`rq.export.streamed.lazy_program`)."""
     with _quiet(quiet), torch.no_grad():
         try:
             program = torch.onnx.export(spec.module, spec.args, dynamo=True, opset_version=opset,
                                         dynamic_shapes=spec.dynamic_shapes, input_names=spec.input_names,
                                         output_names=spec.output_names, optimize=lazy is None, verbose=False)
             if lazy is not None:
-                from rq.export.streamed import lazy_folding
-
-                lazy(program.model)
-                with lazy_folding():
-                    program.optimize()
+                lazy(program)
         except Exception as err:  # the exporter wraps everything; keep the first line, it names the op
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RQError(f"torch.onnx could not export the {spec.name} graph ({first}); "

@@ -31,6 +31,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from rq.export.onnx_file import external_locations
 from rq.models.adapters import MoELayer, replace_module
 from rq.models.layerwise import LayerScheduler
 from rq.models.streaming import StreamedModel, set_tensor
@@ -174,6 +175,15 @@ def lazy_initializers(model: ir.Model, weights: ExportWeights, wrapped: list[str
         value.const_value = _lazy(lambda key=key: weights.tensor(key), const.dtype, const.shape, name)
 
 
+def lazy_program(program, weights: ExportWeights, wrapped: list[str]) -> None:
+    """A ``torch.onnx.ONNXProgram`` traced on fake weights and not yet optimized: lazy initializers
+    (:func:`lazy_initializers`), then the exporter's own optimizer (what ``torch.onnx.export(optimize=True)``
+    runs), with the values it folds from weights kept lazy (:func:`lazy_folding`)."""
+    lazy_initializers(program.model, weights, wrapped)
+    with lazy_folding():
+        program.optimize()
+
+
 def _lazy(read: Callable[[], torch.Tensor], dtype: ir.DataType, shape: ir.Shape, name: str) -> _Weight:
     def func():
         from torch.onnx._internal.exporter._core import TorchTensor
@@ -224,8 +234,6 @@ def data_file_readers(onnx_path: Path, names: dict[str, str], dtypes: dict[str, 
                       shapes: dict[str, tuple[int, ...]]) -> dict[str, Callable[[], torch.Tensor]]:
     """``{buffer: reader}`` of tensors written to ``onnx_path``'s external data (``names``: buffer -> initializer);
     each reader maps the bytes from the file (file-backed pages, not process memory)."""
-    from rq.export.onnx_file import external_locations
-
     locations = external_locations(onnx_path, set(names.values()))
     readers = {}
     for buffer, initializer in names.items():
