@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rq.export.onnx_file import external_locations
+from rq.export.patches import cast_routers
 from rq.models.adapters import MoELayer, replace_module
 from rq.models.layerwise import LayerScheduler
 from rq.models.streaming import StreamedModel, set_tensor
@@ -44,6 +45,7 @@ def rq_skeleton(streamed: StreamedModel, plan: Plan, dtype: torch.dtype) -> tupl
     on the meta device, shaped by the plan) and cast to ``dtype`` as :func:`rq.export.api._to_dtype` casts the
     loaded model (the INT4/INT8 scales stay float16). Returns the model and its R&Q experts in layer order."""
     model = streamed._build()
+    model.tie_weights()  # as from_pretrained does: tied embeddings are one tensor (one initializer)
     adapter = streamed.adapter
     int8_class = any(2 in layer.precision for layer in plan.layers)
     rq_layers = []
@@ -54,6 +56,7 @@ def rq_skeleton(streamed: StreamedModel, plan: Plan, dtype: torch.dtype) -> tupl
     model.to(torch.float32)  # the whole-model path loads float32 (buffers computed at build time included)
     if dtype != torch.float32:
         model.to(dtype)
+    cast_routers(model)  # what export_patches does to the loaded model, here while the weights are meta tensors
     return model, rq_layers
 
 
@@ -172,7 +175,9 @@ def lazy_initializers(model: ir.Model, weights: ExportWeights, wrapped: list[str
         for path in wrapped:
             if key.startswith(path + ".rq."):
                 key = path + "." + key[len(path) + 4:]
-        value.const_value = _lazy(lambda key=key: weights.tensor(key), const.dtype, const.shape, name)
+        like = const.raw.dtype  # a tensor cast after the export's own cast (a router in its dtype): cast again
+        value.const_value = _lazy(lambda key=key, like=like: weights.tensor(key).to(like), const.dtype, const.shape,
+                                  name)
 
 
 def lazy_program(program, weights: ExportWeights, wrapped: list[str]) -> None:
