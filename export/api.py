@@ -300,7 +300,8 @@ def _write_rq_export_streamed(model_dir: Path, plan, plan_path: Path, tmp: Path,
     moe_paths = [layer.path for layer in adapter.moe_layers(streamed.model)]
     try:
         with progress_bar("exporting", total=3, enabled=show_progress) as advance:
-            with graphs.export_experts(trace_model) as wrappers, _symbolic_experts():
+            # the trace-time rewrites too: Switch's router casts its classifier in forward, which fake weights refuse
+            with graphs.export_experts(trace_model) as wrappers, _symbolic_experts(), export_patches(trace_model):
                 kv = graphs.kv_specs(trace_model, adapter.encoder_decoder)
                 specs = graphs.graph_specs(trace_model, wrappers, moe_paths, adapter.encoder_decoder, torch_dtype)
             manifest = _manifest(trace_model, adapter, specs, kv, moe_paths, trace_rq, dtype, opset, tokenizer, plan,

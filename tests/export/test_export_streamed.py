@@ -23,12 +23,22 @@ def _graph_files(out_dir) -> list[str]:
     return sorted(p.name for p in out_dir.iterdir() if p.name.endswith(".onnx"))
 
 
+def _value(info: onnx.ValueInfoProto) -> bytes:
+    """A graph input/output without the tracer's debug notes (``pkg.torch.onnx.original_node_name``: the FX node
+    an output came from, which the optimizer may carry over from another node of the same value)."""
+    info = onnx.ValueInfoProto.FromString(info.SerializeToString())
+    kept = [p for p in info.metadata_props if not p.key.startswith("pkg.torch.onnx.")]
+    del info.metadata_props[:]
+    info.metadata_props.extend(kept)
+    return info.SerializeToString()
+
+
 def _structure(proto: onnx.ModelProto) -> dict:
     """Everything of a graph file but its initializers' bytes and storage places."""
     graph = proto.graph
     return {"nodes": [n.SerializeToString() for n in graph.node],
-            "inputs": [v.SerializeToString() for v in graph.input],
-            "outputs": [v.SerializeToString() for v in graph.output],
+            "inputs": [_value(v) for v in graph.input],
+            "outputs": [_value(v) for v in graph.output],
             "functions": [f.SerializeToString() for f in proto.functions],
             "opsets": sorted((o.domain, o.version) for o in proto.opset_import),
             "metadata": sorted((p.key, p.value) for p in proto.metadata_props if p.key != "rq.created"),
