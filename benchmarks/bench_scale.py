@@ -7,7 +7,7 @@ writing). Folders with 2, 4 and 8 layers share those shards (their configs and i
 Each stage then runs as its own ``rq`` process; a sampler reads ``RssAnon`` (what cannot be dropped: mapped
 checkpoint pages are reclaimable) and ``VmRSS`` of the process every 0.1 s.
 
-    python -m benchmarks.bench_scale --work /big/disk/scale [--layers 2,4,8] [--stages calibrate,plan,eval]
+    python -m benchmarks.bench_scale --work /big/disk/scale [--layers 2,4,8] [--stages calibrate,plan,eval,export]
 
 ``--kept-max N`` also runs calibration with every layer kept once read (``--stream never``: what holding the whole
 model costs) as the baseline. Results: ``benchmarks/plots/scale.json``, a markdown table on stdout (for
@@ -162,6 +162,8 @@ def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int]
         "eval": rq + ["eval", str(folder), "--plan", str(plan), "--data", str(data), "--sequences", str(sequences),
                       "--seq-len", str(seq_len), "--batch-sizes", "1,2",
                       "--stream-steps", "0", "--stream", "always"],
+        "export": rq + ["export", str(folder), "--plan", str(plan), "--out", str(work / f"{folder.name}-build"),
+                        "--dtype", "float16", "--stream", "always", "--force", "--no-check"],
     }
 
 
@@ -192,7 +194,8 @@ def plot(results: dict, path: Path) -> None:
     layers = [r["layers"] for r in runs]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(layers, [r["checkpoint_bytes"] / GIB for r in runs], "k--", label="checkpoint size")
-    stages = [s for s in ("calibrate_kept", "calibrate", "plan", "eval") if any(s in r["stages"] for r in runs)]
+    stages = [s for s in ("calibrate_kept", "calibrate", "plan", "eval", "export")
+              if any(s in r["stages"] for r in runs)]
     for stage in stages:
         xs = [r["layers"] for r in runs if stage in r["stages"]]
         ys = [r["stages"][stage]["peak_anon"] / GIB for r in runs if stage in r["stages"]]
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the checkpoints (about 10.4 GiB)")
     parser.add_argument("--layers", default="2,4,8")
-    parser.add_argument("--stages", default="calibrate,plan,eval")
+    parser.add_argument("--stages", default="calibrate,plan,eval,export")
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--kept-max", type=int, default=0,

@@ -6,7 +6,9 @@ failure never leaves a half-written export behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import shutil
@@ -23,12 +25,13 @@ from rq.calibrate.data import load_tokenizer
 from rq.errors import RQError
 from rq.memory import release_freed_memory
 from rq.export import function, genai, graphs, onnx_file, ort_fused, reference
+from rq.export import streamed as streamed_export
 from rq.export.attention import use_rq_attention
 from rq.export.parity import ParityReport, check_export, tolerances
 from rq.export.patches import export_patches
 from rq.export.runtime import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from rq.progress import progress_bar
-from rq.rqmodel.model import apply_plan, set_backend
+from rq.rqmodel.model import RQExperts, apply_plan, set_backend
 from rq.plan.schema import load_plan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -123,10 +126,31 @@ def _to_dtype(model, rq_layers, dtype: str) -> None:
             rq.w_in_scales, rq.w_out_scales = rq.w_in_scales.half(), rq.w_out_scales.half()
 
 
-def _write_graphs(model, specs, wrappers, manifest: dict, tmp: Path, opset: int, meta: dict, advance) -> None:
+WHOLE_MODEL_COPIES = 3  # the whole-model path's peak, in float32 models: the model, its R&Q copies, the trace
+
+
+def streams(model_dir: Path, stream: str, trust_remote_code: bool = False) -> bool:
+    """Whether ``rq export --stream`` streams: ``always``/``never``, or ``auto``: stream unless
+    :data:`WHOLE_MODEL_COPIES` float32 copies of the model take under half the memory available now (as
+    calibrate and eval decide, :meth:`rq.models.streaming.StreamedModel.keep_layers`)."""
+    from rq.models.streaming import available_memory, open_streamed
+
+    if stream not in ("auto", "always", "never"):
+        raise RQError(f"--stream must be auto, always or never, got '{stream}'")
+    if stream != "auto":
+        return stream == "always"
+    probe = open_streamed(model_dir, dtype="auto", trust_remote_code=trust_remote_code, show_progress=False)
+    available = available_memory()
+    return available is None or WHOLE_MODEL_COPIES * probe.model_bytes(torch.float32) >= available // 2
+
+
+def _write_graphs(model, specs, wrappers, manifest: dict, tmp: Path, opset: int, meta: dict, advance,
+                  lazy=None) -> None:
+    """Trace and save every graph; ``lazy(ir_model)`` gives a graph traced on fake weights its lazy initializers
+    (:mod:`rq.export.streamed`)."""
     for spec in specs:
         with graphs.export_experts(model, wrappers), export_patches(model):
-            ir_model = onnx_file.trace(spec, opset)
+            ir_model = onnx_file.trace(spec, opset, lazy=lazy)
         onnx_file.save(onnx_file.finalize(ir_model, spec, opset, meta), tmp / spec.file)
         manifest["graphs"][spec.name].update(onnx_file.describe_io(tmp / spec.file))
         for layer, names in onnx_file.rq_node_weights(tmp / spec.file).items():
@@ -230,9 +254,84 @@ def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: s
     return manifest, {l: rq.layer.sizes for l, rq in enumerate(rq_layers)}
 
 
+@contextlib.contextmanager
+def _symbolic_experts():
+    """Forward passes of a model with fake weights: its export wrappers emit the ``rq::RQMoE`` call (zeros of the
+    right shapes) as they do while traced, instead of running the reference on weights that are not there."""
+    saved = torch.onnx.is_in_onnx_export
+    torch.onnx.is_in_onnx_export = lambda: True
+    try:
+        yield
+    finally:
+        torch.onnx.is_in_onnx_export = saved
+
+
+EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+"""Checkpoint types the streamed export reads as they are: float32 holds them exactly, so the plan's INT4 bytes
+(quantized in float32, :mod:`rq.core.int4`) and every cast come out as from the float32 model the whole-model
+path loads, at a half of its memory for 16-bit checkpoints."""
+
+
+def _write_rq_export_streamed(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: str, opset: int,
+                              trust_remote_code: bool,
+                              show_progress: bool) -> tuple[dict, dict[int, tuple[int, int]]]:
+    """:func:`_write_rq_export` with one decoder layer in memory at a time (:mod:`rq.export.streamed`): the same
+    files, the graphs traced on fake weights and every initializer written from the checkpoint."""
+    from rq.models.streaming import open_streamed
+    from rq.plan.validate import check_plan_matches
+
+    streamed = open_streamed(model_dir, dtype="auto", trust_remote_code=trust_remote_code, show_progress=False)
+    if streamed.dtype not in EXACT_IN_FLOAT32:
+        streamed = open_streamed(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                 show_progress=False)
+    adapter = streamed.adapter
+    check_plan_matches(streamed.model, adapter, plan, streamed.router_weight)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    torch_dtype = DTYPES[dtype]
+    trace_model, trace_rq = streamed_export.rq_skeleton(streamed, plan, torch_dtype)
+    ref_model, ref_rq = streamed_export.rq_skeleton(streamed, plan, torch_dtype)
+    weights = streamed_export.ExportWeights(streamed, plan, ref_model, torch_dtype)
+    streamed.drop_resident()  # the export's own copies (in the export's type) are read from the checkpoint
+    reference_layers = streamed_export.ReferenceLayers(ref_model, weights, streamed.block_paths)
+    attention = use_rq_attention(trace_model)
+    use_rq_attention(ref_model)
+    set_backend(ref_model, "reference")
+    streamed_export.fake_weights(trace_model)
+    moe_paths = [layer.path for layer in adapter.moe_layers(streamed.model)]
+    try:
+        with progress_bar("exporting", total=3, enabled=show_progress) as advance:
+            # the trace-time rewrites too: Switch's router casts its classifier in forward, which fake weights refuse
+            with graphs.export_experts(trace_model) as wrappers, _symbolic_experts(), export_patches(trace_model):
+                kv = graphs.kv_specs(trace_model, adapter.encoder_decoder)
+                specs = graphs.graph_specs(trace_model, wrappers, moe_paths, adapter.encoder_decoder, torch_dtype)
+            manifest = _manifest(trace_model, adapter, specs, kv, moe_paths, trace_rq, dtype, opset, tokenizer, plan,
+                                 plan_path)
+            manifest["attention"] = attention
+            advance(1)
+            meta = {"rq.tool_version": __version__, "rq.plan_sha256": manifest["plan"]["sha256"],
+                    "rq.model_fingerprint": plan.model.fingerprint, "rq.architecture": manifest["architecture"]}
+            wrapped = [p for p, m in trace_model.named_modules() if isinstance(m, RQExperts)]  # the wrappers' places
+            lazy = functools.partial(streamed_export.lazy_program, weights=weights, wrapped=wrapped)
+            _write_graphs(trace_model, specs, wrappers, manifest, tmp, opset, meta, advance, lazy=lazy)
+            for spec in specs:  # the reference reads the R&Q bytes back from the written file: quantized once
+                for layer, names in onnx_file.rq_node_weights(tmp / spec.file).items():
+                    rq = ref_rq[layer]
+                    buffers = {b: getattr(rq, b) for b in names}
+                    weights.read_back(layer, streamed_export.data_file_readers(
+                        tmp / spec.file, names, {b: t.dtype for b, t in buffers.items()},
+                        {b: tuple(t.shape) for b, t in buffers.items()}))
+            manifest["parity"] = reference.write_parity_data(ref_model, ref_rq, manifest, tmp / "parity")
+            _write_rest(tokenizer, manifest, tmp, plan_path)
+            advance(1)
+    finally:
+        reference_layers.close()
+    return manifest, {l: rq.layer.sizes for l, rq in enumerate(trace_rq)}
+
+
 def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Path, *, force: bool = False,
                  dtype: str = "float32", check: bool = True, trust_remote_code: bool = False,
-                 show_progress: bool = True, opset: int = DEFAULT_OPSET, keep_failed: bool = False) -> ExportResult:
+                 show_progress: bool = True, opset: int = DEFAULT_OPSET, keep_failed: bool = False,
+                 stream: str = "auto") -> ExportResult:
     """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
 
     Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models) with
@@ -243,19 +342,21 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     (writes ``parity.json``). All of it is assembled in a staged folder and renamed to ``out_dir`` only when
     it succeeded: a failure (bad input, an export or ONNX Runtime error, a failed parity check:
     :class:`ExportCheckFailed`) raises :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed``
-    keeps the attempt at ``<out_dir>.failed`` for debugging.
+    keeps the attempt at ``<out_dir>.failed`` for debugging. ``stream``: ``always`` keeps one decoder layer in
+    memory at a time (:mod:`rq.export.streamed`; the same files), ``never`` loads the whole model, ``auto``
+    streams unless the model fits in memory several times over (:func:`streams`).
     """
     start = time.perf_counter()
     model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
     _validate_options(dtype, opset)
     check_out_dir(out_dir, force)
     plan = load_plan(plan_path)
+    write = _write_rq_export_streamed if streams(model_dir, stream, trust_remote_code) else _write_rq_export
     kept = f"; the attempt is kept at {failed_dir(out_dir)}" if keep_failed else \
         f"; nothing was written to {out_dir} (--keep-failed keeps the attempt for debugging)"
     try:
         with staged_dir(out_dir, keep_failed=keep_failed) as tmp:
-            manifest, shapes = _write_rq_export(model_dir, plan, plan_path, tmp, dtype, opset, trust_remote_code,
-                                                show_progress)
+            manifest, shapes = write(model_dir, plan, plan_path, tmp, dtype, opset, trust_remote_code, show_progress)
             release_freed_memory()  # the model: the rest only reads the files
             _fused_routes(tmp, manifest, shapes)
             manifest["genai"] = genai.write_genai(tmp, manifest, model_dir)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import onnx_ir as ir
@@ -46,13 +48,17 @@ def _quiet(enabled: bool = True):
             lg.setLevel(level)
 
 
-def trace(spec: GraphSpec, opset: int, quiet: bool = True) -> ir.Model:
-    """Run the dynamo exporter on ``spec`` and return the ONNX IR model."""
+def trace(spec: GraphSpec, opset: int, quiet: bool = True, lazy: Callable[[object], None] | None = None) -> ir.Model:
+    """Run the dynamo exporter on ``spec`` and return the ONNX IR model. ``lazy``: the module's weights are fake
+    tensors; the graph is traced unoptimized and ``lazy(program)`` gives it lazy initializers and runs the
+    exporter's optimizer on them (:func:`rq.export.streamed.lazy_program`)."""
     with _quiet(quiet), torch.no_grad():
         try:
             program = torch.onnx.export(spec.module, spec.args, dynamo=True, opset_version=opset,
                                         dynamic_shapes=spec.dynamic_shapes, input_names=spec.input_names,
-                                        output_names=spec.output_names, optimize=True, verbose=False)
+                                        output_names=spec.output_names, optimize=lazy is None, verbose=False)
+            if lazy is not None:
+                lazy(program)
         except Exception as err:  # the exporter wraps everything; keep the first line, it names the op
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RQError(f"torch.onnx could not export the {spec.name} graph ({first}); "
@@ -133,13 +139,28 @@ def store_packed_as_int8(node: ir.Node) -> None:
         tensor = value.const_value if value is not None else None
         if tensor is None or tensor.dtype != ir.DataType.UINT8:
             continue
-        value.const_value = ir.Tensor(tensor.numpy().view("int8"), name=value.name)
+        if isinstance(tensor, ir.LazyTensor):  # read when written (rq.export.streamed)
+            value.const_value = type(tensor)(lambda t=tensor, n=value.name: ir.Tensor(t.numpy().view("int8"), name=n),
+                                             dtype=ir.DataType.INT8, shape=tensor.shape, name=value.name, cache=False)
+        else:
+            value.const_value = ir.Tensor(tensor.numpy().view("int8"), name=value.name)
         value.dtype = ir.DataType.INT8
 
 
 def save(model: ir.Model, path: Path) -> None:
-    """``path`` plus ``path.name + '.data'`` holding every initializer (external data, any model size)."""
+    """``path`` plus ``path.name + '.data'`` holding every initializer (external data, any model size); refused
+    before anything is written when the disk has no room for it."""
+    check_free_space(path.parent, sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                                      if v.const_value is not None))
     ir.save(model, path, external_data=path.name + ".data")
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """One-line :class:`RQError` when ``folder``'s file system has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise RQError(f"{folder} has {free / 2**30:.2f} GiB free, the export writes {needed / 2**30:.2f} GiB; "
+                      f"free space there or pass --out on a larger disk")
 
 
 def describe_io(path: Path) -> dict[str, list[dict]]:
@@ -166,6 +187,17 @@ def rq_node_weights(onnx_path: Path) -> dict[int, dict[str, str]]:
     proto = onnx.load(onnx_path, load_external_data=False)
     return {int(node.name.rsplit("_", 1)[1]): dict(zip(INPUTS_INT8[len(CALL_INPUTS):], node.input[len(CALL_INPUTS):]))
             for node in rq_nodes(proto)}
+
+
+def external_locations(onnx_path: Path, names: set[str]) -> dict[str, tuple[Path, int, int]]:
+    """``{initializer: (data file, offset, length)}`` for those of ``names`` stored as external data."""
+    proto = onnx.load(onnx_path, load_external_data=False)
+    found = {}
+    for tensor in proto.graph.initializer:
+        if tensor.name in names and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            found[tensor.name] = (onnx_path.parent / info["location"], int(info.get("offset", 0)), int(info["length"]))
+    return found
 
 
 def external_location(onnx_path: Path, initializer: str) -> tuple[Path, int, int]:

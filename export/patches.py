@@ -39,6 +39,19 @@ def _real_apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor,
     return rotate(xq), rotate(xk)
 
 
+def cast_router(module: nn.Module) -> None:
+    """The Switch Transformers router's classifier in its router dtype (what its forward's ``to`` would do); a
+    no-op when it has it (a fake-weight model, :mod:`rq.export.streamed`, is cast on the meta device first)."""
+    if module.classifier.weight.dtype != module.dtype:
+        module.classifier.to(module.dtype)
+
+
+def cast_routers(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module).__name__ == "SwitchTransformersTop1Router":
+            cast_router(module)
+
+
 @contextlib.contextmanager
 def export_patches(model: nn.Module) -> Iterator[None]:
     """Apply the rewrites that ``model`` needs for the duration of the ``with`` block."""
@@ -49,7 +62,7 @@ def export_patches(model: nn.Module) -> Iterator[None]:
                 module.forward = types.MethodType(_real_rotary_forward, module)
                 undo.append(lambda m=module: delattr(m, "forward"))
             if type(module).__name__ == "SwitchTransformersTop1Router":
-                module.classifier.to(module.dtype)
+                cast_router(module)
                 module.classifier.to = lambda *args, c=module.classifier, **kwargs: c
                 undo.append(lambda c=module.classifier: delattr(c, "to"))
         if any(type(m).__name__ == "DeepseekV2RotaryEmbedding" for m in model.modules()):

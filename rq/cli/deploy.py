@@ -28,6 +28,9 @@ def export(
                                                          help="Also write a Triton Inference Server model repository "
                                                               "here (folder; --triton is its former name).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own modeling code.")] = False,
+    stream: Annotated[str, typer.Option(help="always: one decoder layer in memory at a time (same files); never: "
+                                             "load the whole model; auto: stream unless the model fits in memory "
+                                             "several times over.")] = "auto",
 ) -> None:
     """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer (plus ONNX Runtime's fused route), and
     check both files against PyTorch; nothing is written to OUT unless all of it succeeds."""
@@ -37,7 +40,7 @@ def export(
     quiet_transformers()
     try:
         result = export_model(model_dir, plan, out, force=force, dtype=dtype, check=check,
-                              trust_remote_code=trust_remote_code, keep_failed=keep_failed)
+                              trust_remote_code=trust_remote_code, keep_failed=keep_failed, stream=stream)
     except ExportCheckFailed as err:
         typer.echo(err.report.summary())
         raise

@@ -119,6 +119,19 @@ class StreamedModel:
                 if buffer is not None and not buffer.is_meta and buffer.device != self.device:
                     module._buffers[attr] = buffer.to(self.device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float type the layers are read in (the skeleton's)."""
+        return next((t.dtype for t in self.model.parameters() if t.is_floating_point()), torch.float32)
+
+    def drop_resident(self) -> None:
+        """Put the tensors outside the decoder layers back on the meta device, for a caller that keeps its own
+        copies (:meth:`read` still reads them from the checkpoint)."""
+        for name in self._sources:
+            if not self._in_block(name):
+                like = self._meta_like(name)
+                self._set(name, torch.empty(like.shape, dtype=like.dtype, device="meta"))
+
     def twin(self) -> nn.Module:
         """A second skeleton of the same model that *shares* this one's resident tensors (no copy): the R&Q model
         of ``rq eval``, whose decoder layers are filled from this one's, layer by layer."""

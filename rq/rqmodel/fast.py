@@ -57,14 +57,28 @@ def _same_bytes(layer: RQLayerWeights, a: int, b: int) -> bool:
     return all(torch.equal(getattr(layer, n)[sa], getattr(layer, n)[sb]) for n in names)
 
 
-def _groups(original: torch.Tensor, dequantized: list[torch.Tensor], in_place: bool) -> tuple[torch.Tensor, ...]:
+def _groups(original: torch.Tensor, stacked: torch.Tensor | None, in_place: bool) -> tuple[torch.Tensor, ...]:
     """Weights ``[U_g, cols, rows]`` per group: ``original [P_orig, rows, cols]`` transposed in place (a view)
-    and the quantized versions stacked, or all of them stacked into one tensor. Empty groups are left out."""
+    and the quantized versions (``stacked``, already transposed), or all of them in one tensor. Empty groups are
+    left out."""
     original_t = original.transpose(1, 2)
-    int4_t = [w.T for w in dequantized]
     if not in_place:
-        return (torch.cat([original_t, torch.stack(int4_t)]) if int4_t else original_t.contiguous(),)
-    return tuple(g for g in (original_t, torch.stack(int4_t) if int4_t else None) if g is not None and len(g))
+        return (torch.cat([original_t, stacked]) if stacked is not None else original_t.contiguous(),)
+    return tuple(g for g in (original_t, stacked) if g is not None and len(g))
+
+
+def _stacked_versions(layer: RQLayerWeights, owners: list[int], dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The dequantized ``w_in`` and ``w_out`` of the copies ``owners``, transposed (``[U, cols, rows]``), each written
+    into one preallocated tensor: a layer's quantized versions are held once, not once more while stacked."""
+    stacked: list[torch.Tensor | None] = [None, None]
+    for index, p in enumerate(owners):
+        for which, w in enumerate(copy_weights(layer, p, dtype)):
+            w = w.to(device).T
+            if stacked[which] is None:
+                stacked[which] = torch.empty((len(owners), *w.shape), dtype=w.dtype, device=device)
+            stacked[which][index].copy_(w)
+    return stacked[0], stacked[1]
 
 
 def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.device) -> Versions:
@@ -86,12 +100,12 @@ def build_versions(layer: RQLayerWeights, dtype: torch.dtype, device: torch.devi
             candidates.append(match)
             owner_of_int4_version.append(p)
         version.append(num_orig + match)
-    dequantized = [tuple(w.to(device) for w in copy_weights(layer, p, dtype)) for p in owner_of_int4_version]
+    int4_in, int4_out = _stacked_versions(layer, owner_of_int4_version, dtype, device)
     orig_in = layer.w_in.to(device=device, dtype=dtype)  # [P_orig, I_in, H]; itself if no cast
     orig_out = layer.w_out.to(device=device, dtype=dtype)
     in_place = (layer.w_in.nbytes + layer.w_out.nbytes) > VIEW_BYTES
-    w_in_t = _groups(orig_in, [w for w, _ in dequantized], in_place)
-    w_out_t = _groups(orig_out, [w for _, w in dequantized], in_place)
+    w_in_t = _groups(orig_in, int4_in, in_place)
+    w_out_t = _groups(orig_out, int4_out, in_place)
     version.append(num_orig + len(owner_of_int4_version))
     logcnt = torch.tensor(layer.logcnt, dtype=torch.int64, device=device)
     return Versions(w_in_t, w_out_t, torch.tensor(version, dtype=torch.int64, device=device), logcnt,
