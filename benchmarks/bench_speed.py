@@ -4,6 +4,8 @@
     python -m benchmarks.bench_speed --quick         # a tiny model, for a smoke test (~1 min)
     python -m benchmarks.bench_speed --models demo   # one model
     python -m benchmarks.bench_speed --models demo --only speed --mixed   # + a mixed INT4/INT8 plan's engines
+    python -m benchmarks.bench_speed --models mid --only speed --mixed \
+        --runtimes 'R&Q (fast),R&Q mixed (fast),R&Q fused (model.ort.onnx),R&Q mixed (model.ort.onnx)'   # fewer engines held
 
 Engines, each on one thread, run round-robin so a busy machine slows them alike; medians of ``--repeats``:
 
@@ -246,8 +248,10 @@ def referenced_bytes(build: Path, flavour: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ speed
 
-def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None) -> dict:
-    """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps)."""
+def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bool, mixed: Path | None = None,
+             select: list[str] | None = None) -> dict:
+    """name -> callable(input_ids [B, S], steps) -> seconds of the timed part (prefill or the decode steps);
+    ``select``: only the engines whose name contains one of these strings."""
     import numpy as np
     import torch
 
@@ -289,32 +293,35 @@ def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bo
             return time.perf_counter() - start
         return run
 
-    original, _ = load_model(model_dir)
-    rq_model, adapter = load_model(model_dir)
-    apply_plan(rq_model, adapter, load_plan(plan))
-    set_mode(rq_model, "streaming")
-    out = {"PyTorch, original": torch_runtime(original), "PyTorch, R&Q (fast)": torch_runtime(rq_model)}
+    def want(name: str) -> bool:
+        return select is None or any(part in name for part in select)
+
+    def torch_rq(which: Path, backend: str = "fast"):
+        model, adapter = load_model(model_dir)
+        apply_plan(model, adapter, load_plan(which))
+        set_mode(model, "streaming")
+        if backend != "fast":
+            set_backend(model, backend)
+        return torch_runtime(model)
+
+    # name -> a factory, so engines left out by ``select`` are never loaded (the mid-size mixed run's memory)
+    engines = {"PyTorch, original": lambda: torch_runtime(load_model(model_dir)[0]),
+               "PyTorch, R&Q (fast)": lambda: torch_rq(plan)}
     if reference:
-        ref_model, _ = load_model(model_dir)
-        apply_plan(ref_model, adapter, load_plan(plan))
-        set_mode(ref_model, "streaming")
-        set_backend(ref_model, "reference")
-        out["PyTorch, R&Q (reference)"] = torch_runtime(ref_model)
-    out["ONNX Runtime, original (fused MoE)"] = ort_runtime(builds["identity"], "onnxruntime")
+        engines["PyTorch, R&Q (reference)"] = lambda: torch_rq(plan, "reference")
+    engines["ONNX Runtime, original (fused MoE)"] = lambda: ort_runtime(builds["identity"], "onnxruntime")
     if "batched_mm" in builds:
-        out["ONNX Runtime, original (HF batched_mm)"] = ort_runtime(builds["batched_mm"], "portable")
-    out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_runtime(builds["rq"], "onnxruntime")
-    out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_runtime(builds["rq"], "portable")
+        engines["ONNX Runtime, original (HF batched_mm)"] = lambda: ort_runtime(builds["batched_mm"], "portable")
+    engines["ONNX Runtime, R&Q fused (model.ort.onnx)"] = lambda: ort_runtime(builds["rq"], "onnxruntime")
+    engines["ONNX Runtime, R&Q portable (model.onnx)"] = lambda: ort_runtime(builds["rq"], "portable")
     if mixed is not None:
-        mixed_model, _ = load_model(model_dir)
-        apply_plan(mixed_model, adapter, load_plan(mixed))
-        set_mode(mixed_model, "streaming")
-        out["PyTorch, R&Q mixed (fast)"] = torch_runtime(mixed_model)
-        out["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = ort_runtime(builds["mixed"], "onnxruntime")
-        out["ONNX Runtime, R&Q mixed portable (model.onnx)"] = ort_runtime(builds["mixed"], "portable")
+        engines["PyTorch, R&Q mixed (fast)"] = lambda: torch_rq(mixed)
+        engines["ONNX Runtime, R&Q mixed (model.ort.onnx)"] = lambda: ort_runtime(builds["mixed"], "onnxruntime")
+        engines["ONNX Runtime, R&Q mixed portable (model.onnx)"] = lambda: ort_runtime(builds["mixed"], "portable")
     if genai_available():
-        out["onnxruntime-genai, original (fused MoE)"] = genai_runtime(builds["identity"])
-        out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_runtime(builds["rq"])
+        engines["onnxruntime-genai, original (fused MoE)"] = lambda: genai_runtime(builds["identity"])
+        engines["onnxruntime-genai, R&Q (model.genai.onnx)"] = lambda: genai_runtime(builds["rq"])
+    out = {name: make() for name, make in engines.items() if want(name)}
     return out
 
 
@@ -353,13 +360,13 @@ def genai_runtime(build: Path):
 
 
 def speed(model_dir: Path, plan: Path, builds: dict[str, Path], repeats: int, reference: bool,
-          mixed: Path | None = None) -> dict:
+          mixed: Path | None = None, select: list[str] | None = None) -> dict:
     """tokens/s of every engine and workload (medians), engines interleaved."""
     import numpy as np
     import torch
 
     torch.set_num_threads(1)
-    runs = runtimes(model_dir, plan, builds, reference, mixed)
+    runs = runtimes(model_dir, plan, builds, reference, mixed, select)
     vocab = json.loads((builds["rq"] / "manifest.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
     results = {}
@@ -473,6 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mixed", action="store_true", help="also time a mixed INT4/INT8 plan's engines")
     parser.add_argument("--only", choices=("speed", "memory"),
                         help="measure only this half; the other half is kept from --out's stored run")
+    parser.add_argument("--runtimes", help="comma-separated parts of engine names: time only those engines "
+                        "(e.g. 'R&Q (fast),R&Q mixed (fast)'), so fewer are in memory at once")
     args = parser.parse_args(argv)
     from rq.demo.corpus import demo_checkpoint_dir
 
@@ -507,7 +516,9 @@ def main(argv: list[str] | None = None) -> dict:
             builds["mixed"] = folder / "mixed-build"
             measured_export(model_dir, mixed, builds["mixed"])
         if args.only != "memory":
-            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small, mixed=mixed if args.mixed else None)
+            select = [r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes else None
+            entry["speeds"] = speed(model_dir, plan, builds, repeats, reference=small,
+                                    mixed=mixed if args.mixed else None, select=select)
             entry["ratios"] = ratios(entry["speeds"])
         if args.only != "speed":
             entry["memory"] = {"export": export, **memory(model_dir, plan, builds, args.quick)}
