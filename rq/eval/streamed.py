@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from rq.core.op import WEIGHT_INPUTS
+from rq.core.op import INT8_INPUTS, WEIGHT_INPUTS
 from rq.models.adapters import replace_module
 from rq.models.layerwise import LayerScheduler
 from rq.models.streaming import StreamedModel
@@ -60,8 +60,9 @@ class StreamedPair:
         self.original.share_block(group, self.rq_model, self._replaced)
         for layer in self.original.moe_layers_of(group):
             built, kept = self._build(layer), self._rq[layer.index]
-            for name in WEIGHT_INPUTS:
-                kept._buffers[name] = built._buffers[name].to(self.original.device)
+            for name in WEIGHT_INPUTS + INT8_INPUTS:  # the INT8 class too, where the layer has one
+                if built._buffers.get(name) is not None:
+                    kept._buffers[name] = built._buffers[name].to(self.original.device)
 
     def _build(self, layer) -> RQExperts:
         """``layer``'s R&Q experts by the plan (on the meta device while the layer is)."""
@@ -75,8 +76,10 @@ class StreamedPair:
         for layer in self.adapter.moe_layers(self.original.model):
             if layer.path.startswith(prefix):
                 kept = self._rq[layer.index]
-                for name in WEIGHT_INPUTS:
-                    buffer = kept._buffers[name]
+                for name in WEIGHT_INPUTS + INT8_INPUTS:
+                    buffer = kept._buffers.get(name)
+                    if buffer is None:
+                        continue
                     kept._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
                 kept.__dict__.pop("_layer", None)  # and what a backend derived from the weights
         self.original.unshare_block(group, self.rq_model, self._replaced)
