@@ -130,18 +130,12 @@ def test_plain_call_and_failing_pass(tiny_checkpoints):
     assert all(p.is_meta for _, block in streamed.blocks for p in block.parameters())
 
 
-@pytest.mark.parametrize("arch", ("mixtral", "deepseek_v3", "switch_transformers"))
-@pytest.mark.parametrize("keep", (False, True))
-def test_streamed_eval_equals_whole_models(tiny, arch, keep):
-    """``rq eval``'s numbers (batch LIS, streaming decode LIS, accuracy) are the same, to the last bit, when the
-    original and the R&Q model stream in lockstep, layers released after use or kept once read."""
+def _same_eval_streamed_and_whole(model_dir: Path, plan, keep: bool) -> None:
+    """``evaluate`` of the streamed pair equals, to the last bit, ``evaluate`` of the two whole models."""
     from rq.eval.evaluate import evaluate
     from rq.eval.streamed import StreamedPair
-    from rq.plan.schema import load_plan
     from rq.rqmodel.model import apply_plan
 
-    model_dir, plan_path = tiny(arch)
-    plan = load_plan(plan_path)
     sequences = torch.randint(2, VOCAB, (6, 20), generator=torch.Generator().manual_seed(1))
     options = dict(batch_sizes=[1, 4], run_batch=4, stream_batch=3, stream_steps=3, prompt_len=4, show_progress=False)
     original, adapter = load_model(model_dir)
@@ -156,6 +150,23 @@ def test_streamed_eval_equals_whole_models(tiny, arch, keep):
     released = [p.is_meta for _, block in streamed.blocks for p in block.parameters()]
     assert all(released) if not keep else not any(released)
     pair.close()
+
+
+@pytest.mark.parametrize("arch", ("mixtral", "deepseek_v3", "switch_transformers"))
+@pytest.mark.parametrize("keep", (False, True))
+def test_streamed_eval_equals_whole_models(tiny, arch, keep):
+    """``rq eval``'s numbers (batch LIS, streaming decode LIS, accuracy) are the same, to the last bit, when the
+    original and the R&Q model stream in lockstep, layers released after use or kept once read."""
+    from rq.plan.schema import load_plan
+
+    model_dir, plan_path = tiny(arch)
+    _same_eval_streamed_and_whole(model_dir, load_plan(plan_path), keep)
+
+
+def test_streamed_eval_of_a_mixed_plan(tiny_checkpoints, mixed_export):
+    """A plan with original, INT4 and INT8 copies: the streamed R&Q layers load (and release) the INT8 class too."""
+    plan, _ = mixed_export
+    _same_eval_streamed_and_whole(tiny_checkpoints("qwen3_moe"), plan, keep=False)
 
 
 def test_streamed_eval_refuses_another_models_plan(tiny):
