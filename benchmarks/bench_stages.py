@@ -8,7 +8,8 @@ never`` (every layer kept once read: the whole model in memory), ``auto`` (the d
 fits) and ``always`` (one decoder layer at a time). The three run interleaved, ``--repeats`` rounds (each mode
 first in one), so a busy machine slows them alike; each mode keeps its own stats, plan and build. Reported:
 median wall time per stage and mode, and its ratio against ``never`` from the same run. ``plan`` loads no model
-(no ``--stream``): its ratios are the noise floor. Export runs with its parity check. Results: ``benchmarks/plots/stages.json`` and a markdown table.
+(no ``--stream``): its ratios are the noise floor. Export runs with its parity check. Results:
+``benchmarks/plots/stages.json`` and a markdown table.
 """
 
 from __future__ import annotations
