@@ -150,20 +150,24 @@ def measure(command: list[str], log: Path) -> dict:
             "peak_rss": peaks["VmRSS"]}
 
 
-def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int]) -> dict[str, list[str]]:
+def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int], stream: str = "always",
+                   check: bool = False) -> dict[str, list[str]]:
+    """One ``rq`` command line per stage; ``stream`` is every loading stage's ``--stream`` (``plan`` loads no
+    model), ``check`` runs export's parity check."""
     sequences, seq_len = tokens
     rq = [sys.executable, "-m", "rq.cli.main"]
     stats, plan = work / f"{folder.name}-stats", work / f"{folder.name}-plan.json"
     return {
         "calibrate": rq + ["calibrate", str(folder), "--data", str(data), "--out", str(stats), "--sequences",
                            str(sequences), "--seq-len", str(seq_len), "--batch-size", str(sequences), "--stream",
-                           "always"],
+                           stream],
         "plan": rq + ["plan", str(stats), "--out", str(plan)],
         "eval": rq + ["eval", str(folder), "--plan", str(plan), "--data", str(data), "--sequences", str(sequences),
                       "--seq-len", str(seq_len), "--batch-sizes", "1,2",
-                      "--stream-steps", "0", "--stream", "always"],
+                      "--stream-steps", "0", "--stream", stream],
         "export": rq + ["export", str(folder), "--plan", str(plan), "--out", str(work / f"{folder.name}-build"),
-                        "--dtype", "float16", "--stream", "always", "--force", "--no-check"],
+                        "--dtype", "float16", "--stream", stream, "--force",
+                        "--check" if check else "--no-check"],
     }
 
 
