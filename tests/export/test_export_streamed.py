@@ -16,7 +16,6 @@ from rq.errors import RQError
 from rq.export import export_model
 from rq.export import onnx_file
 
-STREAMED_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v2", "switch_transformers")
 
 
 def _graph_files(out_dir) -> list[str]:
@@ -68,7 +67,8 @@ def assert_same_export(whole, streamed) -> None:
         assert (whole.out_dir / file).read_bytes() == (streamed.out_dir / file).read_bytes(), file
 
 
-@pytest.mark.parametrize("arch,dtype", [("qwen3_moe", "float32"), ("mixtral", "float16"), ("deepseek_v2", "float32"),
+@pytest.mark.parametrize("arch,dtype", [("qwen3_moe", "float32"), ("mixtral", "float16"), ("qwen2_moe", "float32"),
+                                        ("olmoe", "float32"), ("deepseek_v2", "float32"), ("deepseek_v3", "float32"),
                                         ("switch_transformers", "float32")])
 def test_streamed_export_is_the_whole_model_export(arch, dtype, exported, tiny, tmp_path):
     whole = exported(arch, dtype)
