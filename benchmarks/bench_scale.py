@@ -9,8 +9,9 @@ checkpoint pages are reclaimable) and ``VmRSS`` of the process every 0.1 s.
 
     python -m benchmarks.bench_scale --work /big/disk/scale [--layers 2,4,8] [--stages calibrate,plan,eval,export]
 
-``--kept-max N`` also runs calibration with every layer kept once read (``--stream never``: what holding the whole
-model costs) as the baseline. Results: ``benchmarks/plots/scale.json``, a markdown table on stdout (for
+``--kept-max N`` also runs calibration with every layer kept once read and the parity check with one ONNX Runtime
+session per file (``--stream never``: what holding the whole model costs) as the baselines. Results:
+``benchmarks/plots/scale.json``, a markdown table on stdout (for
 RESULTS.md) and ``benchmarks/plots/scale_memory.png``; ``--from-json`` redraws both from a stored run.
 Not a test: it writes about 10.4 GiB and runs for many minutes on two cores.
 """
@@ -153,7 +154,7 @@ def measure(command: list[str], log: Path) -> dict:
 def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int], stream: str = "always",
                    check: bool = False) -> dict[str, list[str]]:
     """One ``rq`` command line per stage; ``stream`` is every loading stage's ``--stream`` (``plan`` loads no
-    model), ``check`` runs export's parity check."""
+    model), ``check`` runs export's parity check inside the export (else ``rq check`` is its own stage)."""
     sequences, seq_len = tokens
     rq = [sys.executable, "-m", "rq.cli.main"]
     stats, plan = work / f"{folder.name}-stats", work / f"{folder.name}-plan.json"
@@ -168,6 +169,7 @@ def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int]
         "export": rq + ["export", str(folder), "--plan", str(plan), "--out", str(work / f"{folder.name}-build"),
                         "--dtype", "float16", "--stream", stream, "--force",
                         "--check" if check else "--no-check"],
+        "check": rq + ["check", str(work / f"{folder.name}-build"), "--stream", stream],
     }
 
 
@@ -198,13 +200,14 @@ def plot(results: dict, path: Path) -> None:
     layers = [r["layers"] for r in runs]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(layers, [r["checkpoint_bytes"] / GIB for r in runs], "k--", label="checkpoint size")
-    stages = [s for s in ("calibrate_kept", "calibrate", "plan", "eval", "export")
+    stages = [s for s in ("calibrate_kept", "check_whole", "calibrate", "plan", "eval", "export", "check")
               if any(s in r["stages"] for r in runs)]
+    baselines = {"calibrate_kept": "calibrate, layers kept (whole model)",
+                 "check_whole": "check, one session per file (whole model)"}
     for stage in stages:
         xs = [r["layers"] for r in runs if stage in r["stages"]]
         ys = [r["stages"][stage]["peak_anon"] / GIB for r in runs if stage in r["stages"]]
-        label = "calibrate, layers kept (whole model)" if stage == "calibrate_kept" else f"{stage}, streamed"
-        ax.plot(xs, ys, "o-", label=label)
+        ax.plot(xs, ys, "s:" if stage in baselines else "o-", label=baselines.get(stage, f"{stage}, streamed"))
     ax.set_xlabel("decoder layers (Qwen3-30B-A3B shape, bfloat16)")
     ax.set_ylabel("peak RssAnon (GiB)")
     ax.set_xticks(layers)
@@ -222,12 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the checkpoints (about 10.4 GiB)")
     parser.add_argument("--layers", default="2,4,8")
-    parser.add_argument("--stages", default="calibrate,plan,eval,export")
+    parser.add_argument("--stages", default="calibrate,plan,eval,export,check")
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--kept-max", type=int, default=0,
-                        help="also calibrate with every layer kept (the baseline) on checkpoints of up to this many "
-                             "layers (it holds the whole model)")
+                        help="also calibrate with every layer kept and check whole files (the baselines, holding the "
+                             "whole model) on checkpoints of up to this many layers")
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "scale.json")
     parser.add_argument("--from-json", action="store_true", help="redraw the table and plot from --out")
     args = parser.parse_args(argv)
@@ -251,9 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
             kept = list(commands["calibrate"])
             kept[kept.index("always")] = "never"
             kept[kept.index("--out") + 1] += "-kept"
-            commands = {"calibrate_kept": kept, **commands}
+            whole_check = list(commands["check"])
+            whole_check[whole_check.index("always")] = "never"
+            commands = {"calibrate_kept": kept, **commands, "check_whole": whole_check}
         for stage, command in commands.items():
-            if stage not in args.stages.split(",") + ["calibrate_kept"]:
+            if stage not in args.stages.split(",") + ["calibrate_kept", "check_whole"]:
                 continue
             run["stages"][stage] = measure(command, args.work / f"{folder.name}-{stage}.log")
             print(n, stage, run["stages"][stage], flush=True)

@@ -27,7 +27,7 @@ from rq.memory import release_freed_memory
 from rq.export import function, genai, graphs, onnx_file, ort_fused, reference
 from rq.export import streamed as streamed_export
 from rq.export.attention import use_rq_attention
-from rq.export.parity import ParityReport, check_export, tolerances
+from rq.export.parity import ParityReport, check_export, checks_layerwise, tolerances
 from rq.export.patches import export_patches
 from rq.export.runtime import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from rq.progress import progress_bar
@@ -344,7 +344,9 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     :class:`ExportCheckFailed`) raises :class:`RQError` and leaves ``out_dir`` untouched; ``keep_failed``
     keeps the attempt at ``<out_dir>.failed`` for debugging. ``stream``: ``always`` keeps one decoder layer in
     memory at a time (:mod:`rq.export.streamed`; the same files), ``never`` loads the whole model, ``auto``
-    streams unless the model fits in memory several times over (:func:`streams`).
+    streams unless the model fits in memory several times over (:func:`streams`). The check runs one decoder
+    layer's sessions at a time (:mod:`rq.export.layerwise`) when the export does not fit in memory twice over
+    (:func:`rq.export.parity.checks_layerwise`).
     """
     start = time.perf_counter()
     model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
@@ -362,7 +364,8 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
             manifest["genai"] = genai.write_genai(tmp, manifest, model_dir)
             manifest["notes"] = _route_notes(manifest)
             _write_manifest(manifest, tmp)
-            parity = check_export(tmp, label=out_dir) if check else None
+            parity = check_export(tmp, label=out_dir, layerwise=checks_layerwise(tmp, "auto"),
+                                  show_progress=show_progress) if check else None
             if parity is not None and not parity.passed:
                 failed = len(parity.failures())
                 raise ExportCheckFailed(f"the export does not match the PyTorch reference ({failed} of "

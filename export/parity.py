@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rq.errors import RQError
+from rq.export.layerwise import LayerwiseExport, LayerwiseUnsupported
 from rq.export.runtime import OrtGenerator, load_manifest
 
 TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 1e-2)}
@@ -194,25 +195,37 @@ FLAVOURS = {"onnxruntime": "ort_file", "portable": "file"}
 """The files an export has for ONNX Runtime: its fused route (``model.ort.onnx``) and the portable ``model.onnx``."""
 
 
-def _prefill(build_dir: Path, manifest: dict, generator: OrtGenerator, file: str) -> list[OutputParity]:
+def _prefill(build_dir: Path, manifest: dict, file: str, generator: OrtGenerator | None = None,
+             layerwise: LayerwiseExport | None = None) -> list[OutputParity]:
+    """Each graph on its saved feeds: Polygraphy's ``OnnxrtRunner`` on the generator's session, or the same feeds
+    layer by layer."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, RunResults
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.json import load_json
 
     rows = []
     for graph, entry in manifest["parity"]["prefill"].items():
-        runner = OnnxrtRunner(generator.sessions[graph], name=ORT_RUNNER)
         with polygraphy_quiet():
             feeds = load_json(str(build_dir / entry["inputs"]))
             reference = RunResults.load(str(build_dir / entry["reference"]))
-            ours = Comparator.run([runner], data_loader=feeds)
         names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
+        if layerwise is not None:
+            outputs = layerwise.runners[graph].run([dict(f) for f in feeds], names)
+            ours = RunResults()
+            ours.append((ORT_RUNNER, [IterationResult(outputs=o, runtime=0.0, runner_name=ORT_RUNNER)
+                                      for o in outputs]))
+        else:
+            with polygraphy_quiet():
+                ours = Comparator.run([OnnxrtRunner(generator.sessions[graph], name=ORT_RUNNER)], data_loader=feeds)
         rows.extend(compare_run_results(reference, ours, names, manifest["dtype"], "prefill", graph, file))
     return rows
 
 
-def _streaming(build_dir: Path, manifest: dict, generator: OrtGenerator,
-               file: str) -> tuple[list[OutputParity], int, int]:
+def _streaming(build_dir: Path, manifest: dict, file: str, generator: OrtGenerator | None = None,
+               layerwise: LayerwiseExport | None = None) -> tuple[list[OutputParity], int, int]:
+    """The teacher-forced generation of the saved streaming case (:class:`OrtGenerator`, streaming offsets, or the
+    same calls layer by layer), per-step logits and loads against the reference's; and how many of the
+    reference's greedy tokens the runtime's own argmax reproduces (informational)."""
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import load_json
 
@@ -220,25 +233,72 @@ def _streaming(build_dir: Path, manifest: dict, generator: OrtGenerator,
     with polygraphy_quiet():
         inputs = load_json(str(build_dir / entry["inputs"]))[0]
         reference = RunResults.load(str(build_dir / entry["reference"]))
-    generator.reset()
-    forced = np.asarray(inputs["forced_tokens"])
-    generation = generator.generate(inputs["input_ids"], inputs["attention_mask"], forced_tokens=forced)
-    steps = [IterationResult(outputs={"logits": s.logits, **s.counts_by_name()}, runtime=0.0,
-                             runner_name=GENERATOR_RUNNER) for s in generation.steps]
+    forced = np.asarray(inputs["forced_tokens"], np.int64)
+    if layerwise is not None:
+        steps = layerwise.generate(np.asarray(inputs["input_ids"], np.int64),
+                                   np.asarray(inputs["attention_mask"], np.int64), forced)
+    else:
+        generator.reset()
+        generation = generator.generate(inputs["input_ids"], inputs["attention_mask"], forced_tokens=forced)
+        steps = [{"logits": s.logits, **s.counts_by_name()} for s in generation.steps]
     ours = RunResults()
-    ours.append((GENERATOR_RUNNER, steps))
-    ref_steps = reference[0][1]
-    names = list(dict.fromkeys(n for it in ref_steps for n in it.keys()))
+    ours.append((GENERATOR_RUNNER, [IterationResult(outputs=s, runtime=0.0, runner_name=GENERATOR_RUNNER)
+                                    for s in steps]))
+    names = list(dict.fromkeys(n for it in reference[0][1] for n in it.keys()))
     rows = compare_run_results(reference, ours, names, manifest["dtype"], "streaming", "generator", file)
-    # greedy choice of ONNX Runtime at each step vs the reference's tokens (informational)
-    greedy = np.stack([s.logits[:, -1, :].argmax(-1) for s in generation.steps[:-1]], axis=1)
+    greedy = np.stack([s["logits"][:, -1, :].argmax(-1) for s in steps[:-1]], axis=1)
     return rows, int((greedy == forced).sum()), int(forced.size)
 
 
-def check_export(build_dir: str | Path, write: bool = True, label: str | Path | None = None) -> ParityReport:
+SESSION_COPIES = 2
+"""What a whole-file session holds, in copies of the export's weights: the file's, and the fused kernels' layouts."""
+
+
+def checks_layerwise(build_dir: str | Path, stream: str) -> bool:
+    """Whether ``rq check --stream`` checks layer by layer: ``always``/``never``, or ``auto``: layer by layer
+    unless :data:`SESSION_COPIES` times the export's weights take under half the memory available now (the rule
+    ``rq export --stream auto`` applies to the checkpoint)."""
+    from rq.models.streaming import available_memory
+
+    if stream not in ("auto", "always", "never"):
+        raise RQError(f"--stream must be auto, always or never, got '{stream}'")
+    if stream != "auto":
+        return stream == "always"
+    manifest = load_manifest(build_dir)
+    data = {g["data"] for g in manifest["graphs"].values() if g.get("data")}
+    weights = sum((Path(build_dir) / d).stat().st_size for d in data if (Path(build_dir) / d).is_file())
+    available = available_memory()
+    return available is None or SESSION_COPIES * weights >= available // 2
+
+
+def _check_file(build_dir: Path, manifest: dict, flavour: str, file: str, layerwise: bool,
+                show_progress: bool = False) -> tuple[list[OutputParity], int, int]:
+    """Prefill and streaming parity of one file of the export: whole sessions, or layer by layer."""
+    if not layerwise:
+        generator = OrtGenerator(build_dir, streaming=True, flavour=flavour)
+        rows = _prefill(build_dir, manifest, file, generator=generator)
+        stream_rows, agree, total = _streaming(build_dir, manifest, file, generator=generator)
+        return rows + stream_rows, agree, total
+    from rq.progress import progress_bar
+
+    export = LayerwiseExport(build_dir, manifest, FLAVOURS[flavour])
+    segments = {name: len(r.segments) for name, r in export.runners.items()}
+    runs = sum(segments[g] for g in manifest["parity"]["prefill"]) + sum(segments.values())
+    with progress_bar(f"checking {file}, layer by layer", total=runs, enabled=show_progress) as advance:
+        export.on_segment(lambda label: advance(1))
+        rows = _prefill(build_dir, manifest, file, layerwise=export)
+        stream_rows, agree, total = _streaming(build_dir, manifest, file, layerwise=export)
+    return rows + stream_rows, agree, total
+
+
+def check_export(build_dir: str | Path, write: bool = True, label: str | Path | None = None,
+                 layerwise: bool = False, show_progress: bool = False) -> ParityReport:
     """Compare ONNX Runtime on ``build_dir`` with the saved PyTorch reference, for both of the export's files
     (the fused route ``model.ort.onnx`` first, then the portable ``model.onnx``), one ONNX Runtime session per
-    file at a time; writes ``parity.json``. ``label`` names the export in the report (default: ``build_dir``)."""
+    file at a time; writes ``parity.json``. ``label`` names the export in the report (default: ``build_dir``).
+    ``layerwise``: one session per decoder layer at a time instead (:mod:`rq.export.layerwise`), so the check of
+    a model bigger than memory holds one layer's weights; the same calls and comparisons (``show_progress``: a
+    bar of the layers run)."""
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     if "parity" not in manifest:
@@ -252,17 +312,17 @@ def check_export(build_dir: str | Path, write: bool = True, label: str | Path | 
     for flavour in flavours:
         file = "+".join(sorted({g[FLAVOURS[flavour]] for g in manifest["graphs"].values()}))
         try:
-            generator = OrtGenerator(build_dir, streaming=True, flavour=flavour)
-            rows += _prefill(build_dir, manifest, generator, file)
-            stream_rows, agree, total = _streaming(build_dir, manifest, generator, file)
-            del generator
+            file_rows, agree, total = _check_file(build_dir, manifest, flavour, file, layerwise, show_progress)
+        except LayerwiseUnsupported as err:
+            raise RQError(f"{file} of {label or build_dir} cannot be checked layer by layer ({err}); check it whole "
+                          f"with `rq check --stream never` on a machine that holds it") from None
         except Exception as err:  # a corrupted file, or an ONNX Runtime that cannot run the graph
             if isinstance(err, RQError):
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RQError(f"ONNX Runtime could not run {file} of {label or build_dir} ({first}); re-run rq-export") \
                 from err
-        rows.extend(stream_rows)
+        rows.extend(file_rows)
         greedy[file] = [agree, total]
     report = ParityReport(str(label or build_dir), manifest["dtype"], all(r.passed for r in rows), rows, greedy)
     if write:

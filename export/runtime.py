@@ -32,7 +32,7 @@ except ImportError:  # copied without the rq package (e.g. into a Triton model r
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "rq-onnx-export"
 MANIFEST_VERSION = 1
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 def load_manifest(build_dir: str | Path) -> dict:
@@ -70,6 +70,16 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Positions of left-padded rows, as Hugging Face ``generate`` makes them: ``cumsum(mask) - 1``, pads 1."""
     positions = np.cumsum(attention_mask, axis=-1) - 1
     return np.where(attention_mask == 0, 1, positions).astype(np.int64)
+
+
+def empty_past(kv_cache: dict, batch: int, dtype, length: int = 0) -> list[np.ndarray]:
+    """Zero KV caches of ``length`` positions, in the order of the manifest's ``past_names`` (key, value per
+    layer); ``length=0``: the empty cache a prefill starts from."""
+    past = []
+    for layer in kv_cache["layers"]:
+        past.append(np.zeros((batch, layer["key_heads"], length, layer["key_dim"]), dtype))
+        past.append(np.zeros((batch, layer["value_heads"], length, layer["value_dim"]), dtype))
+    return past
 
 
 def last_logits(logits: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
@@ -127,7 +137,7 @@ class OrtGenerator:
                       for name, graph in self.manifest["graphs"].items()}
         self.sessions = {name: ort.InferenceSession(str(self.build_dir / file), sess_options=options,
                                                     providers=providers) for name, file in self.files.items()}
-        self.dtype = _NP_DTYPES[self.manifest["dtype"]]
+        self.dtype = NP_DTYPES[self.manifest["dtype"]]
         self.kv = self.manifest["kv_cache"]
         self.moe_layers = {layer["index"]: layer for layer in self.manifest["moe_layers"]}
         self._tokenizer = None
@@ -160,11 +170,7 @@ class OrtGenerator:
         return outputs, counts, used
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
-        past = []
-        for layer in self.kv["layers"]:
-            past.append(np.zeros((batch, layer["key_heads"], 0, layer["key_dim"]), self.dtype))
-            past.append(np.zeros((batch, layer["value_heads"], 0, layer["value_dim"]), self.dtype))
-        return past
+        return empty_past(self.kv, batch, self.dtype)
 
     def _decoder_call(self, tokens: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:
         feed = dict(zip(self.kv["past_names"], self._past))

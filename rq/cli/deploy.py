@@ -30,7 +30,8 @@ def export(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints that ship their own modeling code.")] = False,
     stream: Annotated[str, typer.Option(help="always: one decoder layer in memory at a time (same files); never: "
                                              "load the whole model; auto: stream unless the model fits in memory "
-                                             "several times over.")] = "auto",
+                                             "several times over. The check runs layer by layer where the export "
+                                             "does not fit.")] = "auto",
 ) -> None:
     """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer (plus ONNX Runtime's fused route), and
     check both files against PyTorch; nothing is written to OUT unless all of it succeeds."""
@@ -66,6 +67,9 @@ def check(
                                                         "the engine carries.")] = None,
     engine: Annotated[Optional[Path], typer.Option(
         help="With --trt: the plan to run (default BUILD/engine.plan).")] = None,
+    stream: Annotated[str, typer.Option(help="always: one decoder layer's ONNX Runtime session at a time (a model "
+                                             "bigger than memory); never: one session per file; auto: layer by "
+                                             "layer unless the export fits in memory several times over.")] = "auto",
 ) -> None:
     """Polygraphy parity: ONNX Runtime (or TensorRT with --trt, on a GPU) vs the PyTorch R&Q reference (docs/spec.md §9)."""
     if trt:
@@ -74,8 +78,9 @@ def check(
         report = check_engines(build, plugin, engine)
     else:
         from rq.export import check_export
+        from rq.export.parity import checks_layerwise
 
-        report = check_export(build)
+        report = check_export(build, layerwise=checks_layerwise(build, stream), show_progress=True)
     typer.echo(report.summary())
     if not report.passed:
         raise typer.Exit(1)
