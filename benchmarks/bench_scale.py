@@ -204,10 +204,11 @@ def plot(results: dict, path: Path) -> None:
               if any(s in r["stages"] for r in runs)]
     baselines = {"calibrate_kept": "calibrate, layers kept (whole model)",
                  "check_whole": "check, one session per file (whole model)"}
+    labels = {**baselines, "check": "check, layer by layer"}
     for stage in stages:
         xs = [r["layers"] for r in runs if stage in r["stages"]]
         ys = [r["stages"][stage]["peak_anon"] / GIB for r in runs if stage in r["stages"]]
-        ax.plot(xs, ys, "s:" if stage in baselines else "o-", label=baselines.get(stage, f"{stage}, streamed"))
+        ax.plot(xs, ys, "s:" if stage in baselines else "o-", label=labels.get(stage, f"{stage}, streamed"))
     ax.set_xlabel("decoder layers (Qwen3-30B-A3B shape, bfloat16)")
     ax.set_ylabel("peak RssAnon (GiB)")
     ax.set_xticks(layers)
