@@ -23,8 +23,13 @@ ran (the exporter reads ``past_key_values.{l}``'s shape early, for the sequence 
 ``Shape`` nodes there; it gets a zero tensor of the call's shape. Anything else is refused with a
 :class:`LayerwiseUnsupported` naming the value.
 
-The results are the whole graph's, computed by the same nodes; only optimizations that would fuse across a
-layer boundary are not made, which the §9 tolerances absorb.
+:class:`LayerwiseExport` holds an export's runners and makes the teacher-forced generation of the parity check
+(:class:`rq.export.runtime.OrtGenerator`'s calls) layer-major.
+
+The same nodes compute on the same inputs. In float32 graphs the results match a whole-file session to float
+rounding; in float16 graphs a session compiled for one layer can round differently from a whole-file session
+(one unit in the last place measured at a layer boundary), within the §9 tolerances except where a router's
+near-tie flips an assignment.
 """
 
 from __future__ import annotations
