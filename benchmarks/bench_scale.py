@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -129,7 +130,8 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def measure(command: list[str], log: Path) -> dict:
-    """Run ``command``; its wall time, exit code and the peaks of RssAnon and VmRSS (sampled every 0.1 s)."""
+    """Run ``command``; its wall time, CPU time (user + system, from ``wait4``: less moved by other work on a
+    shared machine than wall time), exit code and the peaks of RssAnon and VmRSS (sampled every 0.1 s)."""
     peaks = {"RssAnon": 0, "VmRSS": 0}
     start = time.perf_counter()
     with log.open("w") as out:
@@ -144,15 +146,17 @@ def measure(command: list[str], log: Path) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        code = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
         done.set()
         sampler.join()
-    return {"rc": code, "wall_s": time.perf_counter() - start, "peak_anon": peaks["RssAnon"],
+    return {"rc": code, "wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_anon": peaks["RssAnon"],
             "peak_rss": peaks["VmRSS"]}
 
 
 def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int], stream: str = "always",
-                   check: bool = False) -> dict[str, list[str]]:
+                   check: bool = False, export_dtype: str = "float16") -> dict[str, list[str]]:
     """One ``rq`` command line per stage; ``stream`` is every loading stage's ``--stream`` (``plan`` loads no
     model), ``check`` runs export's parity check inside the export (else ``rq check`` is its own stage)."""
     sequences, seq_len = tokens
@@ -167,7 +171,7 @@ def stage_commands(folder: Path, work: Path, data: Path, tokens: tuple[int, int]
                       "--seq-len", str(seq_len), "--batch-sizes", "1,2",
                       "--stream-steps", "0", "--stream", stream],
         "export": rq + ["export", str(folder), "--plan", str(plan), "--out", str(work / f"{folder.name}-build"),
-                        "--dtype", "float16", "--stream", stream, "--force",
+                        "--dtype", export_dtype, "--stream", stream, "--force",
                         "--check" if check else "--no-check"],
         "check": rq + ["check", str(work / f"{folder.name}-build"), "--stream", stream],
     }
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kept-max", type=int, default=0,
                         help="also calibrate with every layer kept and check whole files (the baselines, holding the "
                              "whole model) on checkpoints of up to this many layers")
+    parser.add_argument("--export-dtype", default="float16", choices=("float16", "float32"),
+                        help="float type of the exported graphs")
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "scale.json")
     parser.add_argument("--from-json", action="store_true", help="redraw the table and plot from --out")
     args = parser.parse_args(argv)
@@ -245,12 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
     data = args.work / "data.txt"
     data.write_text("\n".join(p.read_text() for p in sorted((HERE.parent / "rq").rglob("*.py"))))
     results = {"machine": "2-core CPU", "shape": "Qwen3-30B-A3B layer", "tokens": [args.sequences, args.seq_len],
-               "runs": []}
+               "export_dtype": args.export_dtype, "runs": []}
     for n in layers:
         folder = folders[n]
         run = {"layers": n, "checkpoint_bytes": checkpoint_bytes(folder),
                "layer_bytes": (folder / "layer-000.safetensors").stat().st_size, "stages": {}}
-        commands = stage_commands(folder, args.work, data, (args.sequences, args.seq_len))
+        commands = stage_commands(folder, args.work, data, (args.sequences, args.seq_len),
+                                  export_dtype=args.export_dtype)
         if n <= args.kept_max:
             kept = list(commands["calibrate"])
             kept[kept.index("always")] = "never"

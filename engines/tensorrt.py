@@ -586,7 +586,7 @@ def check_engines(build_dir: str | Path, plugin_lib: str | Path | None = None,
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.json import load_json
 
-    from rq.export.parity import ParityReport, compare_run_results, polygraphy_quiet
+    from rq.export.parity import ParityReport, compare_run_results, near_ties, polygraphy_quiet
     from rq.export.runtime import load_manifest
 
     build_dir = Path(build_dir)
@@ -611,7 +611,8 @@ def check_engines(build_dir: str | Path, plugin_lib: str | Path | None = None,
             reference = RunResults.load(str(build_dir / entry["reference"]))
             ours = Comparator.run([_engine_runner(rt, plans[graph], plugin, f"tensorrt-{graph}")], data_loader=feeds)
         names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
-        rows.extend(compare_run_results(reference, ours, names, manifest["dtype"], "prefill", graph))
+        rows.extend(compare_run_results(reference, ours, names, manifest["dtype"], "prefill", graph,
+                                        near_ties=near_ties(manifest, "prefill", graph)))
     report = ParityReport(str(build_dir), manifest["dtype"], all(r.passed for r in rows), rows, runtime=str(rt),
                           notes=[f"plans: {', '.join(str(p) for p in plans.values())}"])
     if write:

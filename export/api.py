@@ -15,8 +15,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from rq import __version__
 from rq.models.adapters import load_model
@@ -222,6 +224,19 @@ def _route_notes(manifest: dict) -> list[str]:
     return notes
 
 
+def router_weight_names(model: nn.Module, adapter) -> list[str | None]:
+    """Per MoE layer of ``model`` (before the plan replaces its experts), its router weight's parameter name;
+    None where the adapter derives the weight from several tensors."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return [names.get(id(layer.router_weight)) for layer in adapter.moe_layers(model)]
+
+
+def _router_weights(model: nn.Module, names: list[str | None]) -> Callable[[int], torch.Tensor | None]:
+    """MoE layer ``l``'s router weight as ``model`` holds it when a forward reaches the layer (a streamed
+    reference fills each decoder layer on the way), for the reference's near-ties (docs/spec.md §9)."""
+    return lambda index: None if names[index] is None else model.get_parameter(names[index])
+
+
 def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: str, opset: int,
                      trust_remote_code: bool, show_progress: bool) -> tuple[dict, dict[int, tuple[int, int]]]:
     """Load, apply the plan, trace and write the files that need the model into ``tmp``; returns the manifest
@@ -233,6 +248,7 @@ def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: s
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     attention = use_rq_attention(model)  # reference and graph agree on fully padded rows too
     moe_paths = [layer.path for layer in adapter.moe_layers(model)]
+    routers = router_weight_names(model, adapter)
     rq_layers = apply_plan(model, adapter, plan)  # quantizes from the float32 weights the plan was made on
     # the op's definition for every forward here (shape probes, parity data); the fast backend would also
     # keep a float copy of every INT4 version for the rest of the export
@@ -244,7 +260,8 @@ def _write_rq_export(model_dir: Path, plan, plan_path: Path, tmp: Path, dtype: s
             specs = graphs.graph_specs(model, wrappers, moe_paths, adapter.encoder_decoder, DTYPES[dtype])
         manifest = _manifest(model, adapter, specs, kv, moe_paths, rq_layers, dtype, opset, tokenizer, plan, plan_path)
         manifest["attention"] = attention
-        manifest["parity"] = reference.write_parity_data(model, rq_layers, manifest, tmp / "parity")
+        manifest["parity"] = reference.write_parity_data(model, rq_layers, manifest, tmp / "parity",
+                                                         router_weight=_router_weights(model, routers))
         advance(1)
         meta = {"rq.tool_version": __version__, "rq.plan_sha256": manifest["plan"]["sha256"],
                 "rq.model_fingerprint": plan.model.fingerprint, "rq.architecture": manifest["architecture"]}
@@ -320,7 +337,9 @@ def _write_rq_export_streamed(model_dir: Path, plan, plan_path: Path, tmp: Path,
                     weights.read_back(layer, streamed_export.data_file_readers(
                         tmp / spec.file, names, {b: t.dtype for b, t in buffers.items()},
                         {b: tuple(t.shape) for b, t in buffers.items()}))
-            manifest["parity"] = reference.write_parity_data(ref_model, ref_rq, manifest, tmp / "parity")
+            manifest["parity"] = reference.write_parity_data(ref_model, ref_rq, manifest, tmp / "parity",
+                                                             router_weight=_router_weights(
+                                                                 ref_model, router_weight_names(streamed.model, adapter)))
             _write_rest(tokenizer, manifest, tmp, plan_path)
             advance(1)
     finally:

@@ -12,11 +12,16 @@ Two sets, from a seeded generator and never the tracing sample:
   of the R&Q model in streaming mode (docs/spec.md §4 offsets rotating per call); per step the logits and each
   called layer's ``expert_counts``. The chosen tokens are saved so the ONNX Runtime generator can be
   teacher-forced along the same sequence.
+
+With each call's ``expert_counts`` the reference also records its router's **near-ties** per layer
+(:func:`near_tie_swaps`: assignments another runtime may route the other way within the dtype's tolerance,
+docs/spec.md §9), in the manifest's parity entry.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,15 +52,73 @@ def _counts(layers: list[RQExperts], which: list[int]) -> dict[str, np.ndarray]:
     return {f"expert_counts.{l}": _np(layers[l].last_counts) for l in which}
 
 
+def near_tie_swaps(logits: torch.Tensor, ids: torch.Tensor, atol: float, rtol: float) -> int:
+    """How many of a call's assignments a runtime computing within tolerance may route differently: per token
+    (``logits [T, N]`` router scores, ``ids [T, K]`` chosen experts, outside ``[0, N)`` dropped), the selected
+    experts that an unselected one comes within ``atol + rtol * |score|`` of, and the unselected ones within
+    that of a selected one; the smaller count is how many swaps the token allows. Routers that choose by
+    another score than these (a bias, groups) get no allowance where their choice is not near-tied here."""
+    logits = logits.to(torch.float32)
+    n = logits.shape[-1]
+    valid = (ids >= 0) & (ids < n)
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids.clamp(0, n - 1), valid)
+    if chosen.all(-1).any() or not chosen.any():
+        return 0
+    tolerance = atol + rtol * logits.abs()
+    low = torch.where(chosen, logits - tolerance, torch.inf).amin(-1, keepdim=True)  # weakest chosen, tolerant
+    high = torch.where(chosen, -torch.inf, logits + tolerance).amax(-1, keepdim=True)  # strongest other, tolerant
+    could_leave = chosen & (logits - tolerance <= high)
+    could_enter = ~chosen & (logits + tolerance >= low)
+    return int(torch.minimum(could_leave.sum(-1), could_enter.sum(-1)).sum())
+
+
+class NearTieRecorder:
+    """Forward pre-hooks on the R&Q layers that keep, per layer, :func:`near_tie_swaps` of its latest call."""
+
+    def __init__(self, layers: list[RQExperts], router_weight: Callable[[int], torch.Tensor | None], dtype: str):
+        from rq.export.parity import TOLERANCES
+
+        self.atol, self.rtol = TOLERANCES[dtype]
+        self.router_weight = router_weight
+        self.last: dict[int, int] = {}
+        self.handles = [layer.register_forward_pre_hook(self._hook(l), with_kwargs=True)
+                        for l, layer in enumerate(layers)]
+
+    def _hook(self, index: int):
+        def record(module, args, kwargs) -> None:
+            hidden, ids = (list(args) + list(kwargs.values()))[:2]  # RQExperts.forward(hidden, ids, weights)
+            weight = self.router_weight(index)
+            if weight is None or weight.is_meta:  # a router weight derived from several tensors: exact counts
+                self.last[index] = 0
+                return
+            scores = hidden.reshape(-1, hidden.shape[-1]).float() @ weight.float().T
+            self.last[index] = near_tie_swaps(scores, ids.reshape(scores.shape[0], -1), self.atol, self.rtol)
+        return record
+
+    def of(self, which: list[int]) -> dict[str, int]:
+        return {f"expert_counts.{l}": self.last.get(l, 0) for l in which}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 class ReferenceRunner:
     """Runs the plain R&Q model (no export wrappers) on the feeds the ONNX graphs get."""
 
-    def __init__(self, model: nn.Module, rq_layers: list[RQExperts], manifest: dict, seed: int = 0):
+    def __init__(self, model: nn.Module, rq_layers: list[RQExperts], manifest: dict, seed: int = 0,
+                 router_weight: Callable[[int], torch.Tensor | None] | None = None):
         self.model, self.layers, self.manifest = model, rq_layers, manifest
+        self.ties = None if router_weight is None else NearTieRecorder(rq_layers, router_weight, manifest["dtype"])
+        self.near_ties: dict = {"prefill": {}, "streaming": []}  # per graph / step: {output name: swaps}
         self.rng = np.random.default_rng(seed)
         self.dtype = {"float32": np.float32, "float16": np.float16}[manifest["dtype"]]
         self.vocab = manifest["vocab_size"]
         self.pad = manifest["generation"].get("pad_token_id") or 0
+
+    def _record_ties(self, where: list, which: list[int]) -> None:
+        if self.ties is not None:
+            where.append(self.ties.of(which))
 
     def _tokens(self, batch: int, seq: int) -> np.ndarray:
         return self.rng.integers(2, self.vocab, size=(batch, seq), dtype=np.int64)
@@ -95,6 +158,7 @@ class ReferenceRunner:
             names = self.manifest["kv_cache"]["present_names"]
             outs.append({"logits": _np(out.logits), **dict(zip(names, _cache_arrays(out.cache))),
                          **_counts(self.layers, layers)})
+            self._record_ties(self.near_ties["prefill"].setdefault("decoder", []), layers)
         return {"decoder": (feeds, outs)}
 
     def _encode(self, ids: np.ndarray, mask: np.ndarray):
@@ -114,6 +178,7 @@ class ReferenceRunner:
             enc_feeds.append({"input_ids": ids, "attention_mask": mask, **self._offsets("encoder")})
             enc_outs.append({"encoder_hidden_states": _np(encoded.last_hidden_state),
                              **_counts(self.layers, enc_layers)})
+            self._record_ties(self.near_ties["prefill"].setdefault("encoder", []), enc_layers)
             target = self._tokens(batch, seq - 1)
             dec_ids = np.concatenate(
                 [np.full((batch, 1), self.manifest["generation"]["decoder_start_token_id"], np.int64), target], 1)
@@ -125,6 +190,7 @@ class ReferenceRunner:
             names = self.manifest["kv_cache"]["present_names"]
             dec_outs.append({"logits": _np(out.logits), **dict(zip(names, _cache_arrays(out.cache))),
                              **_counts(self.layers, dec_layers)})
+            self._record_ties(self.near_ties["prefill"].setdefault("decoder", []), dec_layers)
         return {"encoder": (enc_feeds, enc_outs), "decoder": (dec_feeds, dec_outs)}
 
     # --- streaming decode -----------------------------------------------------------------------------
@@ -166,12 +232,14 @@ class ReferenceRunner:
                 out = call(ids, None)
                 first_layers = dec_layers
             results = [{"logits": _np(out.logits), **_counts(self.layers, first_layers)}]
+            self._record_ties(self.near_ties["streaming"], first_layers)
             forced = []
             for _ in range(steps):
                 token = out.logits[:, -1, :].argmax(-1).to(torch.int64)
                 forced.append(_np(token))
                 out = call(_np(token)[:, None], out.cache)
                 results.append({"logits": _np(out.logits), **_counts(self.layers, dec_layers)})
+                self._record_ties(self.near_ties["streaming"], dec_layers)
         finally:
             set_mode(self.model, "batch")
         inputs = {"input_ids": ids, "attention_mask": mask, "forced_tokens": np.stack(forced, axis=1)}
@@ -201,11 +269,23 @@ def save_inputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> None:
 
 
 def write_parity_data(model: nn.Module, rq_layers: list[RQExperts], manifest: dict, parity_dir: Path,
-                      seed: int = 0) -> dict:
-    """Run the reference and write ``parity_dir``; returns the manifest's ``parity`` entry (relative paths)."""
+                      seed: int = 0, router_weight: Callable[[int], torch.Tensor | None] | None = None) -> dict:
+    """Run the reference and write ``parity_dir``; returns the manifest's ``parity`` entry (relative paths, and
+    the near-ties of every call where ``router_weight(l)`` gives MoE layer ``l``'s router weight ``[N, H]``)."""
     parity_dir.mkdir(parents=True, exist_ok=True)
     set_backend(model, "reference")  # the op's definition (docs/spec.md §8), not a fast path
-    runner = ReferenceRunner(model, rq_layers, manifest, seed)
+    runner = ReferenceRunner(model, rq_layers, manifest, seed, router_weight)
+    try:
+        entry = _write_reference(runner, parity_dir, seed)
+    finally:
+        if runner.ties is not None:
+            runner.ties.close()
+    if runner.ties is not None:
+        entry["near_ties"] = runner.near_ties
+    return entry
+
+
+def _write_reference(runner: ReferenceRunner, parity_dir: Path, seed: int) -> dict:
     entry = {"seed": seed, "prefill": {}, "streaming": {}}
     for graph, (feeds, outputs) in runner.prefill().items():
         save_inputs(parity_dir / f"{graph}_inputs.json", feeds)

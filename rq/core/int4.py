@@ -115,8 +115,21 @@ def quantize(weight: torch.Tensor, group_size: int = 128) -> Int4Weight:
     check_group_size(group_size)
     if weight.dim() != 2 or not can_quantize(tuple(weight.shape)):
         raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)}: INT4 takes a non-empty [out, in] matrix")
+    out_features, in_features = weight.shape
+    if weight.is_meta:  # a skeleton's weight (export traces without data): the shapes, none of the arithmetic
+        return Int4Weight(meta_empty((out_features, packed_width(in_features)), torch.uint8),
+                          meta_scales(weight, group_size), group_size, in_features)
     scales = compute_scales(weight, group_size)
-    return Int4Weight(pack(quantize_values(weight, scales, group_size)), scales, group_size, weight.shape[1])
+    return Int4Weight(pack(quantize_values(weight, scales, group_size)), scales, group_size, in_features)
+
+
+def meta_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def meta_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The meta tensor :func:`compute_scales` would return for a meta ``weight``."""
+    return meta_empty((weight.shape[0], num_blocks(weight.shape[1], group_size)), torch.float16)
 
 
 def dequantize_values(packed: torch.Tensor, scales: torch.Tensor, group_size: int, in_features: int,

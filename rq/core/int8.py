@@ -62,6 +62,9 @@ def quantize(weight: torch.Tensor, group_size: int = 128) -> Int8Weight:
     check_group_size(group_size)
     if weight.dim() != 2 or not can_quantize(tuple(weight.shape)):
         raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)}: INT8 takes a non-empty [out, in] matrix")
+    if weight.is_meta:  # a skeleton's weight: the shapes only (as int4.quantize)
+        return Int8Weight(int4.meta_empty(tuple(weight.shape), torch.int8), int4.meta_scales(weight, group_size),
+                          group_size)
     scales = compute_scales(weight, group_size)
     return Int8Weight(quantize_values(weight, scales, group_size).contiguous(), scales, group_size)
 

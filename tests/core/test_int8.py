@@ -115,3 +115,19 @@ def test_reference_runs_each_copy_at_its_precision(activation):
             expected[t] += float(weights[t, k]) * (h @ w_out.double().T)[0]
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-3)
     assert counts.tolist() == torch.bincount(ids[ids >= 0], minlength=4).tolist()
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (33, 130), (8, 257)])
+@pytest.mark.parametrize("group", [64, 128])
+def test_meta_weights_quantize_to_the_shapes_of_real_ones(shape, group):
+    """A skeleton's meta weight (the streamed export traces without data) gets the tensors' shapes and dtypes
+    the real weight would, without the arithmetic, in both formats."""
+    weight = torch.randn(shape)
+    for module in (int4, int8):
+        real, meta = module.quantize(weight, group), module.quantize(weight.to("meta"), group)
+        for name in real.__dataclass_fields__:
+            a, b = getattr(real, name), getattr(meta, name)
+            if isinstance(a, torch.Tensor):
+                assert (b.is_meta, b.shape, b.dtype) == (True, a.shape, a.dtype), name
+            else:
+                assert a == b, name
