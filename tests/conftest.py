@@ -116,8 +116,9 @@ def exported(tiny, tmp_path_factory):
     def get(arch: str, dtype: str = "float32"):
         if (arch, dtype) not in cache:
             # float16 routing resolves router logits to about 3 digits: a near-tie between two experts may
-            # go either way in PyTorch and ONNX Runtime and flip an assignment (exact expert_counts, §9);
-            # sharper routers keep the float16 check about the export, not about coin flips
+            # go either way in PyTorch and ONNX Runtime; the check allows the swap in expert_counts (§9), but
+            # in a 2-layer model the swapped token's logits can leave the tolerance. Sharper routers keep the
+            # float16 check about the export, not about coin flips
             model_dir, plan = tiny(arch, router_std=1.0 if dtype == "float16" else 0.2)
             cache[(arch, dtype)] = export_model(model_dir, plan, root / f"{arch}-{dtype}", dtype=dtype,
                                                 show_progress=False)

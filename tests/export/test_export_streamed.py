@@ -61,7 +61,7 @@ def assert_same_export(whole, streamed) -> None:
         assert not differ, f"{name}: initializers {differ[:3]} differ"
     for data in (f for f in files if (whole.out_dir / (f + ".data")).is_file()):
         assert (whole.out_dir / (data + ".data")).stat().st_size == (streamed.out_dir / (data + ".data")).stat().st_size
-    same = ("graphs", "moe_layers", "kv_cache", "generation", "tolerances", "genai", "notes")
+    same = ("graphs", "moe_layers", "kv_cache", "generation", "tolerances", "genai", "notes", "parity")
     assert {k: whole.manifest[k] for k in same} == {k: streamed.manifest[k] for k in same}
     for file in ("parity/streaming_reference.json", "parity/decoder_reference.json", "parity/decoder_inputs.json"):
         assert (whole.out_dir / file).read_bytes() == (streamed.out_dir / file).read_bytes(), file

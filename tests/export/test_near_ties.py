@@ -69,6 +69,7 @@ def test_reference_records_near_ties_per_call(exported):
     assert len(ties["streaming"]) == parity["streaming"]["steps"] + 1  # the prompt's prefill, then each step
     for call in ties["prefill"]["decoder"] + ties["streaming"]:
         assert sorted(call) == sorted(counts) and all(isinstance(v, int) and v >= 0 for v in call.values())
+    assert sum(v for call in ties["prefill"]["decoder"] + ties["streaming"] for v in call.values()) > 0  # float16
 
 
 def test_check_excuses_a_swap_on_a_recorded_near_tie_only(exported, tmp_path):
