@@ -74,7 +74,7 @@ def whole_model_commands(folder: Path, work: Path, data: Path, tokens: tuple[int
                      seq_len]}
 
 
-def run_model(name: str, folder: Path, work: Path, repeats: int) -> dict:
+def run_model(name: str, folder: Path, work: Path, repeats: int, stages: tuple[str, ...]) -> dict:
     """Interleaved runs of ``name``'s stages in every mode; median wall and CPU seconds and their ratios against
     ``whole``."""
     data = split_path("calibration")
@@ -85,14 +85,14 @@ def run_model(name: str, folder: Path, work: Path, repeats: int) -> dict:
     (work / "whole").mkdir(parents=True, exist_ok=True)
     plan = work / "never" / f"{folder.name}-plan.json"  # written by never's plan stage before eval runs
     commands["whole"] = whole_model_commands(folder, work / "whole", data, TOKENS[name], plan)
-    times = {kind: {s: {m: [] for m in MODES} for s in STAGES[name]} for kind in ("wall_s", "cpu_s")}
-    peaks: dict[str, dict[str, int]] = {s: {m: 0 for m in MODES} for s in STAGES[name]}
-    for mode in STREAM_MODES if "plan" not in STAGES[name] else ():  # stats and plan for the timed stages
+    times = {kind: {s: {m: [] for m in MODES} for s in stages} for kind in ("wall_s", "cpu_s")}
+    peaks: dict[str, dict[str, int]] = {s: {m: 0 for m in MODES} for s in stages}
+    for mode in STREAM_MODES if "plan" not in stages else ():  # stats and plan for the timed stages
         for stage in ("calibrate", "plan"):
             measure(commands[mode][stage], work / mode / f"{stage}.log")
     for round_ in range(repeats):
         order = MODES[round_ % len(MODES):] + MODES[:round_ % len(MODES)]  # each mode goes first once
-        for stage in STAGES[name]:
+        for stage in stages:
             for mode in order:
                 if mode == "whole" and stage in ("plan", "export"):
                     continue  # plan loads no model; export's whole-model path is --stream never
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo", help="comma-separated: demo, mid")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stages", default="calibrate,plan,eval,export", help="comma-separated: which to time")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (the mid-size model is 1.7 GB)")
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "stages.json")
     args = parser.parse_args(argv)
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         folder = demo_checkpoint_dir() if name == "demo" else args.work / "mid"
         if name == "mid" and not (folder / "config.json").is_file():
             build_mid_size(folder)
-        results["models"][name] = run_model(name, folder, args.work / name, args.repeats)
+        stages = tuple(s for s in STAGES[name] if s in args.stages.split(","))
+        results["models"][name] = run_model(name, folder, args.work / name, args.repeats, stages)
         results["load_average_at_end"] = os.getloadavg()[0]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -87,6 +87,10 @@ class Checkpoint:
         dtype = _DTYPES.get(piece.get_dtype(), torch.uint8)
         return math.prod(piece.get_shape()) * dtype.itemsize
 
+    def numel(self) -> int:
+        """Elements of every stored tensor, read from the files' headers (no tensor is read)."""
+        return sum(math.prod(self._reader(self.weight_map[key]).get_slice(key).get_shape()) for key in self.keys())
+
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
