@@ -61,15 +61,15 @@ def near_tie_swaps(logits: torch.Tensor, ids: torch.Tensor, atol: float, rtol: f
     logits = logits.to(torch.float32)
     n = logits.shape[-1]
     valid = (ids >= 0) & (ids < n)
-    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids.clamp(0, n - 1), valid)
-    if chosen.all(-1).any() or not chosen.any():
-        return 0
+    rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
+    chosen = torch.zeros_like(logits, dtype=torch.bool)
+    chosen[rows[valid], ids[valid].long()] = True  # (a scatter of the clamped ids would let a dropped slot win)
     tolerance = atol + rtol * logits.abs()
     low = torch.where(chosen, logits - tolerance, torch.inf).amin(-1, keepdim=True)  # weakest chosen, tolerant
     high = torch.where(chosen, -torch.inf, logits + tolerance).amax(-1, keepdim=True)  # strongest other, tolerant
     could_leave = chosen & (logits - tolerance <= high)
     could_enter = ~chosen & (logits + tolerance >= low)
-    return int(torch.minimum(could_leave.sum(-1), could_enter.sum(-1)).sum())
+    return int(torch.minimum(could_leave.sum(-1), could_enter.sum(-1)).sum())  # a token that chose all: 0
 
 
 class NearTieRecorder:

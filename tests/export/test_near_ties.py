@@ -21,7 +21,7 @@ SCORES = torch.tensor([[5.0, 4.0, 3.0, 2.999, 0.0]])
     ([[0, 1, 2]], 2e-2, 1e-2, 1),  # experts 2 and 3 within 2e-2 + 1e-2 * 3: one swap
     ([[0, 1, 3]], 2e-2, 1e-2, 1),  # the other way round
     ([[0, 1, 2]], 1e-6, 0.0, 0),  # 1e-3 apart is no tie at this tolerance
-    ([[0, 1, -1]], 2e-2, 1e-2, 1),  # a dropped assignment (outside [0, N)) is not a choice
+    ([[0, 1, 2, -1]], 2e-2, 1e-2, 1),  # a dropped slot (outside [0, N)) is no choice: experts 2 and 3 still tie
     ([[0, 1]], 2e-2, 1e-2, 0),  # 4 against 3: far apart
 ])
 def test_near_tie_swaps_by_hand(ids, atol, rtol, swaps):
@@ -34,6 +34,7 @@ def test_near_tie_swaps_count_every_open_slot():
     assert near_tie_swaps(torch.ones(1, 4), torch.tensor([[0, 1]]), 1e-4, 1e-3) == 2
     assert near_tie_swaps(torch.ones(3, 4), torch.tensor([[0, 1]] * 3), 1e-4, 1e-3) == 6
     assert near_tie_swaps(torch.ones(1, 2), torch.tensor([[0, 1]]), 1e-4, 1e-3) == 0
+    assert near_tie_swaps(torch.ones(2, 2), torch.tensor([[0, 1], [0, -1]]), 1e-4, 1e-3) == 1  # per token
 
 
 def _results(runner: str, counts: list[list[int]]):
