@@ -7,7 +7,7 @@ Each stage runs as a fresh process in every mode: ``whole`` is the path before s
 whole checkpoint, twice for eval, then the same library call the command makes; export's is ``--stream never``,
 the baseline of its ratios), and the ``rq`` command with ``--stream never`` (streaming machinery, every layer kept once
 read), ``auto`` (the default: kept when the model fits) and ``always`` (one decoder layer at a time). The modes
-run interleaved, ``--repeats`` rounds (each mode first in one), so a busy machine slows them alike; each mode
+run interleaved, ``--repeats`` rounds (a different mode first in each), so a busy machine slows them alike; each mode
 keeps its own stats, plan and build. Reported: median wall and CPU time (user + system) per stage and mode, and
 their ratios against ``whole`` from the same run. ``plan`` loads no model (no ``--stream``): its ratios are the
 noise floor. Export runs with its parity check. Results: ``benchmarks/plots/stages.json`` and a markdown table.
@@ -91,7 +91,7 @@ def run_model(name: str, folder: Path, work: Path, repeats: int, stages: tuple[s
         for stage in ("calibrate", "plan"):
             measure(commands[mode][stage], work / mode / f"{stage}.log")
     for round_ in range(repeats):
-        order = MODES[round_ % len(MODES):] + MODES[:round_ % len(MODES)]  # each mode goes first once
+        order = MODES[round_ % len(MODES):] + MODES[:round_ % len(MODES)]  # a different mode first each round
         for stage in stages:
             for mode in order:
                 if mode == "whole" and stage in ("plan", "export"):
