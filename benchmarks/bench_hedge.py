@@ -5,8 +5,9 @@ fitted to (streaming decode from prose prompts), and what does hedging cost on c
 
 One calibration of the demo model on its calibration split (code, 128 x 128 tokens, the demo's), recording the
 traffic windows (16 sequences each) and the model's own greedy generation (33 new tokens from 16-token prompts,
-8 sequences per window). Two plans at budget 1.0 from the same stats: the default greedy (fitted to the sum) and
-``--hedge`` (worst window, docs/spec.md §6). Each is evaluated as ``rq eval --sequences 64 --stream-batch 32``
+8 sequences per window; ``rq calibrate``'s default). Two plans at budget 1.0 from the same stats: the greedy fitted
+to the sum (``--no-hedge``) and the hedged plan (worst window, docs/spec.md §6), which is the default for stats
+with generations. Each is evaluated as ``rq eval --sequences 64 --stream-batch 32``
 would (256-token sequences, 32 decode steps) on held-out prose and held-out code: per-layer cumulative LIS with
 no balancing and with the plan, batch 64 and streaming, and perplexity. Every number is measured in this run.
 """
@@ -39,7 +40,9 @@ def run(args) -> dict:
     calib = load_token_data(tokenizer, corpus.split_path("calibration"), seq_len=128, max_sequences=128)
     stats = calibrate(model, adapter, calib, show_progress=False, window=16, generate=args.generate,
                       generate_window=8, prompt_len=16)
-    plans = {"default": make_plan(stats, PlanOptions()), "hedged": make_plan(stats, PlanOptions(hedge=True))}
+    plans = {"fitted (--no-hedge)": make_plan(stats, PlanOptions(hedge=False)),
+             "hedged (default)": make_plan(stats, PlanOptions())}
+    assert plans["hedged (default)"].options.get("hedge"), "stats with generations plan hedged by default"
     data = {split: load_token_data(tokenizer, corpus.split_path(split), seq_len=256, max_sequences=args.sequences)
             for split in ("heldout_prose", "heldout_code")}
     result = {"machine": args.machine, "python": platform.python_version(), "generate": args.generate,

@@ -1,21 +1,25 @@
-"""Re-planning from served traffic on a live Triton Inference Server (CPU): LIS before and after one re-plan.
+"""Re-planning from served traffic on a live Triton Inference Server (CPU): LIS before and after each re-plan as
+traffic keeps drifting.
 
-    python -m benchmarks.bench_replan                 # demo model, code-calibrated plan serving prose
-    python -m benchmarks.bench_replan --json out.json --plot lis.png
+    python -m benchmarks.bench_replan                 # demo model: code plan first, traffic prose, code, prose
+    python -m benchmarks.bench_replan --schedule prose --json out.json --plot lis.png    # one round
 
 The demo model is calibrated on its code split and served (``rq tritonserver``, the ``nvidia-pytriton`` wheel's
-server, explicit model control); prose prompts stream at ``--concurrency``. A monitor scrapes ``/metrics`` every
-``--interval`` seconds; once a layer's ``rq_moe_plan_drift`` has exceeded the threshold (drift detected) and the
-first window holds ``--min-window`` seconds of traffic, it runs :func:`rq.replan.run.replan` with the server's
-address (in a thread: the monitor keeps scraping), which publishes version 2 and loads it while the load keeps
-running; the load goes on for ``--after`` seconds on version 2.
+server, explicit model control). Traffic comes in phases, one domain each (``--schedule``): short prose or code
+prompts streamed at ``--concurrency``. A monitor scrapes ``/metrics`` every ``--interval`` seconds. In each phase,
+once the serving version's ``rq_moe_plan_drift`` exceeds the threshold (drift detected) and the phase has run
+``--min-window`` seconds, it runs :func:`rq.replan.run.replan` on the window since the phase started (``since``:
+a scrape saved at its start), in a thread while the load keeps running; the new version is published and loaded,
+serves the phase ``--after`` more seconds, and the next phase starts. A phase without drift in
+``--phase-timeout`` seconds is left as it is.
 
-Reported, on the traffic version 2 served (its logical loads, each plan scored by the replica rule): LIS with no
-balancing, replicate-only at the same memory (EPLB's greedy replicas within the budget: none at budget 1.0), the
-code-calibrated plan that was serving, the re-plan, and a plan calibrated on prose (teacher-forced, the ceiling);
-the share of the code plan -> prose plan gap the re-plan recovers; LIS over copies the server's counters measured
-for each version; time from drift detected to version 2 serving (plan, export + parity, publish, load); a PNG of
-LIS over copies through the swap.
+Reported per round, on the traffic the new version served in its phase (its logical loads, each plan scored by the
+replica rule): LIS with no balancing, replicate-only at the same memory (EPLB's greedy replicas within the budget:
+none at budget 1.0), the plan that was serving, the re-plan, and the plan calibrated teacher-forced on that
+domain's text (the ceiling); the share of the gap to the ceiling the re-plan recovers; LIS over copies the server's
+counters measured per version; time from drift detected to the new version serving (plan, export + parity,
+publish, load); failed requests. At the end, each version's perplexity change on held-out code and prose, and a
+PNG of LIS over copies through every swap.
 """
 
 from __future__ import annotations
@@ -45,11 +49,16 @@ def _calibrate(demo: Path, split: str, sequences: int, out: Path):
     return stats
 
 
-def _prompts(n: int, skip: int) -> list[str]:
+def _prompts(domain: str, n: int, skip: int) -> list[str]:
+    """``n`` short prompts of held-out text: prose as 10 words, code as 3 source lines (``skip`` words / lines in,
+    past what the calibration of that domain reads)."""
     from rq.demo import corpus
 
-    words = corpus.load_split("heldout_prose").split()[skip:]
-    return [" ".join(words[i * 10:(i + 1) * 10]) for i in range(n)]
+    if domain == "prose":
+        words = corpus.load_split("heldout_prose").split()[skip:]
+        return [" ".join(words[i * 10:(i + 1) * 10]) for i in range(n)]
+    lines = [line for line in corpus.load_split("heldout_code").splitlines()[skip:] if line.strip()]
+    return ["\n".join(lines[i * 3:(i + 1) * 3])[:160] for i in range(n)]
 
 
 def _layer_lis(per_layer: dict) -> list[float]:
@@ -71,22 +80,28 @@ def _timeline(scrapes: list[tuple[float, dict]]) -> list[tuple[float, str, float
     return out
 
 
-def _plot(timeline, detected: float, started: float, serving: float, path: Path) -> None:
+def _plot(timeline, rounds: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for version in sorted({v for _, v, _ in timeline}):
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for version in sorted({v for _, v, _ in timeline}, key=int):
         points = [(t, y) for t, v, y in timeline if v == version]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=f"version {version}")
-    ax.axvline(detected, color="tab:red", ls="--", lw=1, label="drift detected")
-    ax.axvline(started, color="tab:orange", ls=":", lw=1, label="re-plan started")
-    ax.axvline(serving, color="tab:green", ls="--", lw=1, label="version 2 serving")
+    top = max((y for _, _, y in timeline), default=1.0)
+    for i, r in enumerate(rounds):
+        ax.axvline(r["phase_start_s"], color="grey", lw=0.8)
+        ax.text(r["phase_start_s"], top, f" {r['domain']}", fontsize=8, va="top", color="grey")
+        if r.get("detected_s") is not None:
+            ax.axvline(r["detected_s"], color="tab:red", ls="--", lw=1, label="drift detected" if i == 0 else None)
+        if r.get("serving_s") is not None:
+            ax.axvline(r["serving_s"], color="tab:green", ls="--", lw=1, label="new version serving" if i == 0 else None)
     ax.set_xlabel("seconds")
     ax.set_ylabel("LIS over copies (mean of layers)")
-    ax.set_title("Demo, code-calibrated plan serving prose: one re-plan from served metrics")
+    ax.set_title("Demo, code-calibrated plan first; traffic drifts " + " -> ".join(r["domain"] for r in rounds) +
+                 ": a re-plan per drift", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,21 +109,67 @@ def _plot(timeline, detected: float, started: float, serving: float, path: Path)
     plt.close(fig)
 
 
+def _version_only(scrape: dict, version: str) -> dict:
+    return {k: v for k, v in scrape.items() if dict(k[1]).get("version") == version}
+
+
+def _accuracy(demo: Path, plan_path: Path, sequences: int) -> dict[str, float]:
+    """Perplexity change (%) of the plan on held-out code and prose, teacher-forced (docs/spec.md §9)."""
+    from rq.calibrate.data import load_token_data, load_tokenizer
+    from rq.demo import corpus
+    from rq.eval.evaluate import evaluate
+    from rq.models.adapters import load_model
+    from rq.plan.schema import load_plan
+    from rq.rqmodel.model import apply_plan
+
+    original, adapter = load_model(demo)
+    rq_model, _ = load_model(demo)
+    apply_plan(rq_model, adapter, load_plan(plan_path))
+    tokenizer = load_tokenizer(demo)
+    out = {}
+    for domain in ("code", "prose"):
+        data = load_token_data(tokenizer, corpus.split_path(f"heldout_{domain}"), seq_len=128, max_sequences=sequences)
+        report = evaluate(original, rq_model, adapter, data.sequences, batch_sizes=[sequences], stream_steps=0,
+                          show_progress=False)
+        out[domain] = report.accuracy.ppl_change_pct
+    return out
+
+
+class _Load:
+    """One phase of traffic: ``cases`` streamed at ``concurrency`` in a thread until :meth:`stop`."""
+
+    def __init__(self, url: str, cases, concurrency: int):
+        from rq.engines.tritonserver_client import run_load
+
+        self.stop_event = threading.Event()
+        self.result: dict = {}
+        self.thread = threading.Thread(target=lambda: self.result.update(result=run_load(
+            url, cases, requests=10**6, concurrency=concurrency, ignore_eos=True, stop=self.stop_event, keep=False,
+            timeout=300)), daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+        self.thread.join(timeout=600)
+        return self.result["result"]
+
+
 def run(root: Path, sequences: int, concurrency: int, interval: float, after: float, threshold: float,
-        max_tokens: int, min_window: float) -> dict:
+        max_tokens: int, min_window: float, schedule: list[str], phase_timeout: float) -> dict:
     import torch
 
     import rq
     from benchmarks.baselines import eplb_logcnt, equal_memory_replicas
+    from rq.atomic import atomic_write_text
     from rq.core.lis import lis_value, model_lis
     from rq.core.replica import split_load
     from rq.engines.tritonserver import GENERATE, ServingOptions, write_model_repository
-    from rq.engines.tritonserver_client import parse_metrics, run_load, scrape_metrics
+    from rq.engines.tritonserver_client import parse_metrics, scrape_metrics
     from rq.export import export_model
     from rq.plan.planner import PlanOptions, make_plan
     from rq.plan.schema import load_plan, save_plan
     from rq.replan.run import plan_lis_on, replan
-    from rq.replan.served import window_loads
+    from rq.replan.served import copy_loads_by_version, read_scrape_text, window_loads
     from rq.testing.tritonserver import TritonServer
 
     demo = Path(rq.__file__).parent / "demo" / "checkpoint"
@@ -116,107 +177,140 @@ def run(root: Path, sequences: int, concurrency: int, interval: float, after: fl
     prose = _calibrate(demo, "heldout_prose", sequences, root / "stats_prose")
     options = PlanOptions(budget_factor=1.0)
     save_plan(make_plan(code, options), root / "plan_code.json")
-    prose_plan = make_plan(prose, options)
+    save_plan(make_plan(prose, options), root / "plan_prose.json")
+    ceilings = {"code": load_plan(root / "plan_code.json"), "prose": load_plan(root / "plan_prose.json")}
     export_model(demo, root / "plan_code.json", root / "build", check=False, show_progress=False)
     serving = ServingOptions(instances=2, intra_op_threads=1, max_context=128, default_max_tokens=max_tokens,
                              max_tokens_limit=64, forward_model=False, drift_threshold=threshold)
     repo = write_model_repository(root / "build", root / "repo", serving)
-    cases = [(p, max_tokens, None) for p in _prompts(32, skip=20000)]  # past the prose calibration's tokens
-    scrapes: list[tuple[float, dict]] = []
-    marks: dict[str, float] = {}
-    with TritonServer(repo, models=[GENERATE]) as server:
-        stop = threading.Event()
-        load: dict = {}
-        worker = threading.Thread(target=lambda: load.update(result=run_load(
-            server.grpc_url, cases, requests=10**6, concurrency=concurrency, ignore_eos=True, stop=stop, keep=True,
-            timeout=300)), daemon=True)
-        t0 = time.perf_counter()
-        worker.start()
-        outcome: dict = {}
-        swap = root / "at_swap.prom"
-
-        def do_replan():
-            outcome["result"] = replan(repo, server.metrics_url, root / "stats_code", demo, server=server.http_url,
-                                       save_scrape=swap, margin=0.0)
-            marks["serving"] = time.perf_counter() - t0
-
-        replanner = threading.Thread(target=do_replan, daemon=True)
-        deadline = t0 + 900
-        while time.perf_counter() < deadline:  # the monitor keeps scraping while the re-plan runs
-            time.sleep(interval)
-            scrape = scrape_metrics(server.metrics_url, "rq_moe_")
-            now = time.perf_counter() - t0
-            scrapes.append((now, scrape))
-            drift = [v for (name, _), v in scrape.items() if name == "rq_moe_plan_drift"]
-            if "detected" not in marks and drift and max(drift) > threshold:
-                marks["detected"] = now
-            if "detected" in marks and "started" not in marks and now >= min_window:
-                marks["started"] = now
-                replanner.start()
-            if "started" in marks and not replanner.is_alive():
-                if outcome.get("result") is None or outcome["result"].published is None:
-                    break
-                if now > marks["serving"] + after:
-                    break
-        result = outcome.get("result")
-        stop.set()
-        worker.join(timeout=600)
-        final = scrape_metrics(server.metrics_url, "rq_moe_")
-    if result is None or result.published is None:
-        raise SystemExit(f"no re-plan was published: {result.summary() if result else 'no drift detected'}")
-    served = load["result"]
-    before = parse_metrics(swap.read_text(), "rq_moe_")
+    # past the tokens the prose calibration reads; code prompts from held-out code (calibrated on another split)
+    prompts = {"prose": _prompts("prose", 32, skip=20000), "code": _prompts("code", 32, skip=0)}
     n_layers, n_experts = len(code.layers), code.model.num_experts
-    # version 2's traffic: its own counters (it started at zero when loaded)
-    v2_only = {k: v for k, v in final.items() if dict(k[1]).get("version") == "2"}
-    window2 = window_loads(v2_only, None, n_layers, n_experts)
-    window1 = window_loads(before, None, n_layers, n_experts)
-    new_plan = load_plan(repo / "rq_onnx" / "2" / "plan.json")
-    code_plan = load_plan(root / "plan_code.json")
     sizes = code.layers[0].original_bytes
-    replicate = [lis_value(split_load(l, eplb_logcnt(l.to(torch.float64), equal_memory_replicas(1.0, sizes))))
-                 for l in window2]
-    scores = {"no balancing": [lis_value(l) for l in window2], "replicate-only, same memory": replicate,
-              "code-calibrated plan (serving)": plan_lis_on(code_plan, window2),
-              "one re-plan from served metrics": plan_lis_on(new_plan, window2),
-              "prose-calibrated plan (ceiling)": plan_lis_on(prose_plan, window2)}
-    means = {k: model_lis(v) for k, v in scores.items()}
-    base = means["no balancing"][0]
-    code_m, new_m, prose_m = (means[k][0] for k in ("code-calibrated plan (serving)", "one re-plan from served metrics",
-                                                    "prose-calibrated plan (ceiling)"))
-    from rq.replan.served import copy_loads_by_version
+    scrapes: list[tuple[float, dict]] = []
+    rounds: list[dict] = []
+    plans = {"1": root / "plan_code.json"}
+    served = {"requests": 0, "errors": 0, "versions": {}}
+    with TritonServer(repo, models=[GENERATE]) as server:
+        t0 = time.perf_counter()
+        version = "1"
 
-    measured = {"1": model_lis(_layer_lis(copy_loads_by_version(before)["1"]))[0],
-                "2": model_lis(_layer_lis(copy_loads_by_version(final)["2"]))[0]}
+        def scrape_now() -> dict:
+            scrape = scrape_metrics(server.metrics_url, "rq_moe_")
+            scrapes.append((time.perf_counter() - t0, scrape))
+            return scrape
+
+        for domain in schedule:
+            start_file = root / f"phase{len(rounds) + 1}.prom"
+            atomic_write_text(start_file, read_scrape_text(server.metrics_url))  # the window starts here
+            entry = {"domain": domain, "running_version": version, "phase_start_s": time.perf_counter() - t0}
+            load = _Load(server.grpc_url, [(p, max_tokens, None) for p in prompts[domain]], concurrency)
+            outcome: dict = {}
+
+            def do_replan(since=start_file):
+                outcome["result"] = replan(repo, server.metrics_url, root / "stats_code", demo,
+                                           server=server.http_url, since=since, margin=0.0)
+                outcome["serving"] = time.perf_counter() - t0
+
+            replanner = threading.Thread(target=do_replan, daemon=True)
+            phase_end = None
+            while True:  # the monitor keeps scraping while the re-plan runs
+                time.sleep(interval)
+                scrape = scrape_now()
+                now = scrapes[-1][0]
+                drift = [v for (name, labels), v in scrape.items()
+                         if name == "rq_moe_plan_drift" and dict(labels).get("version") == version]
+                if "detected_s" not in entry and drift and max(drift) > threshold:
+                    entry["detected_s"] = now
+                if "detected_s" in entry and "started_s" not in entry and now >= entry["phase_start_s"] + min_window:
+                    entry["started_s"] = now
+                    replanner.start()
+                if "detected_s" not in entry and now > entry["phase_start_s"] + phase_timeout:
+                    entry["outcome"] = f"no drift detected in {phase_timeout:.0f} s"
+                    break
+                if "started_s" in entry and not replanner.is_alive():
+                    result = outcome.get("result")
+                    if result is None or result.published is None:
+                        entry["outcome"] = result.summary() if result else "the re-plan raised"
+                        break
+                    if phase_end is None:
+                        entry["serving_s"] = outcome["serving"]
+                        phase_end = outcome["serving"] + after
+                    if now > phase_end:
+                        break
+            phase = load.stop()
+            served["requests"] += phase.requests
+            served["errors"] += phase.errors
+            for v, count in phase.versions.items():
+                served["versions"][v] = served["versions"].get(v, 0) + count
+            end = scrape_now()
+            result = outcome.get("result")
+            if result is not None and result.published is not None:
+                new = str(result.published)
+                window = window_loads(_version_only(end, new), None, n_layers, n_experts)  # what it served
+                plans[new] = repo / "rq_onnx" / new / "plan.json"
+                running_plan, new_plan = load_plan(plans[version]), load_plan(plans[new])
+                replicate = [lis_value(split_load(l, eplb_logcnt(l.to(torch.float64),
+                                                                 equal_memory_replicas(1.0, sizes)))) for l in window]
+                scores = {"no balancing": [lis_value(l) for l in window], "replicate-only, same memory": replicate,
+                          f"running plan (version {version})": plan_lis_on(running_plan, window),
+                          f"re-plan (version {new})": plan_lis_on(new_plan, window),
+                          f"{domain}-calibrated plan (ceiling)": plan_lis_on(ceilings[domain], window)}
+                means = {k: model_lis(v) for k, v in scores.items()}
+                base = means["no balancing"][0]
+                old_m, new_m, top_m = (means[k][0] for k in list(means)[2:])
+                measured = copy_loads_by_version(end, parse_metrics(start_file.read_text(), "rq_moe_"))
+                entry.update({
+                    "published_version": new, "window_assignments": int(window.sum()),
+                    "fitted_on_assignments": result.assignments,
+                    "lis": {k: {"mean": m, "worst": w, "reduction": base / m} for k, (m, w) in means.items()},
+                    "gap_recovered": (old_m - new_m) / (old_m - top_m) if old_m > top_m else None,
+                    "measured_copy_lis": {v: model_lis(_layer_lis(layers))[0] for v, layers in measured.items()
+                                          if all(float(l.sum()) > 0 for l in layers.values())},
+                    "replan_seconds": result.seconds, "started_to_serving_s": entry["serving_s"] - entry["started_s"],
+                    "outcome": result.summary()})
+                version = new
+            entry["requests"], entry["errors"], entry["versions"] = phase.requests, phase.errors, phase.versions
+            rounds.append(entry)
+    accuracy = {v: _accuracy(demo, path, 32) for v, path in plans.items()}
     return {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core CPU ({platform.machine()})",
         "settings": {"calibration_sequences": sequences, "seq_len": 128, "concurrency": concurrency,
-                     "max_tokens": max_tokens, "drift_threshold": threshold, "budget_factor": 1.0},
-        "requests": served.requests, "errors": served.errors, "versions": served.versions,
-        "window_assignments": {"version 1": int(window1.sum()), "version 2": int(window2.sum())},
-        "lis": {k: {"mean": m, "worst": w, "reduction": base / m} for k, (m, w) in means.items()},
-        "gap_recovered": (code_m - new_m) / (code_m - prose_m) if code_m > prose_m else None,
-        "measured_copy_lis": measured, "replan": {"seconds": result.seconds, "summary": result.summary()},
-        "drift_detected_s": marks["detected"], "replan_started_s": marks["started"], "serving_s": marks["serving"],
-        "started_to_serving_s": marks["serving"] - marks["started"],
-        "timeline": _timeline(scrapes),
+                     "max_tokens": max_tokens, "drift_threshold": threshold, "budget_factor": 1.0,
+                     "schedule": schedule, "min_window_s": min_window, "after_s": after},
+        "served": served, "rounds": rounds, "accuracy_ppl_change_pct": accuracy, "timeline": _timeline(scrapes),
     }
 
 
 def report(res: dict) -> str:
-    rows = [[k, fmt(v["mean"]), fmt(v["worst"]), fmt(v["reduction"], 2, "x")] for k, v in res["lis"].items()]
-    out = table(["plan, on the prose traffic version 2 served", "LIS mean", "worst layer", "vs no balancing"], rows,
-                align="lrrr")
-    sec = res["replan"]["seconds"]
-    gap = res["gap_recovered"]
-    out += (f"\n\nRe-plan recovers {fmt(100 * gap, 0)} % of the code -> prose plan gap. "
-            f"LIS over copies measured by the server's counters: version 1 {fmt(res['measured_copy_lis']['1'])}, "
-            f"version 2 {fmt(res['measured_copy_lis']['2'])}. Drift detected at {fmt(res['drift_detected_s'], 1)} s, "
-            f"re-plan started at {fmt(res['replan_started_s'], 1)} s (first window), version 2 serving "
-            f"{fmt(res['started_to_serving_s'], 1)} s later (" + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) +
-            f"). {res['requests']} requests at concurrency {res['settings']['concurrency']}, {res['errors']} failed; "
-            f"served by version: {res['versions']}.")
-    return out
+    parts = []
+    for i, r in enumerate(res["rounds"], 1):
+        head = f"**Round {i}: {r['domain']} traffic, version {r['running_version']} serving.** "
+        if "lis" not in r:
+            parts.append(head + r["outcome"])
+            continue
+        rows = [[k, fmt(v["mean"]), fmt(v["worst"]), fmt(v["reduction"], 2, "x")] for k, v in r["lis"].items()]
+        sec = r["replan_seconds"]
+        gap = r["gap_recovered"]
+        parts.append(head + (
+            f"Scored on the {r['window_assignments']:,} assignments version {r['published_version']} served in this "
+            f"phase (fitted on the {r['fitted_on_assignments']:,} before the swap):\n\n") + table(
+            [f"plan, on the {r['domain']} traffic version {r['published_version']} served", "LIS mean", "worst layer",
+             "vs no balancing"], rows, align="lrrr") + (
+            f"\n\nGap to the ceiling recovered: {'n/a' if gap is None else fmt(100 * gap, 0) + ' %'}. "
+            f"LIS over copies by the server's counters in this phase: " +
+            ", ".join(f"version {v} {fmt(x)}" for v, x in sorted(r["measured_copy_lis"].items())) +
+            f". Drift detected {fmt(r['detected_s'] - r['phase_start_s'], 1)} s into the phase, re-plan started at "
+            f"{fmt(r['started_s'] - r['phase_start_s'], 1)} s, version {r['published_version']} serving "
+            f"{fmt(r['started_to_serving_s'], 1)} s later (" + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) +
+            f"). {r['requests']} requests, {r['errors']} failed; served by version: {r['versions']}."))
+    acc = res["accuracy_ppl_change_pct"]
+    parts.append("Perplexity change of each version's plan, held-out code / prose (32 x 128 tokens): " +
+                 "; ".join(f"version {v} {a['code']:+.2f} % / {a['prose']:+.2f} %" for v, a in acc.items()) + ".")
+    s = res["served"]
+    parts.append(f"In all: {s['requests']} requests at concurrency {res['settings']['concurrency']}, {s['errors']} "
+                 f"failed; served by version: {s['versions']}.")
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,13 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=1.25, help="drift threshold (rq_moe_plan_drift)")
     parser.add_argument("--min-window", type=float, default=15.0,
                         help="seconds of traffic the first window holds at least (the re-plan starts after both)")
+    parser.add_argument("--schedule", default="prose,code,prose",
+                        help="traffic domains in turn (prose, code); the server starts on the code-calibrated plan")
+    parser.add_argument("--phase-timeout", type=float, default=60.0,
+                        help="seconds a phase waits for drift before the next one starts")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "plots" / "replan_lis.png")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rq-bench-replan-") as tmp:
+        schedule = [d.strip() for d in args.schedule.split(",") if d.strip()]
+        if not schedule or any(d not in ("prose", "code") for d in schedule):
+            raise SystemExit(f"--schedule takes prose and code, comma-separated; got {args.schedule!r}")
         res = run(Path(tmp), args.sequences, args.concurrency, args.interval, args.after, args.threshold,
-                  args.max_tokens, args.min_window)
-    _plot(res["timeline"], res["drift_detected_s"], res["replan_started_s"], res["serving_s"], args.plot)
+                  args.max_tokens, args.min_window, schedule, args.phase_timeout)
+    _plot(res["timeline"], res["rounds"], args.plot)
     if args.json is not None:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     print(report(res))

@@ -32,8 +32,9 @@ def calibrate(
     window: Annotated[int, typer.Option(help="Sequences per traffic window: loads are also kept per window, for "
                                              "`rq plan --hedge`.")] = 16,
     generate: Annotated[int, typer.Option(help="Also record routing on the model's own greedy generation of this "
-                                               "many new tokens per sequence (decode routes differently); 0: none."
-                                          )] = 0,
+                                               "many new tokens per sequence (decode routes differently; `rq plan` "
+                                               "then hedges for it), e.g. 33; 0: none. A streamed model makes one "
+                                               "more pass over the checkpoint per token.")] = 0,
     generate_window: Annotated[int, typer.Option(help="Sequences per generation call and per generated window.")] = 8,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens (from each sequence's start) that generation "
                                                  "continues.")] = 16,
@@ -64,6 +65,9 @@ def calibrate(
             raise RQError(f"{name} must be at least 1, got {value}")
     if generate < 0:
         raise RQError(f"--generate must be 0 or more new tokens, got {generate}")
+    if generate and not streamed.keep:
+        console.print(f"recording {generate} generated tokens per sequence: {generate} more passes over the streamed "
+                      f"checkpoint (--generate 0 skips them; `rq plan` then fits the calibration text, unhedged)")
     stats = run(streamed, streamed.adapter, token_data, batch_size=batch_size, group_size=group_size, seed=seed,
                 window=window, generate=generate, generate_window=generate_window, prompt_len=prompt_len)
     stats.save(out)
@@ -90,9 +94,11 @@ def plan(
                                                  )] = 0.0,
     precisions: Annotated[str, typer.Option(help="Quantized formats copies may use: int4, int8 or int4,int8 (with "
                                                  "int8: the exact per-layer solver, least predicted error).")] = "int4",
-    hedge: Annotated[bool, typer.Option(help="Plan for the worst traffic window of the stats (calibration chunks and "
-                                             "generations) instead of their sum: no window gets worse than no "
-                                             "balancing.")] = False,
+    hedge: Annotated[Optional[bool], typer.Option(
+        "--hedge/--no-hedge", help="Plan for the worst traffic window of the stats (calibration chunks and generations) "
+                                   "so that none gets worse than no balancing, or fit their sum. Default: hedge when "
+                                   "the stats record generations (`rq calibrate --generate`).",
+        show_default=False)] = None,
 ) -> None:
     """Choose each copy's precision and the replicas per layer within the memory budget; write a validated plan.json."""
     from rq.plan.planner import PlanOptions, make_plan

@@ -39,6 +39,7 @@ class DemoSettings:
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 256)
     stream_batch: int = 32
     stream_steps: int = 32
+    generate: int = 0  # > 0: calibration also records the model's own generations, and the plan hedges (§6)
     calibration_sizes: tuple[int, ...] = (8, 32, 128)
     prose_sequences: int = 128
     group_size: int = 128
@@ -49,7 +50,8 @@ class DemoSettings:
     def quick() -> "DemoSettings":
         """Reduced mode for tests and smoke runs (seconds, same code path)."""
         return DemoSettings(seq_len=64, calibration_sequences=16, eval_sequences=16, batch_sizes=(1, 4, 16),
-                            stream_batch=4, stream_steps=3, calibration_sizes=(4, 16), prose_sequences=16)
+                            stream_batch=4, stream_steps=3, calibration_sizes=(4, 16),
+                            prose_sequences=16)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,7 +96,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
 
     console.print(f"[bold]1/4 calibrate[/] {model_dir.name}: {calib.description}")
     stats = calibrate(original, adapter, calib, group_size=settings.group_size, seed=settings.seed,
-                      show_progress=show_progress)
+                      generate=settings.generate, show_progress=show_progress)
     stats.save(out_dir / "stats")
     console.print(f"[bold]2/4 plan[/] budget {settings.budget:g}x")
     plan = make_plan(stats, PlanOptions(budget_factor=settings.budget))
@@ -107,7 +109,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
     for name, data in heldout.items():
         reports[name] = evaluate(original, rq_model, adapter, data.sequences, batch_sizes=list(settings.batch_sizes),
                                  stream_batch=settings.stream_batch,
-                                 stream_steps=settings.stream_steps if name == "heldout_code" else 0,
+                                 stream_steps=settings.stream_steps,
                                  show_progress=show_progress)
     reports["calibration"] = evaluate(original, rq_model, adapter, calib.sequences,
                                       batch_sizes=[max(settings.batch_sizes)], stream_steps=0,
@@ -158,7 +160,8 @@ def calibration_size_sweep(original, adapter, tokenizer, heldout: dict[str, Toke
         if full_stats is not None and n == settings.calibration_sequences:
             stats = full_stats
         else:
-            stats = calibrate(original, adapter, subset, group_size=settings.group_size, show_progress=False)
+            stats = calibrate(original, adapter, subset, group_size=settings.group_size, generate=settings.generate,
+                              show_progress=False)
         plan = make_plan(stats, PlanOptions(budget_factor=settings.budget))
         plans[n] = plan
         row = {"sequences": n, "tokens": subset.tokens}

@@ -10,16 +10,24 @@ from rq.eval.report import _arrow, lis_by_batch, per_layer
 
 def domains(reports: dict[str, EvalReport]) -> Table:
     table = Table(title="Does the plan hold off its calibration data? (finding iii) + accuracy parity")
-    for col in ("data", "model LIS (cum.)", "reduction", "perplexity", "ppl change", "top-1 agree", "KL(orig||R&Q)"):
+    for col in ("data", "model LIS (cum.)", "reduction", "streaming decode", "layers worse", "perplexity",
+                "ppl change", "top-1 agree", "KL(orig||R&Q)"):
         table.add_column(col, justify="right")
     for name, report in reports.items():
         largest = max(report.batch)
         mb, _, ma, _ = report.model_point(report.batch[largest])
         acc = report.accuracy
-        table.add_row(name, _arrow(mb, ma), f"{mb / ma:.2f}x", f"{acc.ppl_original:.2f} -> {acc.ppl_rq:.2f}",
+        if report.streaming is None:
+            streaming = "-"
+        else:
+            sb, _, sa, _ = report.model_point(report.streaming)
+            streaming = f"{_arrow(sb, sa)} ({sb / sa:.2f}x)"
+        table.add_row(name, _arrow(mb, ma), f"{mb / ma:.2f}x", streaming, str(len(report.losses())),
+                      f"{acc.ppl_original:.2f} -> {acc.ppl_rq:.2f}",
                       f"{acc.ppl_change_pct:+.2f}%", f"{100 * acc.top1_agreement:.2f}%", f"{acc.kl_mean:.5f}")
     report = next(iter(reports.values()))
-    table.caption = (f"expert memory {report.bytes_before:,} B -> {report.bytes_after:,} B "
+    table.caption = ("layers worse: (mode, layer) pairs where the plan's LIS exceeds no balancing's; "
+                     f"expert memory {report.bytes_before:,} B -> {report.bytes_after:,} B "
                      f"({report.bytes_after / report.bytes_before:.3f}x)")
     return table
 

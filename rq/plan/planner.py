@@ -13,6 +13,7 @@ Greedy and deterministic (ties break by lower expert id):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import heapq
 import math
@@ -40,7 +41,9 @@ class PlanOptions:
     max_replicas: int = 7  # per expert, so at most 8 copies
     lis_tolerance: float = 0.0  # keep the fewest replicas whose LIS is within (1 + tol) of the best
     precisions: tuple[str, ...] = ("int4",)  # quantized formats allowed; with int8 the exact solver plans
-    hedge: bool = False  # plan for the worst traffic window of the stats (rq.plan.robust), never above no balancing
+    # plan for the worst traffic window of the stats (rq.plan.robust), never above no balancing on any of them;
+    # None: hedge exactly when the stats record the model's own generations (docs/spec.md §6)
+    hedge: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,16 @@ def hedged_decision(s: LayerStats, importance: torch.Tensor, original: torch.Ten
                          layer_bytes(orig, q, quantized, [c - 1 for c in copies]), before, after)
 
 
+def resolve_hedge(stats: CalibrationStats, hedge: bool | None, precisions: tuple[str, ...]) -> bool:
+    """``hedge`` as asked; by default (None) hedged exactly when the stats hold windows of the model's own
+    generations and the plan is INT4 only: decode traffic routes differently from the calibration text, so a plan
+    fitted to the sum can lose to no balancing there, and only then does the planner see the traffic to hedge for."""
+    if hedge is not None:
+        return hedge
+    return precisions == ("int4",) and stats.windows is not None and stats.windows.generated > 0 and all(
+        s.load_windows is not None for s in stats.layers)
+
+
 def layer_bytes(original_bytes: list[int], int4_bytes: list[int], int4_primary: list[bool], replicas: list[int]) -> int:
     """Bytes of one layer's copies: each primary at its precision, every replica INT4 (docs/spec.md §6)."""
     primaries = sum(q if quantized else o for o, q, quantized in zip(original_bytes, int4_bytes, int4_primary))
@@ -234,6 +247,7 @@ def make_plan(stats: CalibrationStats, options: PlanOptions = PlanOptions()) -> 
     if "int8" in precisions and any(s.quant_sensitivity_int8 is None for s in stats.layers):
         raise RQError("these stats have no INT8 sensitivity (calibrated before INT8 existed); rerun `rq calibrate` "
                       "or plan with --precisions int4")
+    options = dataclasses.replace(options, hedge=resolve_hedge(stats, options.hedge, precisions))
     if options.hedge and precisions != ("int4",):
         raise RQError("--hedge plans INT4 copies only; drop --precisions or --hedge")
     if options.hedge and any(s.load_windows is None for s in stats.layers):

@@ -47,8 +47,7 @@ def replan_options(plan: Plan) -> PlanOptions:
     (those :class:`PlanOptions` knows)."""
     known = {f.name for f in dataclasses.fields(PlanOptions)}
     recorded = {k: v for k, v in plan.options.items() if k in known}
-    if "hedge" in recorded:  # recorded as the objective's name (docs/spec.md §6)
-        recorded["hedge"] = bool(recorded["hedge"])
+    recorded["hedge"] = bool(recorded.get("hedge"))  # recorded as the objective's name, absent when fitted (§6)
     return PlanOptions(**{**recorded, "budget_factor": plan.budget.budget_factor, "importance": plan.importance_metric})
 
 

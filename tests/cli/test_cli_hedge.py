@@ -1,4 +1,5 @@
-"""`rq calibrate --generate` (the streamed model generates), `rq plan --hedge`, and `rq eval`'s losses in its JSON."""
+"""`rq calibrate --generate` (the streamed model generates), `rq plan --hedge/--no-hedge` (hedged by default for
+such stats), and `rq eval`'s losses in its JSON."""
 
 import json
 
@@ -26,9 +27,10 @@ def test_generate_hedge_and_eval_losses(tiny_checkpoints, text_file, tmp_path):
     assert (stats.windows.teacher_forced, stats.windows.generated) == (2, 2)
     k = stats.model.top_k
     assert all(s.load_windows[2:].sum(1).tolist() == [4 * 3 * k] * 2 for s in stats.layers)  # 3 decode steps
-    code, out = _run("plan", tmp_path / "stats", "--out", tmp_path / "plan.json", "--hedge")
-    assert code == 0, out
-    assert json.loads((tmp_path / "plan.json").read_text())["options"]["hedge"] == "worst window"
+    for flag, objective in (("--hedge", "worst window"), ("--no-hedge", None), (None, "worst window")):
+        code, out = _run("plan", tmp_path / "stats", "--out", tmp_path / "plan.json", *([flag] if flag else []))
+        assert code == 0, out
+        assert json.loads((tmp_path / "plan.json").read_text())["options"].get("hedge") == objective, flag
     code, out = _run("eval", ckpt, "--plan", tmp_path / "plan.json", "--data", text_file, "--seq-len", 32,
                      "--sequences", 8, "--batch-sizes", "4", "--stream-batch", 4, "--stream-steps", 2,
                      "--out", tmp_path / "eval.json")

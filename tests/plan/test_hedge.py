@@ -140,3 +140,19 @@ def test_streamed_generation_records_the_same_windows(tiny_checkpoints, text_fil
     streamed = calibrate(streamed_model, streamed_model.adapter, data, **kwargs)
     assert whole.windows == streamed.windows
     assert all(torch.equal(a.load_windows, b.load_windows) for a, b in zip(whole.layers, streamed.layers))
+
+
+def test_default_objective_hedges_exactly_when_the_stats_hold_generations(tiny_stats):
+    """docs/spec.md §6: without --hedge/--no-hedge an INT4 plan is hedged when the stats record the model's own
+    generations, fitted to the sum otherwise; an explicit choice wins either way."""
+    plain, generated = tiny_stats
+
+    def objective(stats, **options):
+        plan = make_plan(stats, PlanOptions(**options))
+        return plan.options.get("hedge"), [layer.logcnt for layer in plan.layers]
+
+    hedged, fitted = objective(generated, hedge=True), objective(generated, hedge=False)
+    assert objective(generated) == hedged and hedged[0] == "worst window"
+    assert fitted[0] is None and objective(plain) == objective(plain, hedge=False) == (None, fitted[1])
+    # the exact mixed-precision solver has no hedged form: the default falls back to it rather than refusing
+    assert make_plan(generated, PlanOptions(precisions=("int4", "int8"))).options.get("hedge") is None

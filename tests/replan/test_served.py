@@ -93,6 +93,7 @@ def test_replan_on_drifted_loads_beats_the_running_plan_within_its_budget():
     loads = torch.stack([s.load for s in drifted.layers]).to(torch.int64)
     options = replan_options(running)
     assert options.budget_factor == 1.0 and options.importance == "gate_mass"
+    assert options.hedge is False  # a fitted plan re-plans fitted, whatever windows the served stats carry
     new = make_plan(served_stats(cal, loads, "test"), options)
     before, after = plan_lis_on(running, loads), plan_lis_on(new, loads)
     for layer, load, value in zip(new.layers, loads, after):
