@@ -50,8 +50,7 @@ class DemoSettings:
     def quick() -> "DemoSettings":
         """Reduced mode for tests and smoke runs (seconds, same code path)."""
         return DemoSettings(seq_len=64, calibration_sequences=16, eval_sequences=16, batch_sizes=(1, 4, 16),
-                            stream_batch=4, stream_steps=3, calibration_sizes=(4, 16),
-                            prose_sequences=16)
+                            stream_batch=4, stream_steps=3, calibration_sizes=(4, 16), prose_sequences=16)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,3 +25,16 @@ def test_demo_quick_writes_numbers_and_plots(tmp_path):
     assert max(before) > 1.5 and sum(after) < sum(before)
     assert summary["plan"]["planned_bytes"] <= summary["plan"]["reference_bytes"]
     assert (tmp_path / "plan.json").is_file() and (tmp_path / "stats" / "stats.json").is_file()
+    assert summary["reports"]["heldout_prose"]["streaming"] is not None  # decode on the other domain is shown
+    assert "layers worse" in result.output
+    assert "hedge" not in json.loads((tmp_path / "plan.json").read_text())["options"]  # fitted without generations
+
+
+def test_demo_generate_records_decode_and_hedges(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--quick", "--generate", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "stats" / "stats.json").read_text())
+    assert stats["windows"]["generated"] > 0 and stats["windows"]["generated_tokens"] == 4
+    assert json.loads((tmp_path / "plan.json").read_text())["options"]["hedge"] == "worst window"
+    bad = CliRunner().invoke(app, ["demo", "--quick", "--generate", "-1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "--generate must be 0 or more" in bad.output and not (tmp_path / "x").exists()
