@@ -7,6 +7,8 @@ changed); accumulators are float64 ``[N]`` vectors, so memory does not grow with
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -76,16 +78,21 @@ class _LayerAccumulator:
 
 
 class _LoadRecorder:
-    """Forward pre-hook that keeps only the ``[N]`` loads of each call (decode steps of a generation)."""
+    """Forward pre-hook that keeps only the ``[N]`` loads of each call (decode steps of a generation), per
+    generation: the generations of a streamed model run as threads of one layer-major pass, so each call is
+    filed under the generation its thread says it belongs to (:data:`_generation`)."""
 
-    def __init__(self, adapter: Adapter, layer: MoELayer):
+    def __init__(self, adapter: Adapter, layer: MoELayer, generations: int):
         self.adapter, self.layer = adapter, layer
-        self.calls: list[torch.Tensor] = []
+        self.calls: list[list[torch.Tensor]] = [[] for _ in range(generations)]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = self.adapter.routing_from_call(self.layer, args, kwargs).ids.reshape(-1).cpu().to(torch.int64)
         ids = ids[(ids >= 0) & (ids < self.layer.num_experts)]
-        self.calls.append(torch.bincount(ids, minlength=self.layer.num_experts).to(torch.float64))
+        self.calls[_generation.index].append(torch.bincount(ids, minlength=self.layer.num_experts).to(torch.float64))
+
+
+_generation = threading.local()  # .index: which generation the calls on this thread belong to
 
 
 def group_windows(call_loads: list[torch.Tensor], calls_per_window: int) -> torch.Tensor:
@@ -160,26 +167,38 @@ def calibrate(model: nn.Module | StreamedModel, adapter: Adapter, data: TokenDat
 def generated_windows(model: nn.Module | StreamedModel, adapter: Adapter, layers: list[MoELayer],
                       prompts: torch.Tensor, steps: int, per_window: int) -> list[torch.Tensor]:
     """Per layer ``[W, N]``: the decode-step loads (the prefill call left out) of greedy generation of ``steps``
-    tokens from ``prompts [n, p]``, ``per_window`` sequences per generation call and per window."""
+    tokens from ``prompts [n, p]``, ``per_window`` sequences per generation call and per window.
+
+    A streamed model runs every generation call in one layer-major pass, so the checkpoint is read ``steps``
+    times in all (once per decode step), not once per step and call; what stays resident meanwhile is every
+    call's KV cache (``n x (p + steps)`` positions per layer), small beside one decoder layer's weights."""
     module = model.model if isinstance(model, StreamedModel) else model
     device = model.device if isinstance(model, StreamedModel) else next(module.parameters()).device
     pad = getattr(module.config, "pad_token_id", None) or 0
-    windows: list[list[torch.Tensor]] = [[] for _ in layers]
-    for batch in batches(prompts, per_window):
-        batch = batch.to(device)
-        gen = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
-                   attention_mask=torch.ones_like(batch), pad_token_id=pad)
-        recorders = [_LoadRecorder(adapter, layer) for layer in layers]
-        with record_calls(module, layers, recorders):
-            if isinstance(model, StreamedModel):
-                model.run([lambda: module.generate(batch, **gen)], label="generating", passes=steps)
-            else:
-                module.generate(batch, **gen)
-        for i, rec in enumerate(recorders):
-            decode = rec.calls[1:]
-            windows[i].append(torch.stack(decode).sum(0) if decode else torch.zeros(layers[i].num_experts,
-                                                                                   dtype=torch.float64))
-    return [torch.stack(w) for w in windows]
+    calls = list(batches(prompts, per_window))
+    recorders = [_LoadRecorder(adapter, layer, len(calls)) for layer in layers]
+
+    def generation(index: int, batch: torch.Tensor):
+        def job() -> None:
+            _generation.index = index
+            batch_on = batch.to(device)
+            module.generate(batch_on, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
+                            attention_mask=torch.ones_like(batch_on), pad_token_id=pad)
+        return job
+
+    jobs = [generation(i, batch) for i, batch in enumerate(calls)]
+    with record_calls(module, layers, recorders):
+        if isinstance(model, StreamedModel):
+            model.run(jobs, label="generating", passes=steps, on_done=lambda index, result: None)
+        else:
+            for job in jobs:
+                job()
+    windows = []
+    for layer, rec in zip(layers, recorders):
+        decode = [per_call[1:] for per_call in rec.calls]
+        windows.append(torch.stack([torch.stack(d).sum(0) if d else
+                                    torch.zeros(layer.num_experts, dtype=torch.float64) for d in decode]))
+    return windows
 
 
 def _forward_job(adapter: Adapter, model: nn.Module, batch: torch.Tensor):

@@ -137,8 +137,14 @@ def test_streamed_generation_records_the_same_windows(tiny_checkpoints, text_fil
                   prompt_len=8)
     whole = calibrate(model, adapter, data, **kwargs)
     streamed_model = open_streamed(ckpt, show_progress=False)
+    reads = []
+    load = streamed_model.load
+    streamed_model.load = lambda group: (reads.append(group), load(group))
     streamed = calibrate(streamed_model, streamed_model.adapter, data, **kwargs)
     assert whole.windows == streamed.windows
+    # both generation calls share one layer-major pass: each layer is read once for the calibration text and
+    # once per generated token, not once per token and call
+    assert sorted(reads) == sorted(list(range(len(streamed_model.blocks))) * (1 + 4))
     assert all(torch.equal(a.load_windows, b.load_windows) for a, b in zip(whole.layers, streamed.layers))
 
 
