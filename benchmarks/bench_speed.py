@@ -5,6 +5,7 @@
     python -m benchmarks.bench_speed --models demo   # one model
     python -m benchmarks.bench_speed --models demo --only speed --mixed   # + a mixed INT4/INT8 plan's engines
     python -m benchmarks.bench_speed --models mid --runtimes ort,genai    # ONNX Runtime engines only (less memory)
+    python -m benchmarks.bench_speed --models mid --runtimes genai --int8-activations --only speed
 
 Engines, each on one thread, run round-robin so a busy machine slows them alike; medians of ``--repeats``:
 
@@ -21,6 +22,8 @@ Engines, each on one thread, run round-robin so a busy machine slows them alike;
   int4,int8``; its INT8 layers run the portable body in ``model.ort.onnx``), against the INT4-only plan.
 * onnxruntime-genai (where installed), original and R&Q: ``og.Model`` on the two export folders, whose
   ``model.genai.onnx`` is the fused graph with the offsets derived inside it (docs/export.md).
+* with ``--int8-activations``, the R&Q plan exported again with ``rq export --ort-int8-activations`` (``QMoE`` on
+  int8 activations, approximate) on ONNX Runtime and onnxruntime-genai, against the same originals.
 
 Workloads: prefill of 4 x 128 tokens; greedy decode at batch 1 and 8 (16 steps after a 16-token prompt).
 Memory, each in a fresh process (peak resident set size, also above the process's size once the libraries
@@ -166,11 +169,13 @@ def measure(body: str, threads: int = 1) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measured_export(model_dir: Path, plan: Path, out: Path) -> dict:
-    """``rq-export`` with its parity check, in its own process: the R&Q build the speed runs use, and its peak."""
+def measured_export(model_dir: Path, plan: Path, out: Path, int8_activations: bool = False) -> dict:
+    """``rq-export`` with its parity check, in its own process: the R&Q build the speed runs use, and its peak
+    (``int8_activations``: ``--ort-int8-activations``)."""
     result = measure(f"""
         from rq.export import export_model
-        r = export_model({str(model_dir)!r}, {str(plan)!r}, {str(out)!r}, force=True, show_progress=False)
+        r = export_model({str(model_dir)!r}, {str(plan)!r}, {str(out)!r}, force=True, show_progress=False,
+                         ort_int8_activations={int8_activations!r})
         marks["passed"] = r.passed
     """)
     if not result["passed"]:
@@ -317,6 +322,8 @@ def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bo
             out["ONNX Runtime, original (HF batched_mm)"] = ort_runtime(builds["batched_mm"], "portable")
         out["ONNX Runtime, R&Q fused (model.ort.onnx)"] = ort_runtime(builds["rq"], "onnxruntime")
         out["ONNX Runtime, R&Q portable (model.onnx)"] = ort_runtime(builds["rq"], "portable")
+        if "rq-int8" in builds:
+            out[INT8_ORT] = ort_runtime(builds["rq-int8"], "onnxruntime")
     if mixed is not None:
         mixed_model, _ = load_model(model_dir)
         apply_plan(mixed_model, adapter, load_plan(mixed))
@@ -327,7 +334,14 @@ def runtimes(model_dir: Path, plan: Path, builds: dict[str, Path], reference: bo
     if "genai" in families and genai_available():
         out["onnxruntime-genai, original (fused MoE)"] = genai_runtime(builds["identity"])
         out["onnxruntime-genai, R&Q (model.genai.onnx)"] = genai_runtime(builds["rq"])
+        if "rq-int8" in builds:
+            out[INT8_GENAI] = genai_runtime(builds["rq-int8"])
     return out
+
+
+INT8_ORT = "ONNX Runtime, R&Q fused, int8 activations"
+INT8_GENAI = "onnxruntime-genai, R&Q, int8 activations"
+"""The R&Q builds exported with ``--ort-int8-activations`` (``--int8-activations``)."""
 
 
 def genai_available() -> bool:
@@ -419,7 +433,10 @@ def ratios(speeds: dict) -> dict:
              "onnxruntime-genai R&Q / onnxruntime-genai original": ("onnxruntime-genai, R&Q (model.genai.onnx)",
                                                                    "onnxruntime-genai, original (fused MoE)"),
              "onnxruntime-genai R&Q / ORT R&Q fused (rq's runtime)": ("onnxruntime-genai, R&Q (model.genai.onnx)",
-                                                                     fused)}
+                                                                     fused),
+             "ORT R&Q fused, int8 activations / ORT original": (INT8_ORT, ort_original),
+             "onnxruntime-genai R&Q, int8 activations / onnxruntime-genai original": (
+                 INT8_GENAI, "onnxruntime-genai, original (fused MoE)")}
     return {workload: {key: s[a] / s[b] for key, (a, b) in pairs.items() if a in s and b in s}
             for workload, s in speeds.items()}
 
@@ -485,6 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="where speed_memory.json goes (default: print only)")
     parser.add_argument("--workdir", type=Path, help="where builds go (default: a temporary folder)")
     parser.add_argument("--mixed", action="store_true", help="also time a mixed INT4/INT8 plan's engines")
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="also time an R&Q build exported with --ort-int8-activations (ORT and onnxruntime-genai)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
                         help="comma-separated engine families to time: pytorch, ort, genai (default: all)")
     parser.add_argument("--only", choices=("speed", "memory"),
@@ -524,6 +543,9 @@ def main(argv: list[str] | None = None) -> dict:
         entry = results["models"].setdefault(name, {})
         export = measured_export(model_dir, plan, folder / "rq-build")
         builds = {"rq": folder / "rq-build", **baseline_builds(model_dir, identity, folder, batched_mm=small)}
+        if args.int8_activations:
+            builds["rq-int8"] = folder / "rq-int8-build"
+            measured_export(model_dir, plan, builds["rq-int8"], int8_activations=True)
         if args.mixed:
             builds["mixed"] = folder / "mixed-build"
             measured_export(model_dir, mixed, builds["mixed"])

@@ -190,14 +190,16 @@ class ExportCheckFailed(RQError):
         self.report = report
 
 
-def _fused_routes(tmp: Path, manifest: dict, shapes: dict[int, tuple[int, int]]) -> None:
+def _fused_routes(tmp: Path, manifest: dict, shapes: dict[int, tuple[int, int]], int8_activations: bool) -> None:
     """Write ``<graph>.ort.onnx`` (ONNX Runtime's fused route, :mod:`rq.export.ort_fused`) for every graph with
     MoE layers and record the route of each layer in the manifest. Reads only the written files, so it runs
-    after the model is gone; ``shapes``: MoE layer -> ``(H, I)``."""
+    after the model is gone; ``shapes``: MoE layer -> ``(H, I)``; ``int8_activations``: ``QMoE`` on int8
+    activations (recorded as ``ort_int8_activations``, which selects the approximate check, docs/spec.md §9)."""
+    manifest["ort_int8_activations"] = int8_activations
     for graph in manifest["graphs"].values():
         if not graph["moe_layers"]:
             continue
-        path, routes = ort_fused.write_ort_file(tmp / graph["file"], shapes, manifest["dtype"])
+        path, routes = ort_fused.write_ort_file(tmp / graph["file"], shapes, manifest["dtype"], int8_activations)
         graph["ort_file"] = path.name  # its initializers are model.onnx's (one data file, each weight once)
         for route in routes:
             manifest["moe_layers"][route.layer]["onnxruntime"] = route.to_json()
@@ -217,6 +219,8 @@ def _route_notes(manifest: dict) -> list[str]:
         if portable:
             reasons = sorted({r for _, r in portable})
             line += f"; layers {', '.join(str(i) for i, _ in portable)} keep the portable body ({'; '.join(reasons)})"
+        if manifest.get("ort_int8_activations"):
+            line += "; QMoE on int8 activations (--ort-int8-activations: approximate, docs/spec.md §9)"
         notes.append(line)
     genai_entry = manifest.get("genai") or {}
     if "file" in genai_entry:
@@ -353,7 +357,7 @@ def _write_rq_export_streamed(model_dir: Path, plan, plan_path: Path, tmp: Path,
 def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Path, *, force: bool = False,
                  dtype: str = "float32", check: bool = True, trust_remote_code: bool = False,
                  show_progress: bool = True, opset: int = DEFAULT_OPSET, keep_failed: bool = False,
-                 stream: str = "auto") -> ExportResult:
+                 stream: str = "auto", ort_int8_activations: bool = False) -> ExportResult:
     """Export the R&Q model (``model_dir`` with ``plan_path`` applied) to ONNX in ``out_dir``.
 
     Writes ``model.onnx`` (+ ``.data``; ``encoder.onnx``/``decoder.onnx`` for encoder-decoder models) with
@@ -368,7 +372,8 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
     memory at a time (:mod:`rq.export.streamed`; the same files), ``never`` loads the whole model, ``auto``
     streams unless the model fits in memory several times over (:func:`streams`). The check runs one decoder
     layer's sessions at a time (:mod:`rq.export.layerwise`) when the export does not fit in memory twice over
-    (:func:`rq.export.parity.checks_layerwise`).
+    (:func:`rq.export.parity.checks_layerwise`). ``ort_int8_activations``: the fused route's ``QMoE`` nodes
+    quantize their activations to int8 (faster prefill on CPU, approximate: :data:`rq.export.ort_fused.INT8_ACTIVATIONS_LEVEL`).
     """
     start = time.perf_counter()
     model_dir, plan_path, out_dir = Path(model_dir), Path(plan_path), Path(out_dir)
@@ -382,7 +387,7 @@ def export_model(model_dir: str | Path, plan_path: str | Path, out_dir: str | Pa
         with staged_dir(out_dir, keep_failed=keep_failed) as tmp:
             manifest, shapes = write(model_dir, plan, plan_path, tmp, dtype, opset, trust_remote_code, show_progress)
             release_freed_memory()  # the model: the rest only reads the files
-            _fused_routes(tmp, manifest, shapes)
+            _fused_routes(tmp, manifest, shapes, ort_int8_activations)
             manifest["genai"] = genai.write_genai(tmp, manifest, model_dir)
             manifest["notes"] = _route_notes(manifest)
             _write_manifest(manifest, tmp)

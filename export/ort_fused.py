@@ -15,6 +15,8 @@ Per MoE layer, with the layer's ``P`` copies split into ``P_int4`` INT4 and ``P_
    the §5 bytes ``XOR 0x88`` (QMoE's default zero point is 8), gate/up rows interleaved for SwiGLU
    (``swiglu_fusion=1``); ``router_weights`` makes the mixing weights exactly ``W_q``, and ``k = min(K, P_int4)``
    picks every nonzero entry of a row (a token has at most ``K``), zero-weight picks being skipped;
+   exact float32 activations by default, int8 ones with ``int8_activations`` (``accuracy_level=4``, opt-in:
+   :data:`INT8_ACTIVATIONS_LEVEL`);
 4. ``y_o = com.microsoft.MoE(hidden, router_probs=log W_o, ...) * rowsum(W_o)``: the MoE kernel applies a
    softmax to ``router_probs``, which ``log`` undoes up to the row sum (``log 0 = -inf`` entries get weight 0);
 5. with INT8 copies (docs/spec.md §5a), ``y_8 = com.microsoft.MoE(hidden, router_probs=log W_8, ...) * rowsum(W_8)``
@@ -167,10 +169,12 @@ def _class_weights(b: _Builder, column: np.ndarray, width: int, safe: str, hidde
     return part if float_type == TensorProto.FLOAT else b.op("Cast", part, to=float_type)
 
 
-def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]],
-              float_type: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]], float_type: int,
+              int8_activations: bool = False) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes and new (small) initializers that replace one ``rq::RQMoE`` node (see the module doc); ``dims``:
-    initializer name -> shape. The kernels' weights are computed from the node's own weight initializers."""
+    initializer name -> shape. The kernels' weights are computed from the node's own weight initializers.
+    ``int8_activations``: ``QMoE`` quantizes its activations to int8 (``accuracy_level=4``, see
+    :data:`INT8_ACTIVATIONS_LEVEL`)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     copies, precision = [int(c) for c in attrs["copies"]], [int(p) for p in attrs["precision"]]
     activation = attrs["activation"].decode() if isinstance(attrs["activation"], bytes) else attrs["activation"]
@@ -212,7 +216,7 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
         w_q = _class_weights(b, column, n_q, safe, hidden, topk_weights, float_type)
         parts.append(b.op("QMoE", hidden, w_q, names[0], names[1], "", names[2], names[3], "", "", "", "", "", "",
                           "", w_q, domain=MS_DOMAIN, k=min(top_k, n_q), expert_weight_bits=4, block_size=group,
-                          **common))
+                          **common, **({"accuracy_level": INT8_ACTIVATIONS_LEVEL} if int8_activations else {})))
     if n_orig:
         fc1 = w["w_in"]
         if glu:
@@ -250,11 +254,18 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
 
 
 FLOAT_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+INT8_ACTIVATIONS_LEVEL = 4
+"""``QMoE``'s ``accuracy_level`` for int8 activations (``rq export --ort-int8-activations``): its CPU kernel then
+multiplies the INT4 experts' weights with activations quantized to int8 per block (MLAS' int8 n-bit GEMM), as
+onnxruntime-genai's own builder does by default for 4-bit weights on CPU. Faster at prefill (no dequantized
+float weights per call), not exact: such a file is checked by the approximate rule of docs/spec.md §9."""
 
 
-def write_ort_file(onnx_path: Path, shapes: dict[int, tuple[int, int]], dtype: str) -> tuple[Path, list[LayerRoute]]:
+def write_ort_file(onnx_path: Path, shapes: dict[int, tuple[int, int]], dtype: str,
+                   int8_activations: bool = False) -> tuple[Path, list[LayerRoute]]:
     """Write ``<name>.ort.onnx`` (no data file of its own) next to ``onnx_path``; ``shapes``: MoE layer -> ``(H, I)``;
-    ``dtype``: the export's float type (``float32``/``float16``).
+    ``dtype``: the export's float type (``float32``/``float16``); ``int8_activations``: see
+    :data:`INT8_ACTIVATIONS_LEVEL`.
 
     Returns the new file and the route of every MoE layer of the graph. Reads and writes only the graph
     protobuf: the file's initializers are ``onnx_path``'s, in its data file."""
@@ -279,7 +290,7 @@ def write_ort_file(onnx_path: Path, shapes: dict[int, tuple[int, int]], dtype: s
         if not route.fused:
             nodes.append(node)
             continue
-        new_nodes, inits = fuse_node(node, layer, dims, float_type)
+        new_nodes, inits = fuse_node(node, layer, dims, float_type, int8_activations)
         nodes.extend(new_nodes)
         proto.graph.initializer.extend(inits)
         replaced.update(node.input[len(CALL_INPUTS):])

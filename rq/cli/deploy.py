@@ -32,6 +32,10 @@ def export(
                                              "load the whole model; auto: stream unless the model fits in memory "
                                              "several times over. The check runs layer by layer where the export "
                                              "does not fit.")] = "auto",
+    ort_int8_activations: Annotated[bool, typer.Option(
+        help="ONNX Runtime's fused route (model.ort.onnx, model.genai.onnx) runs the INT4 experts on int8 "
+             "activations (QMoE accuracy_level 4): faster prefill on CPU, approximate (checked by KL and top-1, "
+             "docs/spec.md §9).")] = False,
 ) -> None:
     """Trace the R&Q model to ONNX with one rq::RQMoE node per MoE layer (plus ONNX Runtime's fused route), and
     check both files against PyTorch; nothing is written to OUT unless all of it succeeds."""
@@ -41,7 +45,8 @@ def export(
     quiet_transformers()
     try:
         result = export_model(model_dir, plan, out, force=force, dtype=dtype, check=check,
-                              trust_remote_code=trust_remote_code, keep_failed=keep_failed, stream=stream)
+                              trust_remote_code=trust_remote_code, keep_failed=keep_failed, stream=stream,
+                              ort_int8_activations=ort_int8_activations)
     except ExportCheckFailed as err:
         typer.echo(err.report.summary())
         raise

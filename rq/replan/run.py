@@ -140,13 +140,14 @@ def replan(repo: str | Path, metrics: str, stats_dir: str | Path, model_dir: str
         result.reason = "dry run: the new plan would be published"
         return result
     say(f"new plan: LIS {old_mean:.2f} -> {new_mean:.2f} on the served window; exporting and checking parity")
-    dtype = _export_dtype(build)  # the running export's activation dtype
+    dtype, int8_activations = _export_options(build)  # the running export's, so the new version computes alike
     with tempfile.TemporaryDirectory(dir=repo.parent, prefix=f".{repo.name}.replan-") as tmp:
         save_plan(new_plan, Path(tmp) / "plan.json")
         t0 = time.perf_counter()
         try:
             export_model(model_dir, Path(tmp) / "plan.json", Path(tmp) / "build", dtype=dtype, check=True,
-                         trust_remote_code=trust_remote_code, show_progress=False)
+                         trust_remote_code=trust_remote_code, show_progress=False,
+                         ort_int8_activations=int8_activations)
         except ExportCheckFailed as err:
             result.reason = f"the new export failed its parity check ({err})"
             return result
@@ -166,10 +167,12 @@ def replan(repo: str | Path, metrics: str, stats_dir: str | Path, model_dir: str
     return result
 
 
-def _export_dtype(build: Path) -> str:
+def _export_options(build: Path) -> tuple[str, bool]:
+    """The running export's activation dtype and whether its fused route runs on int8 activations."""
     from rq.export.runtime import load_manifest
 
-    return str(load_manifest(build).get("dtype", "float32"))
+    manifest = load_manifest(build)
+    return str(manifest.get("dtype", "float32")), bool(manifest.get("ort_int8_activations", False))
 
 
 def import_served(inputs: list[str | Path], config: str | Path, out: str | Path, group_size: int = 128):

@@ -16,12 +16,15 @@ def test_ratios_pair_the_engines_they_name_and_skip_missing_ones():
                              "ONNX Runtime, R&Q fused (model.ort.onnx)": 300.0,
                              "ONNX Runtime, R&Q portable (model.onnx)": 50.0,
                              "onnxruntime-genai, original (fused MoE)": 250.0,
-                             "onnxruntime-genai, R&Q (model.genai.onnx)": 330.0}}
+                             "onnxruntime-genai, R&Q (model.genai.onnx)": 330.0,
+                             bench_speed.INT8_ORT: 360.0, bench_speed.INT8_GENAI: 400.0}}
     r = bench_speed.ratios(speeds)["decode B=1"]
     assert r == pytest.approx({"ORT R&Q fused / ORT original": 1.5, "ORT R&Q fused / PyTorch original": 3.0,
                                "PyTorch R&Q (fast) / PyTorch original": 0.9, "ORT R&Q portable / ORT original": 0.25,
                                "onnxruntime-genai R&Q / onnxruntime-genai original": 1.32,
-                               "onnxruntime-genai R&Q / ORT R&Q fused (rq's runtime)": 1.1})
+                               "onnxruntime-genai R&Q / ORT R&Q fused (rq's runtime)": 1.1,
+                               "ORT R&Q fused, int8 activations / ORT original": 1.8,
+                               "onnxruntime-genai R&Q, int8 activations / onnxruntime-genai original": 1.6})
 
 
 def _run(peak: int, imported: int = 300 * MIB, **extra) -> dict:
