@@ -212,10 +212,11 @@ def compare_run_results(reference, candidate, output_names: list[str], dtype: st
     return rows
 
 
-def compare_approximate(reference, candidate, output_names: list[str], phase: str, graph: str, file: str,
-                        near_ties: list[dict[str, int]] | None = None) -> list[OutputParity]:
+def compare_approximate(reference, candidate, output_names: list[str], dtype: str, phase: str, graph: str,
+                        file: str = "", near_ties: list[dict[str, int]] | None = None) -> list[OutputParity]:
     """:func:`compare_run_results` for a file checked by the approximate rule (int8 activations,
-    :mod:`rq.export.approximate`): one row per output, its worst call against the rule's limit."""
+    :mod:`rq.export.approximate`; its limits do not depend on ``dtype``): one row per output, its worst call
+    against the rule's limit."""
     from rq.export import approximate
 
     rows = []
@@ -258,9 +259,7 @@ FLAVOURS = {"onnxruntime": "ort_file", "portable": "file"}
 
 def _compare(approximate: bool):
     """The comparison of a file: element-wise (:func:`compare_run_results`) or the approximate rule."""
-    if approximate:
-        return lambda reference, ours, names, dtype, *rest: compare_approximate(reference, ours, names, *rest)
-    return compare_run_results
+    return compare_approximate if approximate else compare_run_results
 
 
 def _prefill(build_dir: Path, manifest: dict, file: str, generator: OrtGenerator | None = None,

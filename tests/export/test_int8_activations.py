@@ -54,6 +54,13 @@ def test_export_sets_int8_activations_on_every_qmoe_node(int8_build, demo_export
     assert "QMoE on int8 activations" in output
 
 
+def test_replan_exports_the_next_version_as_the_running_one(int8_build, demo_export):
+    from rq.replan.run import _export_options
+
+    assert _export_options(int8_build[0]) == ("float32", True)
+    assert _export_options(demo_export[0].out_dir) == ("float32", False)
+
+
 def test_check_uses_the_approximate_rule_for_the_fused_file_only(int8_build):
     out, output = int8_build
     parity = json.loads((out / "parity.json").read_text())
