@@ -65,8 +65,10 @@ def compare(sequences: torch.Tensor, base: list[np.ndarray], other: list[np.ndar
     from rq.eval.evaluate import AccuracyAccumulator
 
     acc = AccuracyAccumulator(encoder_decoder=False)
-    for start, (lo, lr) in enumerate(zip(base, other)):
-        acc.add(sequences[start * 8:start * 8 + len(lo)], torch.from_numpy(lo), torch.from_numpy(lr))
+    start = 0
+    for lo, lr in zip(base, other):  # one entry per batch of logits_of
+        acc.add(sequences[start:start + len(lo)], torch.from_numpy(lo), torch.from_numpy(lr))
+        start += len(lo)
     result = acc.result()
     return {"ppl_base": result.ppl_original, "ppl": result.ppl_rq, "ppl_change_pct": result.ppl_change_pct,
             "top1_agreement": result.top1_agreement, "mean_kl": result.kl_mean}

@@ -5,8 +5,9 @@ Int8 activations move logits by about 1e-2 of their scale, far outside the float
 now and then a router's choice with them: an element-wise comparison cannot tell such a file from a broken one.
 What can is what a user of the model sees: the next-token distribution (mean KL divergence per call, and top-1
 agreement), the KV cache as a whole (relative L2 error) and the routing (the same number of assignments per
-call, at most a small share routed the other way). Pure functions over arrays; :mod:`rq.export.parity` turns
-their verdicts into report rows.
+call, at most a small share routed the other way). Pure functions over numpy arrays (``rq check`` runs without
+PyTorch, so not :class:`rq.eval.evaluate.AccuracyAccumulator`); :mod:`rq.export.parity` turns their verdicts into
+report rows.
 """
 
 from __future__ import annotations
