@@ -6,6 +6,7 @@ Equal-length sequences without padding keep the token order of docs/spec.md §1 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,15 @@ class TokenData:
         return self.sequences.numel()
 
 
-def read_texts(path: str | Path) -> tuple[list[str], str]:
-    """A file, or every text file below a folder (sorted, so the order is reproducible)."""
+def read_texts(path: str | Path | Sequence[str | Path]) -> tuple[list[str], str]:
+    """A file, every text file below a folder (sorted, so the order is reproducible), or several of
+    those in the order given: one per domain, so sequences (and the traffic windows cut from them,
+    docs/spec.md §3) keep the domains apart."""
+    if not isinstance(path, (str, Path)):
+        parts = [read_texts(p) for p in path]
+        if not parts:
+            raise RQError("no data path given; pass --data FILE_OR_DIR (repeat it for several domains)")
+        return [t for texts, _ in parts for t in texts], " + ".join(d for _, d in parts)
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -65,7 +73,7 @@ def tokenize_sequences(tokenizer, texts: list[str], *, seq_len: int, max_sequenc
     return TokenData(windows, desc)
 
 
-def load_token_data(tokenizer, path: str | Path, *, seq_len: int, max_sequences: int | None,
+def load_token_data(tokenizer, path: str | Path | Sequence[str | Path], *, seq_len: int, max_sequences: int | None,
                     seed: int = 0) -> TokenData:
     texts, description = read_texts(path)
     return tokenize_sequences(tokenizer, texts, seq_len=seq_len, max_sequences=max_sequences, seed=seed,

@@ -16,7 +16,8 @@ def demo(
     model_dir: Annotated[Optional[Path], typer.Option(
         help="Another checkpoint to run the demo on (default: built-in).")] = None,
     generate: Annotated[int, typer.Option(help="Calibration also records routing on this many generated tokens per "
-                                               "sequence, e.g. 33, and the plan hedges for them (docs/spec.md §6).")] = 0,
+                                               "sequence, and the plan hedges for them (docs/spec.md §6); 0: none, "
+                                               "the plan fits the calibration text.")] = 33,
 ) -> None:
     """Calibrate, plan and evaluate the built-in demo MoE (trained on Python's stdlib): LIS tables + plots."""
     import dataclasses

@@ -17,7 +17,9 @@ STREAM_HELP = ("always: one decoder layer in memory at a time, read from the che
 def calibrate(
     model_dir: Annotated[Path, typer.Argument(
         help="Local Hugging Face checkpoint folder (config.json, safetensors, tokenizer).")],
-    data: Annotated[Path, typer.Option("--data", help="Text file, or folder of text files, to calibrate on.")],
+    data: Annotated[list[Path], typer.Option("--data", help="Text file, or folder of text files, to calibrate on; "
+                                                            "repeat it, one per domain the model serves (windows "
+                                                            "then follow the domains).")],
     out: Annotated[Path, typer.Option("--out", help="Folder: stats.json + stats.safetensors (replaced whole).")],
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
     sequences: Annotated[int, typer.Option(help="Number of sequences (max); fewer if the data is shorter.")] = 128,

