@@ -78,6 +78,9 @@ def calibrate(
     extra = f", {w.generated} windows of {w.generated_tokens} generated tokens per sequence" if w and w.generated else ""
     console.print(f"calibrated {len(stats.layers)} MoE layers on {token_data.tokens:,} tokens "
                   f"({total:,} assignments{extra}) -> {out}")
+    if not generate:
+        console.print("no decode routing recorded: `rq plan` fits the calibration text, which can lose to no balancing "
+                      "on decode; --generate 33 records it and the plan hedges (docs/spec.md §6)")
 
 
 @command()

@@ -47,3 +47,4 @@ def test_calibrate_takes_data_per_domain(tiny_checkpoints, text_file, tmp_path):
     stats = CalibrationStats.load(tmp_path / "stats")
     assert str(other) in stats.calibration.data and str(text_file) in stats.calibration.data
     assert stats.windows.teacher_forced == 2
+    assert "no decode routing recorded" in result.output and "--generate 33" in result.output
