@@ -187,7 +187,10 @@ def memory(model_dir: Path, plan: Path, builds: dict[str, Path], quick: bool,
            families: tuple[str, ...] = RUNTIMES) -> dict:
     """Peak memory of ONNX Runtime sessions, PyTorch, calibration and eval, each in its own process (without
     ``pytorch`` in ``families``: the sessions only)."""
-    prefill = "numpy.full((4, 128), 2, dtype=numpy.int64)"
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    # seeded random tokens, so the prefill routes to (nearly) every expert, as traffic does: a constant prompt
+    # routes every token alike and leaves most experts' mapped weights unread
+    prefill = f"numpy.random.default_rng(0).integers(2, {vocab}, (4, 128)).astype(numpy.int64)"
     out = {"checkpoint_bytes": checkpoint_bytes(model_dir)}
     sessions = {"original (fused MoE)": (builds["identity"], "onnxruntime"),
                 "R&Q fused": (builds["rq"], "onnxruntime"), "R&Q portable": (builds["rq"], "portable")}
@@ -195,8 +198,9 @@ def memory(model_dir: Path, plan: Path, builds: dict[str, Path], quick: bool,
         out[f"session: {label}"] = measure(f"""
             from rq.export.runtime import OrtGenerator
             g = OrtGenerator({str(build)!r}, flavour={flavour!r}, intra_op_num_threads=1)
-            marks["created"] = rss()
+            marks["created"], marks["created_anon"] = rss(), status("RssAnon")
             g.prefill({prefill})
+            marks["prefilled"], marks["prefilled_anon"] = rss(), status("RssAnon")
         """)
         out[f"session: {label}"]["file_bytes"] = referenced_bytes(build, flavour)
     if "pytorch" not in families:
@@ -460,6 +464,11 @@ def memory_ratios(mem: dict) -> dict:
                                                                                / session["file_bytes"])
     for label in ("R&Q fused", "R&Q portable"):
         out[f"ORT session peak above imports: {label} / original"] = _above_imports(mem[f"session: {label}"]) / original
+    held = {label: mem[f"session: {label}"] for label in ("original (fused MoE)", "R&Q fused")}
+    if all("prefilled" in m for m in held.values()):  # older runs measured RSS once created only
+        rq_fused, orig = held["R&Q fused"], held["original (fused MoE)"]
+        out["ORT session RSS after prefill above imports: R&Q fused / original"] = (
+            (rq_fused["prefilled"] - rq_fused["imported"]) / (orig["prefilled"] - orig["imported"]))
     if "pytorch: original" not in mem:  # --runtimes without pytorch and nothing stored: the sessions only
         return out
     out["PyTorch peak above imports: R&Q (fast) / original"] = (_above_imports(mem["pytorch: R&Q (fast)"])

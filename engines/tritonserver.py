@@ -364,14 +364,14 @@ def _models(export: _Export, layout: _Layout, opts: ServingOptions, engine_plan:
     """Every model's ``config.pbtxt`` text, with the Python models' code and the engine placed beside them."""
     from rq.export.runtime import graph_file
 
-    models = {}
+    models, runtime = {}, _runtime_source()
     for g, graph in export.graphs.items():
         models[layout.onnx[g]] = _onnx_config(layout.onnx[g], graph, graph_file(graph), 1)
         if opts.forward_model:
             models[layout.forward[g]] = _forward_config(layout.forward[g], g, graph, layout.build_parameter, opts)
-            _python_model(tmp / layout.forward[g] / "1", "forward.py")
+            _python_model(tmp / layout.forward[g] / "1", "forward.py", runtime)
     models[GENERATE] = _generate_config(export.manifest, layout.build_parameter, opts)
-    _python_model(tmp / GENERATE / "1", "generate.py", _runtime_source())
+    _python_model(tmp / GENERATE / "1", "generate.py", runtime)
     if engine_plan is not None:
         _place(engine_plan, tmp / TRT_MODEL / "1" / "model.plan")
         if plugin_lib is not None:

@@ -38,10 +38,12 @@ sigmoid scores).
 
 The file is written from ``model.onnx`` without loading its weights: the graph protobuf is edited and every
 initializer keeps pointing at ``model.onnx.data``, the expert weights included: the kernels' layouts (gate/up
-rows interleaved, nibbles ``XOR 0x88``) are computed from the §5 tensors by ``Reshape``/``Transpose``/
-``BitwiseXor``/``Cast`` nodes on initializers, which ONNX Runtime's constant folding turns into the kernels'
-constant weights when the session is created (and the kernels then pre-pack). So the folder stores each
-weight once; a session with graph optimizations disabled would convert them on every call.
+rows interleaved, nibbles ``XOR 0x88``) are computed from the §5 tensors by ``Gather``/``BitwiseXor``/``Cast``
+nodes on initializers, which ONNX Runtime's constant folding turns into the kernels' constant weights when the
+session is created (and the kernels then pre-pack). So the folder stores each weight once; a session with graph
+optimizations disabled would convert them on every call. Each conversion is as few nodes as it can be: the
+folding holds every folded node's output until it is done, so each extra node on a weight is one more copy of
+it at session creation.
 """
 
 from __future__ import annotations
@@ -84,12 +86,14 @@ def ort_file_name(onnx_file: str) -> str:
     return onnx_file.removesuffix(".onnx") + ORT_SUFFIX
 
 
-def _interleave(b: "_Builder", name: str, shape: tuple[int, ...], inter: int) -> str:
-    """``[P, 2I, X]`` gate rows then up rows -> rows g0, u0, g1, u1, ... (``swiglu_fusion=1``), as graph ops on
-    the initializer ``name`` (ONNX Runtime folds them into a constant when the session is created)."""
-    p, rows, x = shape
-    split = b.op("Reshape", name, b.const(np.array([p, 2, inter, x], np.int64)))
-    return b.op("Reshape", b.op("Transpose", split, perm=[0, 2, 1, 3]), b.const(np.array([p, rows, x], np.int64)))
+def _interleave(b: "_Builder", name: str, inter: int) -> str:
+    """``[P, 2I, X]`` gate rows then up rows -> rows g0, u0, g1, u1, ... (``swiglu_fusion=1``), as one ``Gather``
+    along the rows of the initializer ``name``, which ONNX Runtime folds into a constant when the session is
+    created. One node, not ``Reshape``/``Transpose``/``Reshape``: that chain's three folded copies of every
+    layer's gate/up weights made session creation peak at 2x the weights (mid-size model, benchmarks/RESULTS.md;
+    0.8-0.9x with one node)."""
+    rows = np.stack([np.arange(inter), np.arange(inter) + inter], axis=1).reshape(-1)
+    return b.op("Gather", name, b.const(rows.astype(np.int64)), axis=1)
 
 
 def _slots(b: "_Builder", name: str, shape: tuple[int, ...], slots: np.ndarray, count: int) -> str:
@@ -207,10 +211,8 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
         fc1_q, fc1_s, fc2_q, fc2_s = (_slots(b, w[n], dims[w[n]], first, n_int4)
                                       for n in ("w_in_q", "w_in_scales", "w_out_q", "w_out_scales"))
         if glu:
-            shape = (n_q, *dims[w["w_in_q"]][1:])
-            inter = shape[1] // 2
-            fc1_q = _interleave(b, fc1_q, shape, inter)
-            fc1_s = _interleave(b, fc1_s, (n_q, *dims[w["w_in_scales"]][1:]), inter)
+            inter = dims[w["w_in_q"]][1] // 2
+            fc1_q, fc1_s = _interleave(b, fc1_q, inter), _interleave(b, fc1_s, inter)
         names = [_zero_point_8(b, fc1_q), fc1_s, _zero_point_8(b, fc2_q), fc2_s]
         column = np.append([column_of[int(e)] if q == 1 else n_q for e, q in zip(owner, prec)], n_q)
         w_q = _class_weights(b, column, n_q, safe, hidden, topk_weights, float_type)
@@ -220,7 +222,7 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
     if n_orig:
         fc1 = w["w_in"]
         if glu:
-            fc1 = _interleave(b, fc1, dims[fc1], dims[fc1][1] // 2)
+            fc1 = _interleave(b, fc1, dims[fc1][1] // 2)
         names = [fc1, w["w_out"]]
         column = np.append(np.where(prec == 0, slot, n_orig), n_orig)
         w_o = _class_weights(b, column, n_orig, safe, hidden, topk_weights, float_type)
@@ -238,7 +240,7 @@ def fuse_node(node: onnx.NodeProto, layer: int, dims: dict[str, tuple[int, ...]]
             fc.append(_dequant_int8(b, _slots(b, w[q], dims[w[q]], first8, n_int8),
                                     _slots(b, w[sc], dims[w[sc]], first8, n_int8), shape, group, float_type))
         if glu:
-            fc[0] = _interleave(b, fc[0], (n_e8, *dims[w["w_in_q8"]][1:]), dims[w["w_in_q8"]][1] // 2)
+            fc[0] = _interleave(b, fc[0], dims[w["w_in_q8"]][1] // 2)
         column = np.append([column_of[int(e)] if q == 2 else n_e8 for e, q in zip(owner, prec)], n_e8)
         w_8 = _class_weights(b, column, n_e8, safe, hidden, topk_weights, float_type)
         moe = b.op("MoE", hidden, b.op("Log", w_8), fc[0], "", fc[1], domain=MS_DOMAIN, k=min(top_k, n_e8), **common)

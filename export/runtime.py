@@ -16,6 +16,8 @@ The ``genai`` flavour uses the graph's own rule instead: every offset is the cal
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,25 @@ def graph_file(graph: dict, flavour: str = "onnxruntime", genai: dict | None = N
                           "made by an older rq-export neither); re-run rq-export, or use flavour='onnxruntime'")
         return genai["file"]
     return graph.get("ort_file", graph["file"]) if flavour == "onnxruntime" else graph["file"]
+
+
+def open_session(path: str | Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    """An ONNX Runtime session, with what its creation freed handed back to the operating system.
+
+    Creating a fused-route session folds the kernels' weight layouts (export/ort_fused.py), and the folding's
+    freed intermediates are mostly smaller than the mmap threshold glibc has raised by then, so glibc keeps them
+    in its heap, resident: 380 MiB on the mid-size model (benchmarks/RESULTS.md), more than the session's INT4
+    experts. ``malloc_trim`` returns them (glibc only; elsewhere nothing happens). Here and not in
+    ``rq.memory`` because this file runs alone in Triton's Python backend."""
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+    return session
 
 
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
@@ -135,8 +156,8 @@ class OrtGenerator:
         providers = providers or ["CPUExecutionProvider"]
         self.files = {name: graph_file(graph, flavour, self.manifest.get("genai"))
                       for name, graph in self.manifest["graphs"].items()}
-        self.sessions = {name: ort.InferenceSession(str(self.build_dir / file), sess_options=options,
-                                                    providers=providers) for name, file in self.files.items()}
+        self.sessions = {name: open_session(self.build_dir / file, options, providers)
+                         for name, file in self.files.items()}
         self.dtype = NP_DTYPES[self.manifest["dtype"]]
         self.kv = self.manifest["kv_cache"]
         self.moe_layers = {layer["index"]: layer for layer in self.manifest["moe_layers"]}

@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from rq_runtime import open_session  # noqa: E402  (copied next to this file)
 from rq_telemetry import LoadTelemetry, model_parameter, runtime_settings  # noqa: E402
 
 
@@ -33,7 +34,7 @@ class TritonPythonModel:
         if threads > 0:
             options.intra_op_num_threads = threads
         file = graph.get("ort_file", graph["file"])  # ONNX Runtime's fused route where the export has one
-        self.session = ort.InferenceSession(str(build / file), sess_options=options, providers=providers)
+        self.session = open_session(build / file, options, providers)
         self.inputs = [i["name"] for i in graph["inputs"]]
         self.outputs = [o["name"] for o in graph["outputs"]]
         self.moe_layers = [int(l) for l in graph["moe_layers"]]

@@ -130,6 +130,6 @@ def test_runtime_is_dependency_light():
     tree = ast.parse(Path(runtime.__file__).read_text())
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert modules <= {"__future__", "json", "dataclasses", "pathlib", "numpy", "onnxruntime", "tokenizers", "rq"}
+    assert modules <= {"__future__", "ctypes", "json", "dataclasses", "pathlib", "numpy", "onnxruntime", "tokenizers", "rq"}
     rq_imports = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module.startswith("rq")}
     assert rq_imports == {"rq.errors"}  # optional: falls back to a local class when copied alone

@@ -51,6 +51,12 @@ def test_fused_route_replaces_every_node_with_the_kernels(exported, tmp_path):
     ops = [(n.domain, n.op_type) for n in proto.graph.node]
     assert (DOMAIN, OP_NAME) not in ops and OP_NAME not in {f.name for f in proto.functions}
     assert ops.count((MS_DOMAIN, "QMoE")) == ops.count((MS_DOMAIN, "MoE")) == len(manifest["moe_layers"])
+    # an original-precision class's gate/up weights reach MoE through one node, the interleave: each node on a
+    # weight is one more copy of it while ONNX Runtime folds them at session creation
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    for moe in (n for n in proto.graph.node if n.op_type == "MoE"):
+        interleave = producer[moe.input[2]]
+        assert interleave.op_type == "Gather" and interleave.input[0] in inits, interleave
     # every initializer is model.onnx's: the folder stores each weight once
     locations = {_location(t) for t in inits.values()} - {None}
     assert locations == {"model.onnx.data"} and not (build / "model.ort.onnx.data").exists()
@@ -110,7 +116,7 @@ def _break_fused_layout(monkeypatch):
     """A wrong gate/up layout in the fused route: the export runs, and its check must fail."""
     from rq.export import ort_fused
 
-    monkeypatch.setattr(ort_fused, "_interleave", lambda b, name, shape, inter: name)
+    monkeypatch.setattr(ort_fused, "_interleave", lambda b, name, inter: name)
 
 
 def test_failed_check_leaves_nothing_at_out(tiny, tmp_path, monkeypatch):
