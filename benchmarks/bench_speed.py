@@ -464,11 +464,6 @@ def memory_ratios(mem: dict) -> dict:
                                                                                / session["file_bytes"])
     for label in ("R&Q fused", "R&Q portable"):
         out[f"ORT session peak above imports: {label} / original"] = _above_imports(mem[f"session: {label}"]) / original
-    held = {label: mem[f"session: {label}"] for label in ("original (fused MoE)", "R&Q fused")}
-    if all("prefilled" in m for m in held.values()):  # older runs measured RSS once created only
-        rq_fused, orig = held["R&Q fused"], held["original (fused MoE)"]
-        out["ORT session RSS after prefill above imports: R&Q fused / original"] = (
-            (rq_fused["prefilled"] - rq_fused["imported"]) / (orig["prefilled"] - orig["imported"]))
     if "pytorch: original" not in mem:  # --runtimes without pytorch and nothing stored: the sessions only
         return out
     out["PyTorch peak above imports: R&Q (fast) / original"] = (_above_imports(mem["pytorch: R&Q (fast)"])
